@@ -1,0 +1,31 @@
+"""Pure per-tensor functions: sign estimators, masks and merges. No I/O, no models."""
+
+from gradfix.ops.masks import (
+    MASKS,
+    agreement_mask,
+    apply_mask,
+    magnitude_scaled_mask,
+    random_sign_task_vector,
+    sign_forcing,
+)
+from gradfix.ops.signs import (
+    consensus_sign,
+    count_dtype,
+    majority_sign,
+    mean_sign,
+    sign_votes,
+)
+
+__all__ = [
+    "MASKS",
+    "agreement_mask",
+    "apply_mask",
+    "consensus_sign",
+    "count_dtype",
+    "magnitude_scaled_mask",
+    "majority_sign",
+    "mean_sign",
+    "random_sign_task_vector",
+    "sign_forcing",
+    "sign_votes",
+]

@@ -1,0 +1,72 @@
+"""Each mask's formula on hand-made tensors, and the sign estimators."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gradfix.ops import (
+    agreement_mask,
+    apply_mask,
+    consensus_sign,
+    magnitude_scaled_mask,
+    majority_sign,
+    mean_sign,
+    random_sign_task_vector,
+    sign_forcing,
+    sign_votes,
+)
+
+TAU = torch.tensor([0.5, -0.2, 0.3, -0.4, 0.0, 0.1])
+REF = torch.tensor([1, 1, -1, -1, 1, 0], dtype=torch.int8)
+
+
+def test_agreement_keeps_only_agreeing_coordinates_and_drops_ties() -> None:
+    assert agreement_mask(TAU, REF).tolist() == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+    assert apply_mask("agreement", TAU, REF).tolist() == pytest.approx([0.5, 0.0, 0.0, -0.4, 0.0, 0.0])
+
+
+def test_forcing_gives_magnitudes_the_reference_sign() -> None:
+    assert sign_forcing(TAU, REF).tolist() == pytest.approx([0.5, 0.2, -0.3, -0.4, 0.0, 0.0])
+
+
+def test_magnitude_mask_is_tanh_of_normalised_product_clamped_at_zero() -> None:
+    tau = torch.tensor([2.0, -2.0, 1.0, 1.0])
+    ref = torch.tensor([4.0, 4.0, -4.0, 0.5])
+    t = tau / tau.pow(2).mean().sqrt()
+    r = ref / ref.pow(2).mean().sqrt()
+    expected = [max(0.0, math.tanh(2.0 * a * b)) for a, b in zip(t.tolist(), r.tolist(), strict=True)]
+    got = magnitude_scaled_mask(tau, ref, gamma=2.0)
+    assert got.tolist() == pytest.approx(expected)
+    assert got[1] == 0 and got[2] == 0 and 0 < got[3] < got[0] < 1
+
+
+def test_random_signs_keep_magnitudes_and_are_seeded() -> None:
+    tau = torch.randn(1000)
+    a = random_sign_task_vector(tau, torch.Generator().manual_seed(3))
+    b = random_sign_task_vector(tau, torch.Generator().manual_seed(3))
+    c = random_sign_task_vector(tau, torch.Generator().manual_seed(4))
+    assert torch.equal(a.abs(), tau.abs()) and torch.equal(a, b) and not torch.equal(a, c)
+    flipped = (torch.sign(a) != torch.sign(tau)).float().mean()
+    assert 0.4 < float(flipped) < 0.6
+
+
+def test_sign_estimators() -> None:
+    grads = torch.tensor([[1.0, -2.0, 0.0, 3.0], [2.0, 1.0, 0.0, -0.5], [-0.1, 1.0, 0.0, -0.5]])
+    votes = sign_votes(grads)
+    assert votes.dtype == torch.int8
+    assert votes.tolist() == [-1, -1, 0, 1]
+    assert majority_sign(votes).tolist() == [-1, -1, 0, 1]
+    assert mean_sign(grads.sum(0)).tolist() == [-1, 0, 0, -1]
+    assert consensus_sign([torch.tensor([1, -1, 1]), torch.tensor([1, 1, -1]), torch.tensor([-1, 1, 0])]).tolist() == [
+        1, 1, 0,
+    ]
+
+
+def test_unknown_mask_and_shape_errors() -> None:
+    with pytest.raises(ValueError, match="unknown mask"):
+        apply_mask("nope", TAU, REF)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        agreement_mask(TAU, REF[:3])
