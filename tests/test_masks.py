@@ -60,8 +60,12 @@ def test_sign_estimators() -> None:
     assert votes.tolist() == [-1, -1, 0, 1]
     assert majority_sign(votes).tolist() == [-1, -1, 0, 1]
     assert mean_sign(grads.sum(0)).tolist() == [-1, 0, 0, -1]
-    assert consensus_sign([torch.tensor([1, -1, 1]), torch.tensor([1, 1, -1]), torch.tensor([-1, 1, 0])]).tolist() == [
-        1, 1, 0,
+    assert consensus_sign(
+        [torch.tensor([1, -1, 1]), torch.tensor([1, 1, -1]), torch.tensor([-1, 1, 0])]
+    ).tolist() == [
+        1,
+        1,
+        0,
     ]
 
 

@@ -69,7 +69,7 @@ def test_mismatch_error_lists_every_difference() -> None:
     message = str(err.value)
     assert "enc.weight: shapes differ" in message and "[5, 3]" in message and "[4, 3]" in message
     assert "extra: missing in base" in message
-    with pytest.raises(MismatchError, match="head.weight"):
+    with pytest.raises(MismatchError, match=r"head\.weight"):
         tau = TaskVector.from_state_dicts(_sd(0), _sd(1))
         tau.apply_to({"enc.weight": torch.zeros(4, 3), "enc.bias": torch.zeros(4)})
 
@@ -136,10 +136,18 @@ def test_descent_inequality_with_exact_gradient_signs() -> None:
     """With the exact gradient sign, every kept coordinate descends: ⟨g, m⊙τ⟩ = −Σ m|g||τ| ≤ 0."""
     model = _Net().double()
     g = torch.Generator().manual_seed(0)
-    data = {"x": torch.randn(64, 5, generator=g, dtype=torch.float64), "y": torch.randint(0, 3, (64,), generator=g)}
+    data = {
+        "x": torch.randn(64, 5, generator=g, dtype=torch.float64),
+        "y": torch.randint(0, 3, (64,), generator=g),
+    }
     votes = estimate_signs(model, [data], _loss, estimator="mean", progress=False)
-    tau = TaskVector({n: torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.05
-                      for n, p in model.named_parameters() if p.requires_grad})
+    tau = TaskVector(
+        {
+            n: torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.05
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        }
+    )
     masked = mask_task_vector(tau, votes, "agreement")
     grad = votes.mean_gradient()
     report = descent_report(votes, masked, source=tau, alpha=1.0)
@@ -170,8 +178,13 @@ def test_unvoted_tensors_error_drop_or_keep() -> None:
     assert int(dropped["frozen.weight"].count_nonzero()) == 0
     kept = mask_task_vector(tau, votes, unvoted="keep")
     assert torch.equal(kept["frozen.weight"], tau["frozen.weight"])
-    zero_frozen = TaskVector({**tau, "frozen.weight": torch.zeros(3, 3, dtype=torch.float64),
-                              "frozen.bias": torch.zeros(3, dtype=torch.float64)})
+    zero_frozen = TaskVector(
+        {
+            **tau,
+            "frozen.weight": torch.zeros(3, 3, dtype=torch.float64),
+            "frozen.bias": torch.zeros(3, dtype=torch.float64),
+        }
+    )
     mask_task_vector(zero_frozen, votes)  # an all-zero tensor needs no votes
 
 

@@ -17,7 +17,10 @@ def _mlp(seed: int = 0) -> nn.Module:
 
 def _data(n: int = 20, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"x": torch.randn(n, 6, generator=g, dtype=torch.float64), "y": torch.randint(0, 4, (n,), generator=g)}
+    return {
+        "x": torch.randn(n, 6, generator=g, dtype=torch.float64),
+        "y": torch.randint(0, 4, (n,), generator=g),
+    }
 
 
 def _loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -26,16 +29,18 @@ def _loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def _batches(data: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
     n = data["y"].shape[0]
-    return [{k: v[i:i + size] for k, v in data.items()} for i in range(0, n, size)]
+    return [{k: v[i : i + size] for k, v in data.items()} for i in range(0, n, size)]
 
 
 def _brute_force(model: nn.Module, data: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """One backward pass per sample, sign of the anti-gradient summed by hand."""
-    counts = {n: torch.zeros_like(p, dtype=torch.int64) for n, p in model.named_parameters() if p.requires_grad}
+    counts = {
+        n: torch.zeros_like(p, dtype=torch.int64) for n, p in model.named_parameters() if p.requires_grad
+    }
     grad_sum = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}
     for i in range(data["y"].shape[0]):
         model.zero_grad()
-        _loss(model, {"x": data["x"][i:i + 1], "y": data["y"][i:i + 1]}).sum().backward()
+        _loss(model, {"x": data["x"][i : i + 1], "y": data["y"][i : i + 1]}).sum().backward()
         for n, p in model.named_parameters():
             if p.requires_grad:
                 counts[n] += torch.sign(-p.grad).long()

@@ -57,7 +57,5 @@ def check_same_architecture(models: Mapping[str, Shapes], names: Iterable[str] |
         more = len(problems) - len(shown)
         tail = f"\n  ... and {more} more" if more else ""
         raise MismatchError(
-            f"{len(problems)} tensor(s) differ between {', '.join(labels)}:\n  "
-            + "\n  ".join(shown)
-            + tail
+            f"{len(problems)} tensor(s) differ between {', '.join(labels)}:\n  " + "\n  ".join(shown) + tail
         )

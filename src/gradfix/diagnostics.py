@@ -109,8 +109,10 @@ def sign_agreement(first: Mapping[str, Tensor], second: Mapping[str, Tensor]) ->
     among coordinates where both are non-zero (``nan`` when there are none)."""
     shared = [n for n in first if n in second]
     check_same_architecture(
-        {"first": {n: tuple(first[n].shape) for n in shared},
-         "second": {n: tuple(second[n].shape) for n in shared}},
+        {
+            "first": {n: tuple(first[n].shape) for n in shared},
+            "second": {n: tuple(second[n].shape) for n in shared},
+        },
         shared,
     )
     out = {}
@@ -131,8 +133,10 @@ def tensor_summary(name: str, tensor: Tensor) -> dict[str, object]:
     if t.is_floating_point() and t.numel():
         f = t.double()
         row.update(
-            mean=float(f.mean()), std=float(f.std()) if t.numel() > 1 else 0.0,
-            abs_max=float(f.abs().max()), norm=float(f.norm()),
+            mean=float(f.mean()),
+            std=float(f.std()) if t.numel() > 1 else 0.0,
+            abs_max=float(f.abs().max()),
+            norm=float(f.norm()),
             zero_fraction=float((t == 0).double().mean()),
             finite=bool(torch.isfinite(t).all()),
         )

@@ -51,8 +51,10 @@ class TaskVector(Mapping[str, Tensor]):
         """
         names = [n for n in select_names(finetuned, include, exclude) if finetuned[n].is_floating_point()]
         check_same_architecture(
-            {"base": {n: tuple(t.shape) for n, t in base.items()},
-             "finetuned": {n: tuple(t.shape) for n, t in finetuned.items()}},
+            {
+                "base": {n: tuple(t.shape) for n, t in base.items()},
+                "finetuned": {n: tuple(t.shape) for n, t in finetuned.items()},
+            },
             names,
         )
         return cls({n: _difference(finetuned[n], base[n]) for n in names})

@@ -83,8 +83,10 @@ def mask_task_vector(
     silent = set(reference.untouched()) if isinstance(reference, SignVotes) else set()
     covered = [n for n in tau if n in signs and n not in silent]
     check_same_architecture(
-        {"task vector": {n: tuple(tau[n].shape) for n in covered},
-         "reference": {n: tuple(signs[n].shape) for n in covered}},
+        {
+            "task vector": {n: tuple(tau[n].shape) for n in covered},
+            "reference": {n: tuple(signs[n].shape) for n in covered},
+        },
         covered,
     )
     uncovered = [n for n in tau if n not in covered and bool(tau[n].ne(0).any())]

@@ -127,8 +127,8 @@ class SignVotes:
         if meta.get("gradfix_kind") != _KIND:
             raise CheckpointError(f"{path}: not a gradfix votes file (no gradfix_kind={_KIND} header)")
         return cls(
-            counts={k[len("counts/"):]: v for k, v in tensors.items() if k.startswith("counts/")},
-            grad_sum={k[len("grad_sum/"):]: v for k, v in tensors.items() if k.startswith("grad_sum/")},
+            counts={k[len("counts/") :]: v for k, v in tensors.items() if k.startswith("counts/")},
+            grad_sum={k[len("grad_sum/") :]: v for k, v in tensors.items() if k.startswith("grad_sum/")},
             num_samples=int(meta["num_samples"]),
             estimator=meta["estimator"],
             hits={k: int(v) for k, v in json.loads(meta.get("hits", "{}")).items()},
@@ -286,8 +286,9 @@ def _check_losses(losses: Tensor, expected: int) -> Tensor:
     return losses
 
 
-def _loop_sample(model: nn.Module, params: Mapping[str, Tensor], sample: Any, loss_fn: LossFn,
-                 acc: _Accumulator) -> None:
+def _loop_sample(
+    model: nn.Module, params: Mapping[str, Tensor], sample: Any, loss_fn: LossFn, acc: _Accumulator
+) -> None:
     loss = _check_losses(loss_fn(model, sample), 1).sum()
     names = list(params)
     grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
@@ -296,8 +297,9 @@ def _loop_sample(model: nn.Module, params: Mapping[str, Tensor], sample: Any, lo
             acc.add_per_sample(name, g.unsqueeze(0))
 
 
-def _summed_backward(model: nn.Module, params: Mapping[str, Tensor], batch: Any, loss_fn: LossFn,
-                     acc: _Accumulator, size: int) -> None:
+def _summed_backward(
+    model: nn.Module, params: Mapping[str, Tensor], batch: Any, loss_fn: LossFn, acc: _Accumulator, size: int
+) -> None:
     loss = _check_losses(loss_fn(model, batch), size).sum()
     names = list(params)
     grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
@@ -317,8 +319,9 @@ class _LossModule(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-def _vmap_chunk(model: nn.Module, params: Mapping[str, Tensor], chunk: Any, loss_fn: LossFn,
-                acc: _Accumulator) -> None:
+def _vmap_chunk(
+    model: nn.Module, params: Mapping[str, Tensor], chunk: Any, loss_fn: LossFn, acc: _Accumulator
+) -> None:
     from torch.func import functional_call, grad, vmap
     from torch.utils._pytree import tree_map
 
@@ -331,4 +334,4 @@ def _vmap_chunk(model: nn.Module, params: Mapping[str, Tensor], chunk: Any, loss
 
     per_sample = vmap(grad(one_sample_loss), in_dims=(None, 0), randomness="different")(detached, chunk)
     for key, g in per_sample.items():
-        acc.add_per_sample(key[len("model."):], g)
+        acc.add_per_sample(key[len("model.") :], g)
