@@ -1,0 +1,301 @@
+"""Recipes for Hugging Face text models: zero-shot encoders, sequence classifiers, causal LMs.
+
+Batches are built by each recipe's :meth:`collate` (right padding, truncation to ``max_length``).
+The attention mask is handed to the model as a prepared 4D additive mask when the model gives the
+same outputs with it (checked once at construction), which keeps the loss traceable by
+``torch.func.vmap``; otherwise the 2D mask is passed unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gradfix.data import Example
+from gradfix.errors import CheckpointError, ConfigError
+from gradfix.recipes import _hf
+from gradfix.recipes.base import Batch, Recipe
+
+DEFAULT_TEMPLATE = "This text is about {label}."
+HEAD_FILENAME = "zero_shot_head.safetensors"
+_HEAD_FORMAT = "gradfix.zero-shot-head"
+
+
+def mean_pool(last_hidden_state: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean of the token states over non-padding tokens: ``[B, T, H]`` and ``[B, T]`` → ``[B, H]``."""
+    mask = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)
+    summed = (last_hidden_state * mask).sum(dim=1)
+    return summed / mask.sum(dim=1).clamp(min=1e-9)
+
+
+def _hidden_states(outputs: Any) -> Tensor:
+    """The last hidden state of an encoder output."""
+    value = getattr(outputs, "last_hidden_state", None)
+    return value if isinstance(value, Tensor) else outputs[0]
+
+
+def _check_template(template: str) -> None:
+    """Raise :class:`ConfigError` unless ``template`` formats with only ``{label}``."""
+    try:
+        template.format(label="x")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(
+            f"prompt template {template!r} must contain {{label}} and no other fields ({exc!r})"
+        ) from exc
+    if "{label}" not in template:
+        raise ConfigError(f"prompt template {template!r} must contain {{label}}")
+
+
+def _mask_choice(model: nn.Module, tokenizer: Any, choice: bool | None, causal: bool) -> bool:
+    """Resolve the ``use_prepared_mask`` option (``None`` = detect)."""
+    if choice is None:
+        return _hf.supports_prepared_mask(model, tokenizer, causal=causal)
+    return bool(choice)
+
+
+class TextZeroShotRecipe(Recipe):
+    """Zero-shot classification with a text encoder, the text analogue of CLIP's zero-shot head.
+
+    Each class is embedded once from a prompt (``template.format(label=name)``) by mean pooling
+    and L2 normalisation; the rows form a frozen ``head`` ``[C, H]``. A batch's logits are
+    ``logit_scale * normalise(mean_pool(model(batch))) @ head.T``. The head is built from the
+    model given at construction, at its weights then (eval mode, no grad), unless ``head`` is
+    passed; later changes to any model never change it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        labels: Sequence[str],
+        template: str = DEFAULT_TEMPLATE,
+        logit_scale: float = 20.0,
+        max_length: int = 128,
+        head: Tensor | None = None,
+        use_prepared_mask: bool | None = None,
+    ):
+        """Build the recipe, embedding one prompt per label with ``model`` unless ``head`` is given."""
+        _check_template(template)
+        self.labels = _hf.check_labels(labels)
+        self.tokenizer = tokenizer
+        self.template = template
+        self.logit_scale = float(logit_scale)
+        self.max_length = int(max_length)
+        _hf.ensure_pad_token(tokenizer)
+        self.use_prepared_mask = _mask_choice(model, tokenizer, use_prepared_mask, causal=False)
+        if head is None:
+            head = self.embed(model, [template.format(label=name) for name in self.labels])
+        elif head.dim() != 2 or head.shape[0] != len(self.labels):
+            raise ConfigError(
+                f"zero-shot head has shape {list(head.shape)}; expected [{len(self.labels)}, hidden]"
+                f" for labels {self.labels}"
+            )
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        if isinstance(hidden, int) and head.shape[1] != hidden:
+            raise ConfigError(
+                f"zero-shot head has width {head.shape[1]} but the model's hidden size is {hidden}"
+            )
+        self.head: Tensor = head.detach().to(torch.float32).clone()
+
+    @torch.no_grad()
+    def embed(self, model: nn.Module, texts: Sequence[str], batch_size: int = 64) -> Tensor:
+        """L2-normalised mean-pooled embeddings ``[N, H]`` of ``texts`` (eval mode, no grad)."""
+        was_training = model.training
+        model.eval()
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        rows = []
+        try:
+            for start in range(0, len(texts), batch_size):
+                batch = _hf.tokenize(self.tokenizer, texts[start : start + batch_size], self.max_length)
+                rows.append(self._embed_batch(model, {k: v.to(device) for k, v in batch.items()}))
+        finally:
+            model.train(was_training)
+        return torch.cat(rows).float().cpu()
+
+    def _embed_batch(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        """Normalised sentence embeddings of a tokenised batch (differentiable)."""
+        outputs = _hf.forward(model, batch, self.use_prepared_mask)
+        pooled = mean_pool(_hidden_states(outputs), batch["attention_mask"])
+        return F.normalize(pooled, dim=-1)
+
+    def logits(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        """Scaled cosine similarities ``[B, C]`` between the batch's embeddings and the head."""
+        embeddings = self._embed_batch(model, batch)
+        head = self.head.to(device=embeddings.device, dtype=embeddings.dtype)
+        return self.logit_scale * embeddings @ head.T
+
+    def collate(self, examples: Sequence[Example]) -> Batch:
+        """Tokenise the texts and add ``labels`` as int64 indices into :attr:`labels`."""
+        batch = _hf.tokenize(self.tokenizer, [ex.text for ex in examples], self.max_length)
+        batch["labels"] = _hf.label_indices([ex.label for ex in examples], self.labels)
+        return batch
+
+    def save_head(self, path: str | Path) -> Path:
+        """Write the head to a safetensors file with labels, template and logit scale as metadata."""
+        from safetensors.torch import save_file
+
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {
+            "format": _HEAD_FORMAT,
+            "labels": json.dumps(self.labels),
+            "template": json.dumps(self.template),
+            "logit_scale": json.dumps(self.logit_scale),
+        }
+        save_file({"head": self.head.contiguous()}, str(out), metadata=metadata)
+        return out
+
+    @staticmethod
+    def load_head(path: str | Path) -> tuple[list[str], Tensor, str, float]:
+        """Read ``(labels, head, template, logit_scale)`` from a file written by :meth:`save_head`."""
+        from safetensors import safe_open
+
+        src = Path(path)
+        if not src.is_file():
+            raise CheckpointError(f"{src}: zero-shot head file not found")
+        try:
+            with safe_open(str(src), framework="pt") as fh:
+                metadata = fh.metadata() or {}
+                if "head" not in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    raise CheckpointError(f"{src}: no 'head' tensor in the file")
+                head = fh.get_tensor("head")
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{src}: cannot read safetensors file: {exc}") from exc
+        try:
+            labels = json.loads(metadata["labels"])
+            template = json.loads(metadata["template"])
+            logit_scale = float(json.loads(metadata["logit_scale"]))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(
+                f"{src}: missing or invalid zero-shot head metadata ({exc!r}); "
+                "expected JSON-encoded 'labels', 'template' and 'logit_scale'"
+            ) from exc
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise CheckpointError(f"{src}: metadata 'labels' must be a list of strings")
+        if head.dim() != 2 or head.shape[0] != len(labels):
+            raise CheckpointError(
+                f"{src}: head shape {list(head.shape)} does not match {len(labels)} labels"
+            )
+        return labels, head.float(), str(template), logit_scale
+
+    @classmethod
+    def from_head_file(
+        cls,
+        model: nn.Module,
+        tokenizer: Any,
+        path: str | Path,
+        labels: Sequence[str] | None = None,
+        logit_scale: float | None = None,
+        max_length: int = 128,
+        use_prepared_mask: bool | None = None,
+    ) -> TextZeroShotRecipe:
+        """A recipe using a saved head; ``labels`` selects and orders its rows (default: all)."""
+        saved, head, template, saved_scale = cls.load_head(path)
+        wanted = list(saved) if labels is None else _hf.check_labels(labels)
+        missing = [name for name in wanted if name not in saved]
+        if missing:
+            raise ConfigError(f"{path}: the zero-shot head has no row for label(s) {missing}; "
+                              f"it has {saved}")
+        rows = head[[saved.index(name) for name in wanted]]
+        scale = saved_scale if logit_scale is None else logit_scale
+        return cls(model, tokenizer, wanted, template, scale, max_length, rows, use_prepared_mask)
+
+
+class SequenceClassificationRecipe(Recipe):
+    """Per-sample cross-entropy of a sequence classifier's ``logits``.
+
+    Class order: the model's ``config.label2id`` when its names are exactly ``labels``, otherwise
+    ``labels`` sorted. :class:`ConfigError` if the model's ``num_labels`` differs from the count.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        labels: Sequence[str],
+        max_length: int = 128,
+        use_prepared_mask: bool | None = None,
+    ):
+        """Bind the tokenizer and fix the label order from the model's config."""
+        names = _hf.check_labels(labels)
+        config = getattr(model, "config", None)
+        num_labels = getattr(config, "num_labels", None)
+        if num_labels is not None and num_labels != len(names):
+            raise ConfigError(
+                f"the model classifies into {num_labels} labels but {len(names)} were given: {names}"
+            )
+        label2id = dict(getattr(config, "label2id", None) or {})
+        if set(label2id) == set(names) and sorted(label2id.values()) == list(range(len(names))):
+            self.labels = sorted(names, key=lambda name: label2id[name])
+        else:
+            self.labels = sorted(names)
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        _hf.ensure_pad_token(tokenizer)
+        self.use_prepared_mask = _mask_choice(model, tokenizer, use_prepared_mask, causal=False)
+
+    def logits(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        """The classifier's logits ``[B, C]``."""
+        return _hf.first_output(_hf.forward(model, batch, self.use_prepared_mask))
+
+    def collate(self, examples: Sequence[Example]) -> Batch:
+        """Tokenise the texts and add ``labels`` as int64 indices into :attr:`labels`."""
+        batch = _hf.tokenize(self.tokenizer, [ex.text for ex in examples], self.max_length)
+        batch["labels"] = _hf.label_indices([ex.label for ex in examples], self.labels)
+        return batch
+
+
+class CausalLMRecipe(Recipe):
+    """Per-sample mean next-token cross-entropy of a causal language model on the texts.
+
+    Labels of examples are ignored; ``batch["labels"]`` holds the token ids with ``-100`` at
+    padding. There are no class logits, so :meth:`logits` and :meth:`accuracy` raise.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        max_length: int = 128,
+        use_prepared_mask: bool | None = None,
+    ):
+        """Bind the tokenizer (given its end-of-sequence token as padding if it has none)."""
+        self.labels = []
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        _hf.ensure_pad_token(tokenizer)
+        self.use_prepared_mask = _mask_choice(model, tokenizer, use_prepared_mask, causal=True)
+
+    def collate(self, examples: Sequence[Example]) -> Batch:
+        """Tokenise the texts; ``labels`` are the ids with ``-100`` where there is padding."""
+        batch = _hf.tokenize(self.tokenizer, [ex.text for ex in examples], self.max_length)
+        batch.pop("token_type_ids", None)
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        return batch
+
+    def loss(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        """Mean cross-entropy of each next token over a sample's non-padding tokens, ``[B]``."""
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        logits = _hf.first_output(_hf.forward(model, inputs, self.use_prepared_mask, causal=True))
+        targets = batch["labels"][:, 1:]
+        token_losses = F.cross_entropy(
+            logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none"
+        )
+        valid = (targets != -100).to(token_losses.dtype)
+        return (token_losses * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
+
+    def logits(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        """Not available: a causal LM recipe has no classes."""
+        raise ConfigError("the causal-lm recipe has no class logits; evaluate it by its loss")
+
+    def accuracy(self, model: nn.Module, examples: Sequence[Example], batch_size: int = 32) -> float:
+        """Not available: a causal LM recipe has no classes."""
+        raise ConfigError("the causal-lm recipe has no accuracy; evaluate it by its loss")
