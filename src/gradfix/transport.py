@@ -96,7 +96,8 @@ def mask_task_vector(
         raise GradfixError(
             f"{len(uncovered)} tensor(s) of the task vector have no votes from the target "
             f"(frozen, unused by the loss, or missing from the reference): {shown}. Exclude them "
-            "from the task vector, or choose unvoted='drop' (zero them) or 'keep' (add them unmasked)."
+            "from the task vector (--exclude), or set unvoted (--unvoted) to 'drop' to zero them or 'keep' "
+            "to add them unmasked."
         )
     out: dict[str, Tensor] = {}
     for name, t in tau.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -332,6 +333,8 @@ def _vmap_chunk(
         batch1 = tree_map(lambda x: x.unsqueeze(0) if isinstance(x, Tensor) else x, sample)
         return _check_losses(functional_call(wrapper, weights, (batch1,)), 1).sum()
 
-    per_sample = vmap(grad(one_sample_loss), in_dims=(None, 0), randomness="different")(detached, chunk)
+    with warnings.catch_warnings():  # ops without a batching rule fall back to a loop: correct, slower
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        per_sample = vmap(grad(one_sample_loss), in_dims=(None, 0), randomness="different")(detached, chunk)
     for key, g in per_sample.items():
         acc.add_per_sample(key[len("model.") :], g)

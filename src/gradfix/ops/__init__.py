@@ -8,6 +8,14 @@ from gradfix.ops.masks import (
     random_sign_task_vector,
     sign_forcing,
 )
+from gradfix.ops.merging import (
+    disjoint_mean,
+    elect_sign,
+    magnitude_threshold,
+    task_arithmetic,
+    ties_merge,
+    trim,
+)
 from gradfix.ops.signs import (
     consensus_sign,
     count_dtype,
@@ -22,10 +30,16 @@ __all__ = [
     "apply_mask",
     "consensus_sign",
     "count_dtype",
+    "disjoint_mean",
+    "elect_sign",
     "magnitude_scaled_mask",
+    "magnitude_threshold",
     "majority_sign",
     "mean_sign",
     "random_sign_task_vector",
     "sign_forcing",
     "sign_votes",
+    "task_arithmetic",
+    "ties_merge",
+    "trim",
 ]

@@ -1,0 +1,40 @@
+"""The evaluation job: accuracy of a model folder on a labelled data file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gradfix.data import label_set, load_examples
+from gradfix.recipes import load_recipe
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    data: str | Path,
+    recipe_name: str = "text-zero-shot",
+    *,
+    template: str | None = None,
+    head_from: str | Path | None = None,
+    batch_size: int = 32,
+    max_length: int = 128,
+) -> dict[str, Any]:
+    """Accuracy of a model folder on a labelled data file with a recipe.
+
+    For ``text-zero-shot`` the zero-shot head comes from ``head_from`` (a head file or a model
+    folder), else from ``zero_shot_head.safetensors`` in the folder (written by transport: the
+    target base's own head), else from the model itself.
+    """
+    examples = load_examples(data)
+    labels = label_set(examples)
+    model, recipe = load_recipe(
+        recipe_name, model_dir, labels, template=template, head_from=head_from, max_length=max_length
+    )
+    accuracy = recipe.accuracy(model, examples, batch_size=batch_size)
+    return {
+        "model": str(model_dir),
+        "data": str(data),
+        "recipe": recipe_name,
+        "examples": len(examples),
+        "accuracy": accuracy,
+    }

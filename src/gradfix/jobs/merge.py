@@ -1,0 +1,141 @@
+"""The merge job: several task vectors onto one base, plain or with GradFix masks.
+
+- one source base, several fine-tunes, no target: Task Arithmetic / TIES on that base;
+- with a target base and one data file per task: *mask-then-merge* or *merge-then-mask*
+  (consensus sign) transport of the multi-task merge (Sec. 5.2);
+- several source bases, one task: *mask-then-merge* with the target's votes on that task
+  (multi-source).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from gradfix.checks import check_same_architecture, select_names
+from gradfix.diagnostics import descent_report
+from gradfix.errors import ConfigError
+from gradfix.io import atomic_output_dir, check_output_not_input, open_checkpoint
+from gradfix.jobs.common import (
+    DEFAULT_SHARD_BYTES,
+    MaskSettings,
+    VoteSettings,
+    base_record,
+    input_record,
+    vote_on_target,
+    write_model,
+)
+from gradfix.merge import mask_then_merge, merge_task_vectors, merge_then_mask
+from gradfix.task_vector import TaskVector
+from gradfix.votes import SignVotes
+
+PIPELINES = ("plain", "mask-then-merge", "merge-then-mask")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task vector to merge: ``source_finetuned − source_base``, voted on with ``data``."""
+
+    source_base: str
+    source_finetuned: str
+    data: str | None = None
+
+
+def merge_checkpoints(
+    tasks: Sequence[TaskSpec],
+    out: str | Path,
+    target_base: str | Path | None = None,
+    *,
+    method: str = "ties",
+    pipeline: str = "plain",
+    density: float = 0.2,
+    elect: str = "mass",
+    trim_scope: str = "tensor",
+    weights: Sequence[float] | None = None,
+    votes: VoteSettings | None = None,
+    masking: MaskSettings | None = None,
+    overwrite: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> dict[str, Any]:
+    """Merge the task vectors of ``tasks`` onto ``target_base`` (default: the first source base).
+
+    ``pipeline``: ``plain`` (merge, no mask), ``mask-then-merge`` (each ``τ^t`` masked with the
+    target's votes on its own data, then merged) or ``merge-then-mask`` (merged, then masked with
+    the consensus sign of the per-task votes). The result is ``θ_target + α · τ_merged`` with
+    ``α = masking.alpha``. Returns the record written to ``out/gradfix.json``.
+    """
+    if not tasks:
+        raise ConfigError("merge needs at least one task (--source-finetuned)")
+    if pipeline not in PIPELINES:
+        raise ConfigError(f"unknown pipeline {pipeline!r}; choose one of {', '.join(PIPELINES)}")
+    votes = votes or VoteSettings()
+    masking = masking or MaskSettings()
+    target = Path(target_base) if target_base is not None else Path(tasks[0].source_base)
+    out = Path(out)
+    inputs = [target, *{Path(p) for t in tasks for p in (t.source_base, t.source_finetuned)}]
+    check_output_not_input(out, inputs)
+    with open_checkpoint(tasks[0].source_finetuned) as first, open_checkpoint(target) as rt:
+        dtypes = first.dtypes()
+        selected = select_names(first.names(), masking.include, masking.exclude)
+        names = [n for n in selected if dtypes[n].is_floating_point]
+        shapes = {f"target base {target}": rt.shapes()}
+        target_names = rt.names()
+    for i, task in enumerate(tasks):
+        for role in ("source_base", "source_finetuned"):
+            with open_checkpoint(getattr(task, role)) as reader:
+                shapes[f"task {i + 1} {role.replace('_', ' ')} {getattr(task, role)}"] = reader.shapes()
+    check_same_architecture(shapes, names)
+    record = base_record("merge")
+    record["inputs"] = {"target_base": input_record(target)}
+    record["tasks"] = [
+        {"source_base": input_record(t.source_base), "source_finetuned": input_record(t.source_finetuned)}
+        for t in tasks
+    ]
+    tvs = [
+        TaskVector.from_checkpoints(t.source_base, t.source_finetuned, masking.include, masking.exclude)
+        for t in tasks
+    ]
+    merge_options = {"density": density, "elect": elect, "trim_scope": trim_scope, "weights": weights}
+    references: list[SignVotes] = []
+    if pipeline == "plain":
+        merged = merge_task_vectors(tvs, method, **merge_options)
+    else:
+        data = [t.data for t in tasks]
+        if any(d is None for d in data):
+            raise ConfigError(f"the {pipeline} pipeline needs a data file for every task (--data)")
+        for i, path in enumerate(data):
+            task_votes, _, _, info = vote_on_target(target, replace(votes, data=path), target_names, names)
+            record["tasks"][i]["data"] = {**input_record(str(path)), **info}
+            references.append(task_votes)
+        combine = mask_then_merge if pipeline == "mask-then-merge" else merge_then_mask
+        mask_options = {"gamma": masking.gamma, "seed": votes.seed, "unvoted": masking.unvoted}
+        merged = combine(
+            tvs, references, mask=masking.mask, method=method, mask_options=mask_options, **merge_options
+        )
+    report = None
+    if references:
+        pooled = sum(references[1:], references[0])
+        report = descent_report(pooled, merged, None, masking.alpha).to_dict()
+    record.update(
+        method=method,
+        pipeline=pipeline,
+        density=density,
+        elect=elect,
+        trim_scope=trim_scope,
+        weights=list(weights) if weights is not None else None,
+        alpha=masking.alpha,
+        mask=masking.mask,
+        recipe=votes.recipe,
+        shots=votes.shots,
+        seed=votes.seed,
+        estimator=votes.estimator,
+        include=masking.include,
+        exclude=masking.exclude,
+        descent=report,
+        nonzero_fraction={n: float((merged[n] != 0).double().mean()) for n in merged},
+    )
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        record["files"] = write_model(tmp, target, merged, masking.alpha, shard_bytes, record)
+    return record
