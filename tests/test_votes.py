@@ -49,7 +49,7 @@ def _brute_force(model: nn.Module, data: dict[str, torch.Tensor]) -> tuple[dict,
     return counts, grad_sum
 
 
-@pytest.mark.parametrize("engine", ["loop", "vmap", "auto"])
+@pytest.mark.parametrize("engine", ["loop", "vmap", "hooks", "auto"])
 @pytest.mark.parametrize("batch", [1, 7, 20])
 def test_majority_votes_equal_brute_force(engine: str, batch: int) -> None:
     model, data = _mlp(), _data()

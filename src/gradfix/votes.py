@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,14 +17,21 @@ from tqdm.auto import tqdm
 from gradfix.checks import check_same_architecture
 from gradfix.errors import CheckpointError, ConfigError, GradfixError
 from gradfix.ops.signs import count_dtype, majority_sign, mean_sign
+from gradfix.per_sample import (
+    LossFn,
+    batch_size,
+    check_losses,
+    hook_gradients,
+    hooked_parameters,
+    loop_gradients,
+    slice_batch,
+    vmap_gradients,
+)
 
 log = logging.getLogger(__name__)
 
-LossFn = Callable[[nn.Module, Any], Tensor]
-"""``loss_fn(model, batch) -> per-sample losses`` of shape ``[batch]``."""
-
 ESTIMATORS = ("majority", "mean")
-ENGINES = ("auto", "vmap", "loop")
+ENGINES = ("auto", "hooks", "vmap", "loop")
 _KIND = "gradfix.sign_votes"
 
 
@@ -140,39 +146,6 @@ def _shapes(tensors: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
     return {n: tuple(t.shape) for n, t in tensors.items()}
 
 
-# -- batches ------------------------------------------------------------------------------------
-def batch_size(batch: Any) -> int:
-    """Number of samples in a batch: the first dimension of its first tensor."""
-    for leaf in _leaves(batch):
-        if isinstance(leaf, Tensor) and leaf.dim() > 0:
-            return int(leaf.shape[0])
-    raise GradfixError("a batch must hold at least one tensor with a sample axis first")
-
-
-def slice_batch(batch: Any, start: int, stop: int) -> Any:
-    """Samples ``start:stop`` of a batch (a tensor, or a dict/list/tuple of tensors and lists)."""
-    if isinstance(batch, Tensor):
-        return batch[start:stop]
-    if isinstance(batch, Mapping):
-        return {k: slice_batch(v, start, stop) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        if batch and all(isinstance(x, (Tensor, Mapping, list, tuple)) for x in batch):
-            return type(batch)(slice_batch(x, start, stop) for x in batch)
-        return batch[start:stop]
-    return batch
-
-
-def _leaves(batch: Any) -> Iterator[Any]:
-    if isinstance(batch, Mapping):
-        for v in batch.values():
-            yield from _leaves(v)
-    elif isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], (Tensor, Mapping)):
-        for v in batch:
-            yield from _leaves(v)
-    else:
-        yield batch
-
-
 # -- the vote -----------------------------------------------------------------------------------
 class _Accumulator:
     """Running vote sums in int32 and gradient sums in float32 (float64 for float64 params)."""
@@ -188,9 +161,24 @@ class _Accumulator:
     def add_per_sample(self, name: str, grads: Tensor) -> None:
         """Add the per-sample gradients of one tensor, shape ``[b, *shape]``."""
         grads = grads.detach()
+        signs = torch.sign(grads)
         self.grad_sum[name] += grads.sum(dim=0).to(self.grad_sum[name].dtype)
-        self.counts[name] += torch.sign(grads.neg()).to(torch.int32).sum(dim=0, dtype=torch.int32)
-        self.hits[name] += int(grads.flatten(1).ne(0).any(dim=1).sum())
+        self.counts[name] -= signs.sum(dim=0).to(torch.int32)  # Σ sign(−g) = −Σ sign(g), exact
+        self.hits[name] += int(signs.flatten(1).any(dim=1).sum())
+
+    def add_rows(self, name: str, rows: Tensor, grads: Tensor) -> None:
+        """Add one sample's gradient given only on some rows (an embedding): the others are 0."""
+        grads = grads.detach()
+        self.grad_sum[name].index_add_(0, rows, grads.to(self.grad_sum[name].dtype))
+        self.counts[name].index_add_(0, rows, -torch.sign(grads).to(torch.int32))
+        self.hits[name] += int(bool(grads.ne(0).any()))
+
+    def reset(self, name: str) -> None:
+        """Forget everything added for ``name`` (its votes are recomputed)."""
+        self.grad_sum[name].zero_()
+        if self.counts:
+            self.counts[name].zero_()
+        self.hits[name] = 0
 
     def add_summed(self, name: str, grad: Tensor | None, samples: int) -> None:
         """Add the gradient of a summed loss over ``samples`` samples (mean estimator)."""
@@ -227,9 +215,12 @@ def estimate_signs(
     - ``majority``: ``ŝ_i = sign(Σ_j sign(−g_i^(j)))`` with ``g^(j)`` each sample's gradient;
     - ``mean``: ``ŝ_i = sign(−Σ_j g_i^(j))``, from one ordinary backward pass per batch.
 
-    ``engine`` picks how per-sample gradients are computed for the majority vote: ``loop`` (one
-    backward pass per sample), ``vmap`` (``torch.func.vmap(grad)`` over chunks of ``chunk_size``
-    samples) or ``auto`` (vmap, falling back to the loop for models that vmap cannot trace).
+    ``engine`` picks how per-sample gradients are computed for the majority vote (see
+    :mod:`gradfix.per_sample`): ``hooks`` (one batched forward and backward, per-sample gradients
+    formed layer by layer; other parameters by the loop), ``vmap`` (``torch.func`` over chunks of
+    ``chunk_size`` samples), ``loop`` (one backward pass per sample), or ``auto``: hooks, with the
+    first batch checked against an ordinary batched gradient; a parameter whose per-sample
+    gradients do not add up to it (used outside its module's call) moves to the loop.
     """
     if estimator not in ESTIMATORS:
         raise ConfigError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
@@ -239,9 +230,9 @@ def estimate_signs(
     if not params:
         raise GradfixError("the model has no parameter with requires_grad=True to vote on")
     acc = _Accumulator(params, with_counts=estimator == "majority")
+    runner = _Runner(model, params, loss_fn, acc, engine, chunk_size)
     was_training = model.training
     model.eval()
-    use_vmap = engine in ("auto", "vmap")
     bar = tqdm(unit="sample", desc="sign votes", disable=not progress, leave=False)
     try:
         for batch in batches:
@@ -249,25 +240,7 @@ def estimate_signs(
             if estimator == "mean":
                 _summed_backward(model, params, batch, loss_fn, acc, size)
             else:
-                step = chunk_size if use_vmap else 1
-                for start in range(0, size, step):
-                    stop = min(start + step, size)
-                    done = False
-                    if use_vmap:
-                        try:
-                            _vmap_chunk(model, params, slice_batch(batch, start, stop), loss_fn, acc)
-                            done = True
-                        except Exception as exc:
-                            if engine == "vmap" or acc.n > 0:
-                                raise
-                            log.info("vmap could not trace the loss (%s); one backward per sample", exc)
-                            use_vmap = False
-                    if not done:
-                        for i in range(start, stop):
-                            _loop_sample(model, params, slice_batch(batch, i, i + 1), loss_fn, acc)
-                    acc.n += stop - start
-                    bar.update(stop - start)
-                continue
+                runner.run(batch)
             acc.n += size
             bar.update(size)
     finally:
@@ -278,63 +251,99 @@ def estimate_signs(
     return acc.result(estimator)
 
 
-def _check_losses(losses: Tensor, expected: int) -> Tensor:
-    if losses.dim() != 1 or losses.shape[0] != expected:
-        raise GradfixError(
-            f"loss_fn must return per-sample losses of shape [{expected}], got {tuple(losses.shape)}"
-            " (use reduction='none')"
-        )
-    return losses
+class _Runner:
+    """Feeds batches to the chosen per-sample engine, with the loop as the fallback."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: dict[str, Tensor],
+        loss_fn: LossFn,
+        acc: _Accumulator,
+        engine: str,
+        chunk_size: int,
+    ):
+        self.model, self.params, self.loss_fn, self.acc = model, params, loss_fn, acc
+        self.engine, self.chunk_size = engine, chunk_size
+        self.covered = hooked_parameters(model, params) if engine in ("auto", "hooks") else {}
+        self.checked = engine != "auto"
+
+    def _rest(self) -> dict[str, Tensor]:
+        claimed = {n for names in self.covered.values() for n in names.values()}
+        return {n: p for n, p in self.params.items() if n not in claimed}
+
+    def run(self, batch: Any) -> None:
+        if self.engine == "loop":
+            loop_gradients(self.model, self.params, batch, self.loss_fn, self.acc)
+        elif self.engine == "vmap":
+            for start in range(0, batch_size(batch), self.chunk_size):
+                chunk = slice_batch(batch, start, start + self.chunk_size)
+                vmap_gradients(self.model, self.params, chunk, self.loss_fn, self.acc)
+        else:
+            if not self.checked:
+                self._check_first_batch(batch)
+                return
+            self._hooks(batch)
+
+    def _hooks(self, batch: Any) -> None:
+        broadcast = hook_gradients(self.model, self.params, batch, self.loss_fn, self.acc, self.covered)
+        for module in broadcast:  # not per sample (shared over the batch): the loop computes them
+            del self.covered[module]
+        rest = self._rest()
+        if rest:
+            with _only_trainable(self.params, rest):
+                loop_gradients(self.model, rest, batch, self.loss_fn, self.acc)
+
+    def _check_first_batch(self, batch: Any) -> None:
+        """Hooks on the first batch, checked against the batched gradient of the same losses."""
+        self.checked = True
+        names = list(self.params)
+        losses = check_losses(self.loss_fn(self.model, batch), batch_size(batch))
+        grads = torch.autograd.grad(losses.sum(), [self.params[n] for n in names], allow_unused=True)
+        self._hooks(batch)  # the accumulator is empty before the first batch
+        wrong = []
+        for name, g in zip(names, grads, strict=True):
+            got = self.acc.grad_sum[name]
+            want = torch.zeros_like(got) if g is None else g.to(got.dtype)
+            if not torch.allclose(got, want, rtol=1e-3, atol=1e-6 * float(want.abs().max().clamp_min(1e-12))):
+                wrong.append(name)
+        if not wrong:
+            return
+        log.info("per-sample hooks do not cover %s; those use one backward per sample", ", ".join(wrong))
+        for module in list(self.covered):
+            kept = {k: n for k, n in self.covered[module].items() if n not in wrong}
+            if kept:
+                self.covered[module] = kept
+            else:
+                del self.covered[module]
+        for name in wrong:
+            self.acc.reset(name)
+        redo = {n: self.params[n] for n in wrong}
+        with _only_trainable(self.params, redo):
+            loop_gradients(self.model, redo, batch, self.loss_fn, self.acc)
 
 
-def _loop_sample(
-    model: nn.Module, params: Mapping[str, Tensor], sample: Any, loss_fn: LossFn, acc: _Accumulator
-) -> None:
-    loss = _check_losses(loss_fn(model, sample), 1).sum()
-    names = list(params)
-    grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-    for name, g in zip(names, grads, strict=True):
-        if g is not None:
-            acc.add_per_sample(name, g.unsqueeze(0))
+class _only_trainable:
+    """Within the block only ``keep`` require gradients (the others are restored on exit)."""
+
+    def __init__(self, params: Mapping[str, Tensor], keep: Mapping[str, Tensor]):
+        self.params, self.keep = params, keep
+
+    def __enter__(self) -> None:
+        self.flags = {n: p.requires_grad for n, p in self.params.items()}
+        for n, p in self.params.items():
+            p.requires_grad_(n in self.keep)
+
+    def __exit__(self, *exc: object) -> None:
+        for n, p in self.params.items():
+            p.requires_grad_(self.flags[n])
 
 
 def _summed_backward(
     model: nn.Module, params: Mapping[str, Tensor], batch: Any, loss_fn: LossFn, acc: _Accumulator, size: int
 ) -> None:
-    loss = _check_losses(loss_fn(model, batch), size).sum()
+    loss = check_losses(loss_fn(model, batch), size).sum()
     names = list(params)
     grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
     for name, g in zip(names, grads, strict=True):
         acc.add_summed(name, g, size)
-
-
-class _LossModule(nn.Module):
-    """Wraps ``loss_fn`` so that ``torch.func.functional_call`` can swap the model's parameters."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> Tensor:
-        return self.loss_fn(self.model, batch)
-
-
-def _vmap_chunk(
-    model: nn.Module, params: Mapping[str, Tensor], chunk: Any, loss_fn: LossFn, acc: _Accumulator
-) -> None:
-    from torch.func import functional_call, grad, vmap
-    from torch.utils._pytree import tree_map
-
-    wrapper = _LossModule(model, loss_fn)
-    detached = {f"model.{n}": p.detach() for n, p in params.items()}
-
-    def one_sample_loss(weights: dict[str, Tensor], sample: Any) -> Tensor:
-        batch1 = tree_map(lambda x: x.unsqueeze(0) if isinstance(x, Tensor) else x, sample)
-        return _check_losses(functional_call(wrapper, weights, (batch1,)), 1).sum()
-
-    with warnings.catch_warnings():  # ops without a batching rule fall back to a loop: correct, slower
-        warnings.filterwarnings("ignore", message="There is a performance drop")
-        per_sample = vmap(grad(one_sample_loss), in_dims=(None, 0), randomness="different")(detached, chunk)
-    for key, g in per_sample.items():
-        acc.add_per_sample(key[len("model.") :], g)
