@@ -37,6 +37,27 @@ class GradientSink(Protocol):
 
     def add_rows(self, name: str, rows: Tensor, grads: Tensor) -> None: ...
 
+    def add_sums(self, name: str, sign_sum: Tensor, grad_sum: Tensor, hits: int) -> None: ...
+
+
+class Workspace:
+    """Scratch memory reused across layers and batches.
+
+    Per-sample products are written into it a chunk of samples at a time (about ``chunk_bytes``),
+    so they stay in cache and no large tensor is allocated (and page-faulted) per layer.
+    """
+
+    def __init__(self, chunk_bytes: int = 8 * 2**20):
+        self.chunk_bytes = chunk_bytes
+        self._buffer: Tensor | None = None
+
+    def take(self, numel: int, dtype: torch.dtype) -> Tensor:
+        """A flat scratch tensor of at least ``numel`` values (its content is undefined)."""
+        buf = self._buffer
+        if buf is None or buf.dtype != dtype or buf.numel() < numel:
+            buf = self._buffer = torch.empty(numel, dtype=dtype)
+        return buf[:numel]
+
 
 # -- batches ------------------------------------------------------------------------------------
 def batch_size(batch: Any) -> int:
@@ -164,6 +185,7 @@ def hook_gradients(
     loss_fn: LossFn,
     sink: GradientSink,
     covered: Mapping[nn.Module, Mapping[str, str]],
+    workspace: Workspace | None = None,
 ) -> set[nn.Module]:
     """Per-sample gradients of the ``covered`` parameters from one batched forward and backward.
 
@@ -172,11 +194,22 @@ def hook_gradients(
     compute their parameters' gradients another way.
     """
     calls: list[tuple[nn.Module, Tensor, Tensor]] = []
+    size = batch_size(batch)
 
-    def record(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
+    def record(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor | None:
+        x = inputs[0]
+        replaced = None
+        if isinstance(module, nn.Embedding) and x.dim() > 0 and x.shape[0] == 1 and size > 1:
+            # an embedding looked up once and broadcast over the batch (position ids): give each
+            # sample its own copy, so that each sample's output gradient stays separate
+            x = x.expand(size, *x.shape[1:])
+            replaced = output = output.expand(size, *output.shape[1:])
+            if not output.requires_grad:
+                replaced = output = output.clone()
         if not output.requires_grad:
             output.requires_grad_()
-        calls.append((module, inputs[0].detach(), output))
+        calls.append((module, x.detach(), output))
+        return replaced
 
     flags = {n: p.requires_grad for n, p in params.items()}
     handles = [m.register_forward_hook(record) for m in covered]
@@ -189,7 +222,6 @@ def hook_gradients(
             h.remove()
         for n, p in params.items():
             p.requires_grad_(flags[n])
-    size = batch_size(batch)
     broadcast = {m for m, x, out in calls if x.dim() == 0 or x.shape[0] != size or out.shape[0] != size}
     records = [r for r in calls if r[0] not in broadcast]
     del calls
@@ -207,6 +239,12 @@ def hook_gradients(
         if isinstance(module, nn.Embedding):
             _embedding_rows(module, calls, names["weight"], sink)
             continue
+        if isinstance(module, nn.Linear) and len(calls) == 1 and "weight" in names:
+            x, g = calls[0]
+            _linear_weight_sums(names["weight"], x, g, sink, workspace or Workspace())
+            if "bias" in names:
+                sink.add_per_sample(names["bias"], g.reshape(g.shape[0], -1, g.shape[-1]).sum(dim=1))
+            continue
         weight, bias = _per_sample_affine(module, calls)
         if "weight" in names:
             sink.add_per_sample(names["weight"], weight)
@@ -214,6 +252,30 @@ def hook_gradients(
         if "bias" in names and bias is not None:
             sink.add_per_sample(names["bias"], bias)
     return broadcast
+
+
+def _linear_weight_sums(name: str, x: Tensor, g: Tensor, sink: GradientSink, ws: Workspace) -> None:
+    """Sign and gradient sums of a linear weight's per-sample gradients ``δ_bᵀ x_b``, by chunks."""
+    b, out_dim, in_dim = g.shape[0], g.shape[-1], x.shape[-1]
+    size = out_dim * in_dim
+    g_t = g.reshape(b, -1, out_dim).transpose(1, 2)
+    x2 = x.reshape(b, -1, in_dim).to(g.dtype)
+    chunk = max(1, min(b, ws.chunk_bytes // (size * g.element_size())))
+    scratch = ws.take((chunk + 3) * size, g.dtype)
+    tmp, grad_sum, sign_sum = (
+        scratch[(chunk + i) * size : (chunk + i + 1) * size].view(out_dim, in_dim) for i in range(3)
+    )
+    grad_sum.zero_()
+    sign_sum.zero_()
+    for start in range(0, b, chunk):
+        stop = min(b, start + chunk)
+        products = scratch[: (stop - start) * size].view(stop - start, out_dim, in_dim)
+        torch.bmm(g_t[start:stop], x2[start:stop], out=products)
+        grad_sum.add_(torch.sum(products, dim=0, out=tmp))
+        products.sign_()
+        sign_sum.add_(torch.sum(products, dim=0, out=tmp))
+    hits = int(((g.reshape(b, -1) != 0).any(dim=1) & (x2.reshape(b, -1) != 0).any(dim=1)).sum())
+    sink.add_sums(name, sign_sum, grad_sum, hits)
 
 
 def _per_sample_affine(module: nn.Module, calls: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor | None]:

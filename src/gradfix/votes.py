@@ -19,6 +19,7 @@ from gradfix.errors import CheckpointError, ConfigError, GradfixError
 from gradfix.ops.signs import count_dtype, majority_sign, mean_sign
 from gradfix.per_sample import (
     LossFn,
+    Workspace,
     batch_size,
     check_losses,
     hook_gradients,
@@ -148,12 +149,16 @@ def _shapes(tensors: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
 
 # -- the vote -----------------------------------------------------------------------------------
 class _Accumulator:
-    """Running vote sums in int32 and gradient sums in float32 (float64 for float64 params)."""
+    """Running vote sums and gradient sums (float32; float64 for float64 parameters).
+
+    Vote sums are kept in float32 while voting (exact for integers below 2^24, far more samples
+    than a few-shot vote needs) and returned in the smallest integer dtype that holds them.
+    """
 
     def __init__(self, params: Mapping[str, Tensor], with_counts: bool):
         self.grad_sum = {n: torch.zeros_like(p, dtype=_sum_dtype(p)) for n, p in params.items()}
         self.counts = (
-            {n: torch.zeros(p.shape, dtype=torch.int32) for n, p in params.items()} if with_counts else {}
+            {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()} if with_counts else {}
         )
         self.hits = dict.fromkeys(params, 0)
         self.n = 0
@@ -163,14 +168,20 @@ class _Accumulator:
         grads = grads.detach()
         signs = torch.sign(grads)
         self.grad_sum[name] += grads.sum(dim=0).to(self.grad_sum[name].dtype)
-        self.counts[name] -= signs.sum(dim=0).to(torch.int32)  # Σ sign(−g) = −Σ sign(g), exact
+        self.counts[name] -= signs.sum(dim=0).to(torch.float32)  # Σ sign(−g) = −Σ sign(g), exact
         self.hits[name] += int(signs.flatten(1).any(dim=1).sum())
+
+    def add_sums(self, name: str, sign_sum: Tensor, grad_sum: Tensor, hits: int) -> None:
+        """Add ``Σ_j sign(g^(j))`` and ``Σ_j g^(j)`` already summed over some samples."""
+        self.counts[name] -= sign_sum.to(torch.float32)
+        self.grad_sum[name] += grad_sum.to(self.grad_sum[name].dtype)
+        self.hits[name] += hits
 
     def add_rows(self, name: str, rows: Tensor, grads: Tensor) -> None:
         """Add one sample's gradient given only on some rows (an embedding): the others are 0."""
         grads = grads.detach()
         self.grad_sum[name].index_add_(0, rows, grads.to(self.grad_sum[name].dtype))
-        self.counts[name].index_add_(0, rows, -torch.sign(grads).to(torch.int32))
+        self.counts[name].index_add_(0, rows, -torch.sign(grads).to(torch.float32))
         self.hits[name] += int(bool(grads.ne(0).any()))
 
     def reset(self, name: str) -> None:
@@ -187,6 +198,8 @@ class _Accumulator:
             self.hits[name] += samples if bool(grad.ne(0).any()) else 0
 
     def result(self, estimator: str) -> SignVotes:
+        if self.n >= 2**24:
+            raise GradfixError(f"{self.n} samples exceed the exact range of the vote counters (2^24)")
         dtype = count_dtype(self.n)
         counts = {k: v.to(dtype) for k, v in self.counts.items()}
         return SignVotes(counts, self.grad_sum, self.n, estimator, self.hits)
@@ -267,6 +280,7 @@ class _Runner:
         self.engine, self.chunk_size = engine, chunk_size
         self.covered = hooked_parameters(model, params) if engine in ("auto", "hooks") else {}
         self.checked = engine != "auto"
+        self.workspace = Workspace()
 
     def _rest(self) -> dict[str, Tensor]:
         claimed = {n for names in self.covered.values() for n in names.values()}
@@ -286,7 +300,9 @@ class _Runner:
             self._hooks(batch)
 
     def _hooks(self, batch: Any) -> None:
-        broadcast = hook_gradients(self.model, self.params, batch, self.loss_fn, self.acc, self.covered)
+        broadcast = hook_gradients(
+            self.model, self.params, batch, self.loss_fn, self.acc, self.covered, self.workspace
+        )
         for module in broadcast:  # not per sample (shared over the batch): the loop computes them
             del self.covered[module]
         rest = self._rest()
@@ -301,11 +317,14 @@ class _Runner:
         losses = check_losses(self.loss_fn(self.model, batch), batch_size(batch))
         grads = torch.autograd.grad(losses.sum(), [self.params[n] for n in names], allow_unused=True)
         self._hooks(batch)  # the accumulator is empty before the first batch
+        # tolerance relative to the largest gradient of the model: a tensor whose gradient is zero in
+        # exact arithmetic (an attention key bias) carries only rounding noise, which may differ
+        scale = max((float(g.abs().max()) for g in grads if g is not None and g.numel()), default=0.0)
         wrong = []
         for name, g in zip(names, grads, strict=True):
             got = self.acc.grad_sum[name]
             want = torch.zeros_like(got) if g is None else g.to(got.dtype)
-            if not torch.allclose(got, want, rtol=1e-3, atol=1e-6 * float(want.abs().max().clamp_min(1e-12))):
+            if not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * scale):
                 wrong.append(name)
         if not wrong:
             return
