@@ -31,3 +31,4 @@ if __name__ == "__main__":
     votes = all_reduce_votes(estimate_signs(model, shard(samples), loss, progress=False))
     if world()[0] == 0:
         votes.save(sys.argv[1])
+    torch.distributed.destroy_process_group()
