@@ -1,0 +1,389 @@
+"""Theseus: transport a task vector across models of different widths by orthogonal Procrustes.
+
+Every group of a :class:`~gradfix.rebasin.PermutationSpec` is a *space* (the hidden units between
+two layers of an MLP, a transformer's residual stream, one layer's FFN units, its query/key and
+value/output head spaces). Each space ``s`` gets one (semi-)orthogonal map ``T_s`` (``d_A × d_B``)
+from the cross-covariance of A's and B's activations in that space on the same inputs:
+
+```
+C_s  = Σ_sites X_Aᵀ X_B                       (float64, over tokens and every site of s)
+C_s' = G_A^{−p} C_s G_B^{−p},   G = Σ Xᵀ X,   p ∈ [0, 0.5]   (partial whitening)
+C_s' = U Σ Vᵀ  →  T_s = U Vᵀ                  (argmin over semi-orthogonal T of ‖X_A T − X_B‖_F)
+```
+
+Every axis of ``τ_A`` in space ``s`` is contracted with ``T_s``; a weight ``W (out × in)`` becomes
+``ΔW_B = T_outᵀ ΔW_A T_in``, a bias or norm vector ``Δb_B = T_sᵀ Δb_A``, an embedding
+``ΔE_B = ΔE_A T_s``. Consecutive modules share a space, so ``T_out`` of layer ``l`` is ``T_in`` of
+layer ``l+1``; axes outside the spec (model inputs and outputs) are left as they are.
+
+Sites of a space (:func:`spec_sites`): the output of an ``nn.Linear`` whose weight rows (axis 0)
+are in it, the input of one whose columns (axis 1) are, the output of an ``nn.Embedding`` (axis 1)
+and of a norm layer (axis 0). Head-split spaces (attention) get a block map: heads are matched by
+the Hungarian assignment maximising ``Σ ‖C'_{hA,hB}‖_*`` (each block's best Procrustes score, query/
+key and value/output spaces together) and each matched block gets its own Procrustes map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+from gradfix.activations import CrossStats, ForwardFn, Site, TokenMask, attention_mask_of, cross_statistics
+from gradfix.errors import ConfigError, MismatchError
+from gradfix.rebasin import PermutationSpec, present_spec, spec_for_module, spec_for_state_dict
+from gradfix.task_vector import TaskVector
+
+
+def procrustes(cross: Tensor) -> Tensor:
+    """``T = U Vᵀ`` for ``C = U Σ Vᵀ`` (thin SVD): ``argmax ⟨T, C⟩`` over (semi-)orthogonal ``T``.
+
+    With ``C = X_Aᵀ X_B`` this minimises ``‖X_A T − X_B‖_F``. ``T`` is ``d_A × d_B``; when the widths
+    differ its rows (``d_A < d_B``) or columns (``d_A > d_B``) are orthonormal. Directions that
+    ``C`` does not see (rank-deficient statistics: fewer tokens than the width) get an arbitrary
+    orthonormal completion, so record at least as many tokens as the widest space.
+    """
+    u, _, vh = torch.linalg.svd(cross.double(), full_matrices=False)
+    return u @ vh
+
+
+def inverse_power(gram: Tensor, power: float, eps: float = 1e-8) -> Tensor:
+    """``G^{−p}`` of a symmetric PSD matrix by eigendecomposition, eigenvalues floored at ``eps · λ_max``."""
+    if power == 0:
+        return torch.eye(gram.shape[0], dtype=torch.float64)
+    values, vectors = torch.linalg.eigh(gram.double())
+    floor = eps * max(float(values.max()), torch.finfo(torch.float64).tiny)
+    return (vectors * values.clamp(min=floor).pow(-power)) @ vectors.T
+
+
+def whitened_cross(stats: CrossStats, power: float = 0.0, eps: float = 1e-8) -> Tensor:
+    """Partial whitening ``C' = G_A^{−p} C G_B^{−p}`` (``p = 0``: ``C``; ``p = 0.5``: full whitening)."""
+    if not 0.0 <= power <= 0.5:
+        raise ConfigError(f"whitening power must be in [0, 0.5], got {power}")
+    if power == 0:
+        return stats.cross.double()
+    return (
+        inverse_power(stats.gram_a, power, eps)
+        @ stats.cross.double()
+        @ inverse_power(stats.gram_b, power, eps)
+    )
+
+
+def _units(spec: PermutationSpec, groups: Iterable[str]) -> list[tuple[str, ...]]:
+    """Groups to solve together, in spec order: a head set's groups as one unit, others alone."""
+    wanted, units, seen = set(groups), [], set()
+    for group in spec.groups:
+        if group in wanted and group not in seen:
+            head = spec.head_set_of(group)
+            unit = tuple(g for g in head.groups if g in wanted) if head else (group,)
+            units.append(unit)
+            seen |= set(unit)
+    return units
+
+
+def _solve(
+    unit: tuple[str, ...],
+    crosses: Mapping[str, Tensor],
+    spec: PermutationSpec,
+    target_num_heads: int | None,
+) -> dict[str, Tensor]:
+    """Procrustes map of each group of a unit; block-wise over matched heads for a head set."""
+    head = spec.head_set_of(unit[0])
+    present = [g for g in unit if g in crosses]
+    if head is None:
+        return {g: procrustes(crosses[g]) for g in present}
+    heads_a, heads_b = head.num_heads, target_num_heads or head.num_heads
+    score = torch.zeros(heads_a, heads_b, dtype=torch.float64)
+    blocks = {}
+    for g in present:
+        d_a, d_b = crosses[g].shape
+        if d_a % heads_a or d_b % heads_b:
+            raise ConfigError(
+                f"space {g!r}: widths {d_a}, {d_b} do not split into {heads_a}, {heads_b} heads"
+            )
+        blocks[g] = crosses[g].reshape(heads_a, d_a // heads_a, heads_b, d_b // heads_b).transpose(1, 2)
+        score += torch.linalg.matrix_norm(blocks[g], ord="nuc")
+    rows, cols = linear_sum_assignment(score.numpy(), maximize=True)
+    out = {}
+    for g in present:
+        t = torch.zeros_like(crosses[g])
+        ha, hb = blocks[g].shape[2:]
+        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+            t[r * ha : (r + 1) * ha, c * hb : (c + 1) * hb] = procrustes(blocks[g][r, c])
+        out[g] = t
+    return out
+
+
+def theseus_transforms(
+    stats: Mapping[str, CrossStats],
+    spec: PermutationSpec,
+    *,
+    whiten: float = 0.0,
+    eps: float = 1e-8,
+    target_num_heads: int | None = None,
+) -> dict[str, Tensor]:
+    """``{space: T_s}`` with ``T_s = U Vᵀ`` from ``G_A^{−p} C_s G_B^{−p} = U Σ Vᵀ`` (``p = whiten``).
+
+    ``stats`` maps each space to its pooled statistics (:func:`space_statistics`). Head-split
+    spaces are solved per matched head (``target_num_heads`` when B has another head count).
+    """
+    unknown = [g for g in stats if g not in spec.groups]
+    if unknown:
+        raise ConfigError(f"statistics for spaces not in the spec: {unknown}")
+    crosses = {g: whitened_cross(s, whiten, eps) for g, s in stats.items()}
+    transforms: dict[str, Tensor] = {}
+    for unit in _units(spec, crosses):
+        transforms.update(_solve(unit, crosses, spec, target_num_heads))
+    return transforms
+
+
+def _contract(t: Tensor, axis: int, transform: Tensor) -> Tensor:
+    """``t'[…, j, …] = Σ_i t[…, i, …] T[i, j]`` along ``axis``."""
+    return torch.tensordot(t, transform, dims=([axis], [0])).movedim(-1, axis)
+
+
+def apply_transforms(
+    tensors: Mapping[str, Tensor], transforms: Mapping[str, Tensor], spec: PermutationSpec
+) -> dict[str, Tensor]:
+    """Every axis in space ``s`` contracted with ``T_s``: ``W_B = T_outᵀ W_A T_in``, ``b_B = T_sᵀ b_A``.
+
+    Embeddings become ``E_B = E_A T_s``. Computed in float64, cast back to each tensor's dtype;
+    tensors outside the spec pass through.
+    """
+    out = {}
+    for name, t in tensors.items():
+        axes = spec.axes_of(name)
+        if not axes:
+            out[name] = t
+            continue
+        work = t.double()
+        for axis, space in axes.items():
+            module = name.rpartition(".")[0] or name
+            if space not in transforms:
+                raise ConfigError(f"{name} (module {module}): no transform for space {space!r}")
+            transform = transforms[space].to(work.device)
+            if work.shape[axis] != transform.shape[0]:
+                raise MismatchError(
+                    f"{name} (module {module}): axis {axis} has width {work.shape[axis]}, but space "
+                    f"{space!r} maps width {transform.shape[0]} to {transform.shape[1]}"
+                )
+            work = _contract(work, axis, transform)
+        out[name] = work.to(t.dtype)
+    return out
+
+
+def spec_sites(model: nn.Module, spec: PermutationSpec) -> dict[str, list[Site]]:
+    """``{space: [sites]}``: where each space's activations can be observed in ``model``.
+
+    ``nn.Linear`` weight axis 0 → its output, axis 1 → its input; ``nn.Embedding`` axis 1 → its
+    output; a norm layer's weight → its output. Only ``*.weight`` entries name sites.
+    """
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
+    sites: dict[str, list[Site]] = {}
+    for space, axes in spec.groups.items():
+        found: list[Site] = []
+        for tensor, axis in axes:
+            module_name, _, leaf = tensor.rpartition(".")
+            if leaf != "weight":
+                continue
+            try:
+                module = model.get_submodule(module_name)
+            except AttributeError as exc:
+                raise ConfigError(f"module {module_name!r} (space {space!r}) not found in the model") from exc
+            if isinstance(module, nn.Linear):
+                found.append(Site(module_name, "output" if axis == 0 else "input"))
+            elif (isinstance(module, nn.Embedding) and axis == 1) or (
+                isinstance(module, norms) and axis == 0
+            ):
+                found.append(Site(module_name, "output"))
+            else:
+                raise ConfigError(
+                    f"module {module_name!r} ({type(module).__name__}, space {space!r}): Theseus records "
+                    "nn.Linear, nn.Embedding and norm layers"
+                )
+        if not found:
+            raise ConfigError(f"space {space!r} has no module whose activations can be recorded")
+        sites[space] = list(dict.fromkeys(found))
+    return sites
+
+
+def space_statistics(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    batches: Iterable[Any],
+    spec: PermutationSpec,
+    forward_fn: ForwardFn | None = None,
+    *,
+    forward_fn_b: ForwardFn | None = None,
+    token_mask: TokenMask | None = attention_mask_of,
+) -> dict[str, CrossStats]:
+    """Per space, ``C_s = Σ_sites Σ_tokens X_Aᵀ X_B`` and the Gram matrices, both models in lockstep.
+
+    Every site of a space must have the same width within a model, else a :class:`MismatchError`
+    names the module.
+    """
+    sites = spec_sites(model_a, spec)
+    per_site = cross_statistics(
+        model_a,
+        model_b,
+        batches,
+        [s for group in sites.values() for s in group],
+        forward_fn,
+        forward_fn_b=forward_fn_b,
+        token_mask=token_mask,
+    )
+    pooled: dict[str, CrossStats] = {}
+    for space, group in sites.items():
+        for site in group:
+            stats = per_site[site]
+            if space in pooled and pooled[space].widths != stats.widths:
+                raise MismatchError(
+                    f"module {site.module!r} ({site.kind}) has widths {stats.widths} (A, B), but space "
+                    f"{space!r} has {pooled[space].widths}"
+                )
+            pooled[space] = pooled[space] + stats if space in pooled else stats
+    return pooled
+
+
+def theseus_task_vector(
+    tau_a: Mapping[str, Tensor],
+    stats: Mapping[str, CrossStats],
+    spec: PermutationSpec,
+    *,
+    whiten: float = 0.0,
+    eps: float = 1e-8,
+    target_num_heads: int | None = None,
+) -> TaskVector:
+    """Theseus: ``ΔW_B = T_outᵀ ΔW_A T_in``, ``Δb_B = T_sᵀ Δb_A``, ``ΔE_B = ΔE_A T_s`` with data-driven ``T``.
+
+    ``stats`` from :func:`space_statistics`; ``whiten`` is the partial-whitening power ``p``.
+    """
+    transforms = theseus_transforms(stats, spec, whiten=whiten, eps=eps, target_num_heads=target_num_heads)
+    return TaskVector(apply_transforms(tau_a, transforms, spec))
+
+
+def theseus_from_models(
+    tau_a: Mapping[str, Tensor],
+    model_a: nn.Module,
+    model_b: nn.Module,
+    batches: Iterable[Any],
+    spec: PermutationSpec | None = None,
+    *,
+    forward_fn: ForwardFn | None = None,
+    whiten: float = 0.0,
+    eps: float = 1e-8,
+    token_mask: TokenMask | None = attention_mask_of,
+) -> TaskVector:
+    """Theseus in one call: record ``C_s`` of A and B on ``batches``, then ``τ_B = T(τ_A)``.
+
+    ``spec`` defaults to :func:`~gradfix.rebasin.spec_for_module` of A; B's head count is read
+    from ``model_b.config.num_attention_heads`` when it has one.
+    """
+    spec = spec or spec_for_module(model_a)
+    heads = getattr(getattr(model_b, "config", None), "num_attention_heads", None)
+    stats = space_statistics(model_a, model_b, batches, spec, forward_fn, token_mask=token_mask)
+    return theseus_task_vector(tau_a, stats, spec, whiten=whiten, eps=eps, target_num_heads=heads)
+
+
+def weight_statistics(
+    source: Mapping[str, Tensor],
+    target: Mapping[str, Tensor],
+    spec: PermutationSpec,
+    space: str,
+    transforms: Mapping[str, Tensor],
+) -> CrossStats | None:
+    """Weights standing in for activations: ``C_s = Σ_{(W, axis) ∈ s} X_Aᵀ X_B``.
+
+    ``X_A`` is ``W_A`` with every other axis mapped into B's coordinates by its current ``T`` and
+    ``axis`` last, flattened to ``[rows, d_A]``; ``X_B`` is ``W_B`` alike. For a linear layer this is
+    ``C_in = W_Aᵀ T_out W_B`` and ``C_out = W_A T_in W_Bᵀ``; biases and norm vectors give ``b_A b_Bᵀ``,
+    embeddings ``E_Aᵀ E_B``. Terms whose other axes have no ``T`` yet are skipped (``None`` if all are).
+    """
+    total: CrossStats | None = None
+    for tensor, axis in spec.groups[space]:
+        w_a: Tensor | None = source[tensor].double()
+        for other, group in spec.axes_of(tensor).items():
+            if other != axis and w_a is not None:
+                w_a = _contract(w_a, other, transforms[group]) if group in transforms else None
+        if w_a is None:
+            continue
+        x_a = w_a.movedim(axis, -1).reshape(-1, w_a.shape[axis])
+        w_b = target[tensor].double()
+        x_b = w_b.movedim(axis, -1).reshape(-1, w_b.shape[axis])
+        if x_a.shape[0] != x_b.shape[0]:
+            shapes = f"{list(source[tensor].shape)} (source) and {list(w_b.shape)} (target)"
+            raise MismatchError(f"{tensor}: shapes {shapes} differ outside the spec's spaces")
+        stats = CrossStats.from_rows(x_a, x_b)
+        total = stats if total is None else total + stats
+    return total
+
+
+def data_free_transforms(
+    source: Mapping[str, Tensor],
+    target: Mapping[str, Tensor],
+    spec: PermutationSpec,
+    *,
+    rounds: int = 5,
+    whiten: float = 0.0,
+    eps: float = 1e-8,
+    target_num_heads: int | None = None,
+    tol: float = 1e-6,
+) -> dict[str, Tensor]:
+    """Data-free ``T_s = procrustes(G_A^{−p} C_s G_B^{−p})`` with ``C_s`` from :func:`weight_statistics`.
+
+    Spaces are solved one after the other, each with the other spaces' current maps (unknown ones
+    left out: the first pass is anchored by the fixed inputs and outputs and by embeddings), in spec
+    order and then in reverse, alternately, for up to ``rounds`` passes or until no map moves by more
+    than ``tol``.
+    """
+    spec = present_spec(spec, source, target, same_shapes=False)
+    transforms: dict[str, Tensor] = {}
+    units = _units(spec, spec.groups)
+    for sweep in range(rounds):
+        change = 0.0
+        for unit in units if sweep % 2 == 0 else units[::-1]:
+            stats = {
+                g: s
+                for g in unit
+                if (s := weight_statistics(source, target, spec, g, transforms)) is not None
+            }
+            crosses = {g: whitened_cross(s, whiten, eps) for g, s in stats.items()}
+            for g, t in _solve(unit, crosses, spec, target_num_heads).items():
+                old = transforms.get(g)
+                change = max(change, float("inf") if old is None else float((t - old).abs().max()))
+                transforms[g] = t
+        if change <= tol:
+            break
+    unsolved = [g for g in spec.groups if g not in transforms]
+    if unsolved:
+        raise ConfigError(
+            f"spaces {unsolved} are not connected to any fixed axis; cannot solve them from weights"
+        )
+    return transforms
+
+
+def theseus_data_free_task_vector(
+    tau_a: Mapping[str, Tensor],
+    source_base: Mapping[str, Tensor],
+    target_base: Mapping[str, Tensor],
+    spec: PermutationSpec | None = None,
+    *,
+    num_heads: int | None = None,
+    target_num_heads: int | None = None,
+    rounds: int = 5,
+    whiten: float = 0.0,
+) -> TaskVector:
+    """Data-free Theseus: ``τ_B = T(τ_A)`` with ``T`` from :func:`data_free_transforms` of the two bases.
+
+    ``spec`` defaults to :func:`~gradfix.rebasin.spec_for_state_dict` of the source base
+    (``num_heads`` for BERT-like models).
+    """
+    if spec is None:
+        spec = spec_for_state_dict(source_base, num_heads=num_heads)
+    transforms = data_free_transforms(
+        source_base, target_base, spec, rounds=rounds, whiten=whiten, target_num_heads=target_num_heads
+    )
+    return TaskVector(apply_transforms(tau_a, transforms, spec))
