@@ -74,3 +74,28 @@ def test_unknown_mask_and_shape_errors() -> None:
         apply_mask("nope", TAU, REF)
     with pytest.raises(ValueError, match="shape mismatch"):
         agreement_mask(TAU, REF[:3])
+
+
+def test_vote_margin_gate_spans_gradfix_and_naive() -> None:
+    from gradfix.ops import vote_margin_gate
+
+    tau = torch.tensor([0.5, -0.2, 0.3, -0.4, 0.1, 0.2])
+    margin = torch.tensor([0.6, 0.2, -0.2, -1.0, 0.0, -0.6])  # v / n
+    # opposition −sign(τ)·μ = [−0.6, 0.2, 0.2, −1.0, 0.0, 0.6]
+    assert vote_margin_gate(tau, margin, 0.0).tolist() == agreement_mask(tau, torch.sign(margin)).tolist()
+    assert vote_margin_gate(tau, margin, 0.3).tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    assert vote_margin_gate(tau, margin, 0.1).tolist() == [1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
+    assert vote_margin_gate(tau, margin, 1.01).tolist() == [1.0] * 6
+    gated = apply_mask("gate", tau, torch.sign(margin), margin, threshold=0.1)
+    assert gated.tolist() == pytest.approx([0.5, 0.0, 0.0, -0.4, 0.1, 0.0])
+
+
+def test_confidence_weight_is_the_share_of_agreeing_votes() -> None:
+    from gradfix.ops import confidence_weight
+
+    tau = torch.tensor([0.5, -0.2, 0.3, 0.1])
+    margin = torch.tensor([1.0, 0.5, 0.0, -1.0])
+    assert confidence_weight(tau, margin).tolist() == pytest.approx([1.0, 0.25, 0.5, 0.0])
+    assert apply_mask("confidence", tau, torch.sign(margin), margin).tolist() == pytest.approx(
+        [0.5, -0.05, 0.15, 0.0]
+    )

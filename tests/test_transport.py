@@ -192,3 +192,20 @@ def test_sign_agreement() -> None:
     a = {"w": torch.tensor([1.0, -1.0, 2.0, 0.0])}
     b = {"w": torch.tensor([3.0, 1.0, 1.0, 5.0])}
     assert sign_agreement(a, b) == {"w": pytest.approx(2 / 3)}
+
+
+def test_gate_from_votes_uses_the_vote_margin() -> None:
+    from gradfix import SignVotes
+
+    tau = TaskVector({"w": torch.tensor([0.5, -0.2, 0.3, 0.1])})
+    votes = SignVotes(
+        {"w": torch.tensor([3, 1, -1, -5], dtype=torch.int8)}, {"w": torch.zeros(4)}, 5, hits={"w": 5}
+    )
+    # margins v/n = [0.6, 0.2, −0.2, −1.0]; opposition = [−0.6, 0.2, 0.2, 1.0]
+    assert mask_task_vector(tau, votes, "gate", threshold=0.0)["w"].tolist() == pytest.approx([0.5, 0, 0, 0])
+    assert mask_task_vector(tau, votes, "gate", threshold=0.5)["w"].tolist() == pytest.approx(
+        [0.5, -0.2, 0.3, 0.0]
+    )
+    assert torch.equal(
+        mask_task_vector(tau, votes, "gate", threshold=0.0)["w"], mask_task_vector(tau, votes)["w"]
+    )

@@ -44,6 +44,18 @@ def reference_values(reference: Reference) -> dict[str, Tensor]:
     return {n: t.to(torch.float32) if not t.is_floating_point() else t for n, t in reference.items()}
 
 
+def reference_margins(reference: Reference) -> dict[str, Tensor]:
+    """Vote margins ``μ = v / n`` in [−1, 1] (gate and confidence masks).
+
+    Majority votes → their vote sums over the sample count; mean-estimator votes and oracle task
+    vectors → their signs (a unanimous vote).
+    """
+    if isinstance(reference, SignVotes) and reference.counts and reference.num_samples:
+        n = float(reference.num_samples)
+        return {name: c.to(torch.float32) / n for name, c in reference.counts.items()}
+    return {n: s.to(torch.float32) for n, s in reference_signs(reference).items()}
+
+
 def _seeded_generator(seed: int, name: str) -> torch.Generator:
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
@@ -57,12 +69,15 @@ def mask_task_vector(
     gamma: float = 1.0,
     seed: int = 0,
     unvoted: str = "error",
+    threshold: float = 0.3,
 ) -> TaskVector:
     """Mask every tensor of ``τ_A`` against a reference: ``m ⊙ τ_A`` (or the strategy's ``τ'``).
 
     ``mask`` is one of ``agreement`` (GradFix, Eq. 4), ``forcing`` (Eq. 11), ``magnitude``
-    (Eq. 12), ``random`` (ablation, seeded per tensor from ``seed`` and its name) or ``none``
-    (naive transport: ``τ_A`` unchanged, no reference needed).
+    (Eq. 12), ``random`` (ablation, seeded per tensor from ``seed`` and its name), ``gate``
+    (drop only where the votes oppose ``τ_A``'s sign by a margin of at least ``threshold``),
+    ``confidence`` (weight by the share of agreeing votes) or ``none`` (naive transport:
+    ``τ_A`` unchanged, no reference needed).
 
     ``unvoted`` says what happens to a tensor of ``τ_A`` that the reference does not cover (not in
     it, or, for votes, a tensor that received no gradient): ``error`` (default) raises one error
@@ -79,7 +94,12 @@ def mask_task_vector(
     if reference is None:
         raise ConfigError(f"the {mask!r} mask needs a reference (sign votes or an oracle task vector)")
     signs = reference_signs(reference)
-    values = reference_values(reference) if mask == "magnitude" else {}
+    if mask == "magnitude":
+        values = reference_values(reference)
+    elif mask in ("gate", "confidence"):
+        values = reference_margins(reference)
+    else:
+        values = {}
     silent = set(reference.untouched()) if isinstance(reference, SignVotes) else set()
     covered = [n for n in tau if n in signs and n not in silent]
     check_same_architecture(
@@ -103,7 +123,9 @@ def mask_task_vector(
     for name, t in tau.items():
         if name in covered:
             generator = _seeded_generator(seed, name) if mask == "random" else None
-            out[name] = apply_mask(mask, t, signs[name], values.get(name), gamma=gamma, generator=generator)
+            out[name] = apply_mask(
+                mask, t, signs[name], values.get(name), gamma=gamma, generator=generator, threshold=threshold
+            )
         elif unvoted == "keep":
             out[name] = t
         else:

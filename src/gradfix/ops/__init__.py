@@ -4,9 +4,11 @@ from gradfix.ops.masks import (
     MASKS,
     agreement_mask,
     apply_mask,
+    confidence_weight,
     magnitude_scaled_mask,
     random_sign_task_vector,
     sign_forcing,
+    vote_margin_gate,
 )
 from gradfix.ops.merging import (
     disjoint_mean,
@@ -28,6 +30,7 @@ __all__ = [
     "MASKS",
     "agreement_mask",
     "apply_mask",
+    "confidence_weight",
     "consensus_sign",
     "count_dtype",
     "disjoint_mean",
@@ -42,4 +45,5 @@ __all__ = [
     "task_arithmetic",
     "ties_merge",
     "trim",
+    "vote_margin_gate",
 ]

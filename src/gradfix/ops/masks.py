@@ -51,6 +51,29 @@ def random_sign_task_vector(tau: Tensor, generator: torch.Generator) -> Tensor:
     return tau.abs() * (bits * 2 - 1).to(tau.dtype)
 
 
+def vote_margin_gate(tau: Tensor, margin: Tensor, threshold: float) -> Tensor:
+    """Vote-margin gate: ``m_i = 1[ −sign(τ_i) · μ_i < t ]`` with ``μ_i = v_i / n`` the vote margin.
+
+    ``v_i = Σ_j sign(−g_i^(j))`` over ``n`` samples, so ``−sign(τ_i) μ_i`` is the net share of
+    votes *against* ``τ_i``'s sign. A coordinate is dropped only when the opposition reaches the
+    share ``t``: ``t = 0`` is GradFix's agreement mask (ties dropped), ``t > 1`` keeps everything
+    (naive addition), values between trade the two. Returns a 0/1 tensor of ``tau``'s dtype.
+    """
+    _check_same_shape(tau, margin)
+    opposition = -torch.sign(tau).to(torch.float32) * margin.to(torch.float32)
+    return (opposition < threshold).to(tau.dtype)
+
+
+def confidence_weight(tau: Tensor, margin: Tensor) -> Tensor:
+    """Confidence weighting: ``w_i = (1 + sign(τ_i) · μ_i) / 2`` with ``μ_i = v_i / n``.
+
+    The share of votes agreeing with ``τ_i``'s sign, counting a missing vote as half: 1 when every
+    sample agrees, 1/2 on a tie, 0 when every sample opposes.
+    """
+    _check_same_shape(tau, margin)
+    return ((1 + torch.sign(tau).to(torch.float32) * margin.to(torch.float32)) / 2).to(tau.dtype)
+
+
 def _rms(x: Tensor) -> Tensor:
     value = x.pow(2).mean().sqrt()
     return value if value > 0 else torch.ones((), dtype=x.dtype)
@@ -66,6 +89,8 @@ MASKS: dict[str, str] = {
     "forcing": "give |τ_A| the reference sign (Eq. 11)",
     "magnitude": "soft mask max(0, tanh(γ·τ̃·r̃)) from a real-valued reference (Eq. 12)",
     "random": "|τ_A| with uniformly random signs (ablation)",
+    "gate": "drop τ_A only where the votes oppose its sign by a margin ≥ t (t=0: GradFix, t>1: naive)",
+    "confidence": "weight τ_A by the share of votes agreeing with its sign",
 }
 """Names of the mask strategies accepted by :func:`apply_mask`, with a one-line description."""
 
@@ -78,6 +103,7 @@ def apply_mask(
     *,
     gamma: float = 1.0,
     generator: torch.Generator | None = None,
+    threshold: float = 0.3,
 ) -> Tensor:
     """Return the masked task vector ``τ'`` of one tensor for the strategy ``name``.
 
@@ -85,7 +111,13 @@ def apply_mask(
     - ``forcing``: ``|τ| ⊙ r``;
     - ``magnitude``: ``m ⊙ τ`` with ``m`` from :func:`magnitude_scaled_mask` on ``reference_value``
       (falls back to ``reference_sign`` when no real-valued reference is given);
-    - ``random``: ``|τ| ⊙ s`` with ``s`` random signs drawn from ``generator``.
+    - ``random``: ``|τ| ⊙ s`` with ``s`` random signs drawn from ``generator``;
+    - ``gate``: ``m ⊙ τ`` with ``m`` from :func:`vote_margin_gate` on the vote margin
+      ``reference_value`` and ``threshold``;
+    - ``confidence``: ``w ⊙ τ`` with ``w`` from :func:`confidence_weight` on the vote margin.
+
+    For ``gate`` and ``confidence`` ``reference_value`` is the vote margin ``v / n`` in [−1, 1]
+    (without it, the reference sign stands in: a unanimous vote).
     """
     if name == "agreement":
         return agreement_mask(tau, reference_sign) * tau
@@ -94,6 +126,11 @@ def apply_mask(
     if name == "magnitude":
         ref = reference_value if reference_value is not None else reference_sign.to(tau.dtype)
         return magnitude_scaled_mask(tau, ref, gamma) * tau
+    if name in ("gate", "confidence"):
+        margin = reference_value if reference_value is not None else reference_sign.to(torch.float32)
+        if name == "gate":
+            return vote_margin_gate(tau, margin, threshold) * tau
+        return confidence_weight(tau, margin) * tau
     if name == "random":
         if generator is None:
             raise ValueError("the random mask needs a seeded torch.Generator")
