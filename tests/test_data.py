@@ -139,7 +139,7 @@ def test_sample_shots_errors():
         sample_shots(pool, shots=3, seed=0)
     with pytest.raises(DataError, match="positive integer"):
         sample_shots(pool, shots=0, seed=0)
-    with pytest.raises(DataError, match=r"example 1 .*label 'z'"):
+    with pytest.raises(DataError, match=r"example 1: label 'z'"):
         sample_shots(pool, shots=1, seed=0, labels=["a"])
     with pytest.raises(DataError, match=r"'q' has 0"):
         sample_shots(pool, shots=1, seed=0, labels=["a", "z", "q"])
@@ -150,3 +150,46 @@ def test_batched():
     assert list(batched([], 2)) == []
     with pytest.raises(ConfigError):
         list(batched([1], 0))
+
+
+def test_examples_remember_their_line(tmp_path):
+    jsonl = _write(tmp_path / "d.jsonl", '\n{"text": "a", "label": "x"}\n\n{"text": "b", "label": "y"}\n')
+    assert [ex.line for ex in load_examples(jsonl)] == [2, 4]
+    csv_path = _write(tmp_path / "d.csv", 'text,label\n"two\nlines",a\nok,b\n')
+    assert [ex.line for ex in load_examples(csv_path)] == [3, 4]
+    assert Example("a", "x", line=3) == Example("a", "x")  # the line is provenance, not identity
+
+
+def test_parse_shots_accepts_positive_integers_and_all():
+    from gradfix.data import parse_shots
+
+    assert parse_shots(3) == 3 and parse_shots("4") == 4 and parse_shots(" ALL ") == "all"
+    for bad in (0, -1, "0", "two", True, 1.5, None):
+        with pytest.raises(ConfigError, match="positive integer or 'all'"):
+            parse_shots(bad)
+
+
+def test_all_shots_keep_file_order_and_errors_name_the_file(tmp_path):
+    path = _write(
+        tmp_path / "d.jsonl",
+        "".join(json.dumps({"text": f"t{i}", "label": "ab"[i % 2]}) + "\n" for i in range(5)),
+    )
+    examples = load_examples(path)
+    assert sample_shots(examples, "all", seed=0) == examples
+    with pytest.raises(DataError, match=rf"{path}: 3 shot\(s\) per class requested but 'b' has 2"):
+        sample_shots(examples, 3, seed=0, source=path)
+    with pytest.raises(DataError, match=rf"{path}, line 2: label 'b' .* not in the labels \['a'\]"):
+        sample_shots(examples, 1, seed=0, labels=["a"], source=path)
+
+
+def test_unknown_labels_name_the_first_row_and_count_all(tmp_path):
+    from gradfix.data import check_known_labels
+
+    path = _write(tmp_path / "d.csv", "text,label\nhi,a\nyo,c\nhey,d\nho,c\n")
+    examples = load_examples(path)
+    check_known_labels(examples, ["a", "c", "d"], path)
+    with pytest.raises(DataError) as info:
+        check_known_labels(examples, ["a"], path, "the head of B")
+    message = str(info.value)
+    assert message.startswith(f"{path}, line 3: label 'c' (text 'yo') is not in the head of B ['a']")
+    assert "'c' (2 rows), 'd' (1 row)" in message

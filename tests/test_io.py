@@ -474,3 +474,85 @@ def test_copy_model_files(tmp_path: Path) -> None:
         assert not (dst / rel).exists()
     assert copy_model_files(src / "config.json", tmp_path / "other") == []
     assert not (tmp_path / "other").exists()
+
+
+# --- malformed files and failed writes --------------------------------------------------------
+
+
+def test_safetensors_header_is_checked_before_the_library_reads_it(tmp_path: Path) -> None:
+    import struct
+
+    cases = {
+        "short.safetensors": (b"\x02\x00", r"only 2 bytes"),
+        "long.safetensors": (
+            struct.pack("<Q", 999) + b"{}" + b" " * 6,
+            r"claims 999 bytes but the file has 16",
+        ),
+        "text.safetensors": (struct.pack("<Q", 8) + b"[1,2,3] ", r"header is not a JSON object"),
+    }
+    for name, (data, pattern) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError, match=rf"{name}: not a valid safetensors file \(.*{pattern}"):
+            open_checkpoint(tmp_path / name)
+    huge = tmp_path / "huge.safetensors"
+    with open(huge, "wb") as handle:  # sparse: no disk space used
+        handle.write(struct.pack("<Q", 150_000_000) + b"{")
+        handle.truncate(150_000_100)
+    with pytest.raises(CheckpointError, match=r"huge\.safetensors.*exceeds the 100000000-byte limit"):
+        open_checkpoint(huge)
+
+
+def test_sparse_tensors_in_pytorch_files_are_refused(tmp_path: Path) -> None:
+    torch.save({"dense": torch.ones(2), "w": torch.eye(3).to_sparse()}, tmp_path / "sparse.bin")
+    with pytest.raises(CheckpointError, match=r"sparse\.bin: tensor 'w' is torch\.sparse_coo.*dense tensors"):
+        load_state_dict(tmp_path / "sparse.bin")
+
+
+def test_failed_writes_leave_nothing_and_name_the_destination(tmp_path: Path) -> None:
+    import errno
+
+    from gradfix.errors import OutputError
+    from gradfix.io import atomic_output_file, check_output_free
+
+    dest = tmp_path / "votes.safetensors"
+    full = pytest.raises(OutputError, match=r"votes\.safetensors: cannot write the file \(No space left")
+    with full, atomic_output_file(dest) as tmp:
+        tmp.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_output_file(dest) as tmp:
+        tmp.write_bytes(b"done")
+    assert dest.read_bytes() == b"done" and list(tmp_path.iterdir()) == [dest]
+    with pytest.raises(ConfigError, match=r"votes\.safetensors: .*--overwrite"):
+        check_output_free(dest)
+    with pytest.raises(ConfigError, match="--overwrite"), atomic_output_file(dest):
+        pass
+    assert dest.read_bytes() == b"done"
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    blocked = pytest.raises(OutputError, match=r"file/deeper: cannot create the output's folder")
+    with blocked, atomic_output_dir(blocker / "deeper" / "out"):
+        pass
+    full = pytest.raises(OutputError, match=r"out: cannot write it \(No space left on device\); nothing")
+    with full, atomic_output_dir(tmp_path / "new" / "out") as tmp:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "votes.safetensors"]
+
+
+def test_copying_model_files_onto_a_full_disk_is_an_output_error(tmp_path: Path, monkeypatch) -> None:
+    import errno
+    import shutil
+
+    from gradfix.errors import OutputError
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copy2", full)
+    with pytest.raises(OutputError, match=r"cannot copy .*config\.json \(No space left on device\)"):
+        copy_model_files(src, tmp_path / "dst")

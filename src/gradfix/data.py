@@ -6,7 +6,7 @@ import csv
 import json
 import random
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,17 +18,23 @@ _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _CSV_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 
 
+ALL_SHOTS = "all"
+
+
 @dataclass(frozen=True)
 class Example:
-    """One labelled example: the input ``text`` and its class name ``label``."""
+    """One labelled example: the input ``text``, its class name ``label`` and where it was read.
+
+    ``line`` is the 1-based line of the data file the example ends on (0 when it was not read
+    from a file); it is not part of equality or hashing.
+    """
 
     text: str
     label: str
+    line: int = field(default=0, compare=False)
 
 
-def load_examples(
-    path: str | Path, text_field: str = "text", label_field: str = "label"
-) -> list[Example]:
+def load_examples(path: str | Path, text_field: str = "text", label_field: str = "label") -> list[Example]:
     """Read labelled examples from a JSON-lines (``.jsonl``/``.json``) or CSV/TSV file.
 
     JSON lines: one object per line, blank lines skipped. CSV (``.csv``) and TSV (``.tsv``) need a
@@ -58,18 +64,14 @@ def load_examples(
     return examples
 
 
-def _field_value(
-    record: dict[Any, Any], field: str, where: str, kind: str, allow_int: bool
-) -> str:
+def _field_value(record: dict[Any, Any], field: str, where: str, kind: str, allow_int: bool) -> str:
     """The stripped string value of ``field`` in ``record``, or a DataError located at ``where``."""
     if field not in record or record[field] is None:
         raise DataError(f"{where}: missing {kind} field {field!r}")
     value = record[field]
     if isinstance(value, bool) or not isinstance(value, (str, int) if allow_int else str):
         wanted = "a string or an integer" if allow_int else "a string"
-        raise DataError(
-            f"{where}: {kind} field {field!r} must be {wanted}, got {type(value).__name__}"
-        )
+        raise DataError(f"{where}: {kind} field {field!r} must be {wanted}, got {type(value).__name__}")
     text = str(value)
     if not text.strip():
         raise DataError(f"{where}: empty {kind} field {field!r}")
@@ -91,13 +93,16 @@ def _load_jsonl(path: Path, text_field: str, label_field: str) -> list[Example]:
                     f"{where}: invalid JSON ({exc.msg}, column {exc.colno}); "
                     "expected one JSON object per line"
                 ) from exc
-            if not isinstance(record, dict):
+            except (ValueError, RecursionError) as exc:  # e.g. huge integers, deep nesting
+                reason = " ".join(str(exc).split())[:120] or type(exc).__name__
                 raise DataError(
-                    f"{where}: expected a JSON object, got {type(record).__name__}"
-                )
+                    f"{where}: invalid JSON ({reason}); expected one JSON object per line"
+                ) from exc
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
             text = _field_value(record, text_field, where, "text", allow_int=False)
             label = _field_value(record, label_field, where, "label", allow_int=True)
-            examples.append(Example(text=text, label=label))
+            examples.append(Example(text=text, label=label, line=lineno))
     return examples
 
 
@@ -128,7 +133,7 @@ def _load_csv(path: Path, text_field: str, label_field: str, delimiter: str) -> 
             where = f"{path}, line {reader.line_num}"
             text = _field_value(row, text_field, where, "text", allow_int=False)
             label = _field_value(row, label_field, where, "label", allow_int=False)
-            examples.append(Example(text=text, label=label))
+            examples.append(Example(text=text, label=label, line=reader.line_num))
     return examples
 
 
@@ -137,38 +142,97 @@ def label_set(examples: Iterable[Example]) -> list[str]:
     return sorted({ex.label for ex in examples})
 
 
+def parse_shots(value: object) -> int | str:
+    """Validate a ``shots`` setting: a positive integer, or ``"all"`` (every example, in file order).
+
+    Accepts ints and strings (``"3"``, ``"all"``, any case); raises :class:`ConfigError` otherwise.
+    """
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == ALL_SHOTS:
+            return ALL_SHOTS
+        if text.isdigit() and int(text) > 0:
+            return int(text)
+    elif isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    raise ConfigError(f"shots must be a positive integer or '{ALL_SHOTS}', got {value!r}")
+
+
+def _where(source: str | Path | None, example: Example, position: int) -> str:
+    """``"file, line N"`` for an example read from a file, else ``"example N"``."""
+    if source is not None and example.line:
+        return f"{source}, line {example.line}"
+    prefix = f"{source}: " if source is not None else ""
+    return f"{prefix}example {position}"
+
+
+def check_known_labels(
+    examples: Sequence[Example],
+    labels: Sequence[str],
+    source: str | Path | None = None,
+    owner: str = "the label set",
+) -> None:
+    """Raise :class:`DataError` if an example's label is not in ``labels``.
+
+    The one-line message names the first offending row (file and line when known) and lists
+    every unknown label with how many rows carry it. ``owner`` says whose label set it is
+    (e.g. a model's head).
+    """
+    known = set(labels)
+    bad = [(i, ex) for i, ex in enumerate(examples, start=1) if ex.label not in known]
+    if not bad:
+        return
+    position, first = bad[0]
+    counts: dict[str, int] = {}
+    for _, ex in bad:
+        counts[ex.label] = counts.get(ex.label, 0) + 1
+    listed = ", ".join(f"{label!r} ({n} row{'s' if n > 1 else ''})" for label, n in list(counts.items())[:10])
+    raise DataError(
+        f"{_where(source, first, position)}: label {first.label!r} (text {_preview(first.text)}) is not "
+        f"in {owner} {sorted(known)}; unknown labels: {listed}"
+    )
+
+
 def sample_shots(
     examples: Sequence[Example],
-    shots: int,
+    shots: int | str,
     seed: int,
     labels: Sequence[str] | None = None,
+    source: str | Path | None = None,
 ) -> list[Example]:
     """Draw ``shots`` examples per class, deterministically from ``random.Random(seed)``.
 
     Classes are ``labels`` in the given order, or the sorted labels of ``examples``. The result
     lists the classes in that order, and within a class the examples in draw order; the same
-    inputs and seed always give the same list. Raises :class:`DataError` if ``shots < 1``, if an
-    example's label is not in ``labels``, or if a class has fewer than ``shots`` examples.
+    inputs and seed always give the same list. ``shots="all"`` returns every example in the
+    given order (no draw), so that votes over disjoint parts of a data set add up to the votes
+    over all of it. ``source`` (the data file) is named in error messages. Raises
+    :class:`DataError` if ``shots`` is not a positive integer or ``"all"``, if an example's label
+    is not in ``labels``, or if a class has fewer than ``shots`` examples.
     """
-    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
-        raise DataError(f"shots must be a positive integer, got {shots!r}")
+    try:
+        shots = parse_shots(shots)
+    except ConfigError as exc:
+        raise DataError(str(exc)) from None
     classes = list(dict.fromkeys(labels)) if labels is not None else label_set(examples)
+    check_known_labels(examples, classes, source, "the labels")
+    if shots == ALL_SHOTS:
+        return list(examples)
+    count = int(shots)
     pools: dict[str, list[Example]] = {name: [] for name in classes}
-    for position, ex in enumerate(examples, start=1):
-        if ex.label not in pools:
-            raise DataError(
-                f"example {position} (text {_preview(ex.text)}) has label {ex.label!r}, "
-                f"which is not one of the labels {classes}"
-            )
+    for ex in examples:
         pools[ex.label].append(ex)
-    short = [(name, len(pool)) for name, pool in pools.items() if len(pool) < shots]
+    short = [(name, len(pool)) for name, pool in pools.items() if len(pool) < count]
     if short:
         detail = ", ".join(f"{name!r} has {count}" for name, count in short)
-        raise DataError(f"{shots} shot(s) per class requested but {detail}")
+        prefix = f"{source}: " if source is not None else ""
+        raise DataError(
+            f"{prefix}{count} shot(s) per class requested but {detail}; lower --shots or add examples"
+        )
     rng = random.Random(seed)
     drawn: list[Example] = []
     for name in classes:
-        drawn.extend(rng.sample(pools[name], shots))
+        drawn.extend(rng.sample(pools[name], count))
     return drawn
 
 

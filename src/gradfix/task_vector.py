@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from gradfix.checks import check_same_architecture, select_names
+from gradfix.checks import FiniteCheck, check_same_architecture, select_names
 from gradfix.errors import CheckpointError, MismatchError
 
 _KIND = "gradfix.task_vector"
@@ -19,6 +19,22 @@ _KIND = "gradfix.task_vector"
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp16/bf16 inputs are computed in fp32; fp32/fp64 stay as they are."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def float_names(
+    *dtypes: Mapping[str, torch.dtype],
+    include: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str | None = None,
+) -> list[str]:
+    """Names of the floating-point tensors of any of the ``{name: dtype}`` maps, kept by the filters.
+
+    The names of the first map come first, in its order, then those only the others have. This
+    is the set a task vector covers; integer buffers (e.g. ``position_ids``) are left out.
+    """
+    union: dict[str, None] = {}
+    for mapping in dtypes:
+        union.update(dict.fromkeys(n for n, d in mapping.items() if d.is_floating_point))
+    return select_names(union, include, exclude)
 
 
 class TaskVector(Mapping[str, Tensor]):
@@ -46,10 +62,16 @@ class TaskVector(Mapping[str, Tensor]):
     ) -> TaskVector:
         """``τ = θ_ft − θ_base`` over the floating-point tensors kept by the name filters.
 
-        Names and shapes must agree between the two state dicts (one error lists every
-        difference). Integer buffers (e.g. ``position_ids``) are skipped.
+        Every floating-point tensor kept by the filters in either state dict must exist in both
+        with the same shape (one error lists every difference). Integer buffers (e.g.
+        ``position_ids``) are skipped.
         """
-        names = [n for n in select_names(finetuned, include, exclude) if finetuned[n].is_floating_point()]
+        names = float_names(
+            {n: t.dtype for n, t in finetuned.items()},
+            {n: t.dtype for n, t in base.items()},
+            include=include,
+            exclude=exclude,
+        )
         check_same_architecture(
             {
                 "base": {n: tuple(t.shape) for n, t in base.items()},
@@ -69,15 +91,25 @@ class TaskVector(Mapping[str, Tensor]):
     ) -> TaskVector:
         """``τ`` from two checkpoints (safetensors file, sharded HF folder, or ``.bin``/``.pt``).
 
-        Tensors are read one at a time, so only ``τ`` itself is held in memory.
+        Tensors are read one at a time, so only ``τ`` itself is held in memory. Names and shapes
+        must agree as in :meth:`from_state_dicts`. Each tensor is checked for NaN and Inf as it is
+        read; one :class:`~gradfix.errors.NonFiniteError` names every file and tensor that has them.
         """
         from gradfix.io import open_checkpoint
 
         with open_checkpoint(base) as rb, open_checkpoint(finetuned) as rf:
-            dtypes = rf.dtypes()
-            names = [n for n in select_names(rf.names(), include, exclude) if dtypes[n].is_floating_point]
+            names = float_names(rf.dtypes(), rb.dtypes(), include=include, exclude=exclude)
             check_same_architecture({str(base): rb.shapes(), str(finetuned): rf.shapes()}, names)
-            return cls({n: _difference(rf.get(n), rb.get(n)) for n in names})
+            finite = FiniteCheck()
+            tensors: dict[str, Tensor] = {}
+            for name in names:
+                ft, bt = rf.get(name), rb.get(name)
+                finite.check(rf.file_of(name), name, ft)
+                finite.check(rb.file_of(name), name, bt)
+                if not finite:  # once something is wrong, only keep scanning for the message
+                    tensors[name] = _difference(ft, bt)
+            finite.raise_if_any()
+            return cls(tensors)
 
     @classmethod
     def load(cls, path: str | Path) -> TaskVector:

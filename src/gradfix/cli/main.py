@@ -81,12 +81,33 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", default=None, help="print the result as JSON")
 
 
+def _shots(text: str) -> int | str:
+    """``--shots``: a positive integer or ``all``."""
+    from gradfix.data import parse_shots
+
+    try:
+        return parse_shots(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _one_line(message: str) -> str:
+    """An error message on one line: its lines joined with ``; `` (blank lines dropped)."""
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip()) or "unknown error"
+
+
 def _voting(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("voting on the target (per-sample gradient signs)")
     g.add_argument(
         "--recipe", help="model family and loss: text-zero-shot (default), sequence-classification, causal-lm"
     )
-    g.add_argument("--shots", type=int, help="examples per class drawn from --data (default 2)")
+    g.add_argument(
+        "--shots",
+        type=_shots,
+        metavar="K|all",
+        help="examples per class drawn from --data (default 2), or 'all': every example in file order, "
+        "no draw (to split a long vote into parts with --votes-out and add them up with --votes-in)",
+    )
     g.add_argument("--seed", type=int, help="seed of the draw and of the random mask (default 0)")
     g.add_argument(
         "--template", help='class prompt of the zero-shot head (default "This text is about {label}.")'
@@ -347,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         result = args.handler(args)
     except GradfixError as exc:
-        print(f"gradfix {args.command}: error: {exc}", file=sys.stderr)
+        # A user error: one line, no traceback. Anything else is a bug and keeps its traceback.
+        print(f"gradfix {args.command}: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gradfix: interrupted; no output was written", file=sys.stderr)

@@ -15,22 +15,15 @@ without touching tensor data. PyTorch files are only ever loaded with
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from pickle import UnpicklingError  # exception class only; nothing is unpickled here
 from types import TracebackType
 from typing import Any
 
 import torch
-from safetensors import safe_open
-
-try:
-    from safetensors import SafetensorError
-except ImportError:  # older safetensors releases
-    from safetensors._safetensors_rust import SafetensorError
 
 from gradfix.errors import CheckpointError
+from gradfix.io.shards import Shard, _SafetensorsShard, _short, _TorchShard
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -39,177 +32,6 @@ TORCH_INDEX = "pytorch_model.bin.index.json"
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _FOLDER_CANDIDATES = (SAFETENSORS_SINGLE, SAFETENSORS_INDEX, TORCH_SINGLE, TORCH_INDEX)
 _WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
-
-_ST_DTYPES = {
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16",
-    "I32": "int32", "U32": "uint32", "I64": "int64", "U64": "uint64", "F16": "float16",
-    "BF16": "bfloat16", "F32": "float32", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "C64": "complex64",
-}  # fmt: skip
-
-
-def _short(exc: BaseException, limit: int = 200) -> str:
-    """One-line, length-limited description of an exception."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-class _SafetensorsShard:
-    """One safetensors file, opened on first use and kept open until ``close``."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._handle: Any = None
-
-    def _open(self) -> Any:
-        if self._handle is None:
-            try:
-                self._handle = safe_open(str(self.path), framework="pt")
-            except (PermissionError, FileNotFoundError, IsADirectoryError) as exc:
-                raise CheckpointError(f"{self.path}: cannot read file ({_short(exc)})") from exc
-            except (SafetensorError, OSError, ValueError) as exc:
-                raise CheckpointError(
-                    f"{self.path}: not a valid safetensors file ({_short(exc)})"
-                ) from exc
-        return self._handle
-
-    def names(self) -> list[str]:
-        handle = self._open()
-        keys = handle.offset_keys() if hasattr(handle, "offset_keys") else handle.keys()
-        return list(keys)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(int(d) for d in self._open().get_slice(name).get_shape())
-
-    def dtype(self, name: str) -> torch.dtype:
-        code = self._open().get_slice(name).get_dtype()
-        dtype = getattr(torch, _ST_DTYPES.get(code, ""), None)
-        if not isinstance(dtype, torch.dtype):
-            raise CheckpointError(
-                f"{self.path}: tensor '{name}' has dtype {code}, which this torch cannot hold"
-            )
-        return dtype
-
-    def tensor(self, name: str) -> torch.Tensor:
-        try:
-            return self._open().get_tensor(name)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(
-                f"{self.path}: cannot read tensor '{name}' ({_short(exc)})"
-            ) from exc
-
-    def metadata(self) -> dict[str, str]:
-        return dict(self._open().metadata() or {})
-
-    def close(self) -> None:
-        handle, self._handle = self._handle, None
-        if handle is not None and hasattr(handle, "__exit__"):
-            handle.__exit__(None, None, None)
-
-
-class _TorchShard:
-    """One PyTorch pickle-format file, loaded (memory-mapped) on first use."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._tensors: dict[str, torch.Tensor] | None = None
-
-    def _load(self) -> dict[str, torch.Tensor]:
-        if self._tensors is None:
-            self._tensors = _load_torch_file(self.path)
-        return self._tensors
-
-    def names(self) -> list[str]:
-        return list(self._load())
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._load()[name].shape)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self._load()[name].dtype
-
-    def tensor(self, name: str) -> torch.Tensor:
-        return self._load()[name]
-
-    def metadata(self) -> dict[str, str]:
-        return {}
-
-    def close(self) -> None:
-        self._tensors = None
-
-
-def _refusal_message(path: Path, exc: UnpicklingError) -> str:
-    """Explain why ``torch.load(weights_only=True)`` rejected a file, on one line."""
-    text = str(exc)
-    match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\s*\n|$)", text, re.S)
-    detail = " ".join((match.group(1) if match else text).split())[:200]
-    convert = (
-        "if you trust the file, load it yourself in a trusted environment and save the state "
-        "dict with safetensors.torch.save_file, then pass the .safetensors file"
-    )
-    if "Unsupported global" in text:
-        return (
-            f"{path}: refused: the file holds Python objects other than tensors ({detail}) and "
-            f"loading it would run arbitrary code, so torch.load(weights_only=True) rejected it; "
-            f"{convert}"
-        )
-    return (
-        f"{path}: refused: torch.load(weights_only=True) cannot read it ({detail}); the file is "
-        f"corrupted or needs full unpickling, which could run arbitrary code; {convert}"
-    )
-
-
-def _is_tensor_dict(obj: object) -> bool:
-    return isinstance(obj, Mapping) and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    )
-
-
-def _describe(obj: object) -> str:
-    """Short description of a loaded object that is not a state dict."""
-    if not isinstance(obj, Mapping):
-        return f"a {type(obj).__name__}"
-    keys = list(obj)
-    shown = ", ".join(repr(k) for k in keys[:6]) + (", ..." if len(keys) > 6 else "")
-    for key, value in obj.items():
-        if not isinstance(key, str):
-            return f"a dict with keys {shown} (key {key!r} is not a string)"
-        if not isinstance(value, torch.Tensor):
-            kind = type(value).__name__
-            return f"a dict with keys {shown} ('{key}' holds a {kind}, not a tensor)"
-    return f"a dict with keys {shown}"
-
-
-def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
-    """Load a PyTorch checkpoint with ``weights_only=True`` and return its state dict."""
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            # Files in the legacy (pre-zip) format cannot be memory-mapped.
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
-    except UnpicklingError as exc:
-        raise CheckpointError(_refusal_message(path, exc)) from None
-    except (PermissionError, IsADirectoryError) as exc:
-        raise CheckpointError(f"{path}: cannot read file ({_short(exc)})") from exc
-    except Exception as exc:
-        raise CheckpointError(
-            f"{path}: not a valid PyTorch checkpoint ({type(exc).__name__}: {_short(exc)})"
-        ) from exc
-    if _is_tensor_dict(obj):
-        return dict(obj)
-    if isinstance(obj, Mapping):
-        nested = [k for k in ("state_dict", "model") if _is_tensor_dict(obj.get(k))]
-        if len(nested) == 1:
-            return dict(obj[nested[0]])
-        if len(nested) > 1:
-            raise CheckpointError(
-                f"{path}: both 'state_dict' and 'model' hold tensors; cannot tell which to use"
-            )
-    found = _describe(obj)
-    raise CheckpointError(f"{path}: expected a dict of tensors (a state dict), found {found}")
 
 
 def _read_index(index: Path) -> dict[str, str]:
@@ -220,13 +42,13 @@ def _read_index(index: Path) -> dict[str, str]:
         result: dict[str, Any] = {}
         for key, value in pairs:
             if key in result and result[key] != value:
-                duplicates.setdefault(id(result), []).append(f"{key}: {result[key]} and {value}")
+                duplicates.setdefault(id(result), []).append(f"{key!r}: {result[key]!r} and {value!r}")
             result[key] = value
         return result
 
     try:
         data = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=keep_pairs)
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{index}: not a valid JSON shard index ({_short(exc)})") from exc
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
@@ -236,17 +58,15 @@ def _read_index(index: Path) -> dict[str, str]:
         raise CheckpointError(f"{index}: a tensor is listed in two shards ({clash})")
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or not shard:
-            raise CheckpointError(f"{index}: weight_map entry '{name}' is not a file name")
+            raise CheckpointError(f"{index}: weight_map entry {name!r} is not a file name")
         rel = Path(shard)
         if rel.is_absolute() or ".." in rel.parts:
-            raise CheckpointError(f"{index}: shard '{shard}' lies outside the index's folder")
+            raise CheckpointError(f"{index}: shard {shard!r} lies outside the index's folder")
     return weight_map
 
 
 def _folder_weight_files(folder: Path) -> list[str]:
-    return sorted(
-        p.name for p in folder.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES)
-    )
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
 
 
 _Index = tuple[Path, dict[str, str]]
@@ -273,7 +93,7 @@ def _resolve(path: Path) -> tuple[list[Path], _Index | None]:
         files = [path.parent / s for s in sorted(set(weight_map.values()))]
         for shard in files:
             if not shard.is_file():
-                raise CheckpointError(f"{path}: shard {shard.name} is missing ({shard})")
+                raise CheckpointError(f"{path}: shard {shard.name!r} is missing ({shard})")
         return files, (path, weight_map)
     if name.endswith(".safetensors") or name.endswith(TORCH_SUFFIXES):
         return [path], None
@@ -296,8 +116,7 @@ class CheckpointReader:
         files, index = _resolve(self.path)
         self.files: list[Path] = files
         self._shards = [
-            _SafetensorsShard(f) if f.name.lower().endswith(".safetensors") else _TorchShard(f)
-            for f in files
+            _SafetensorsShard(f) if f.name.lower().endswith(".safetensors") else _TorchShard(f) for f in files
         ]
         self._where: dict[str, int] = {}
         self._shapes: dict[str, tuple[int, ...]] | None = None
@@ -314,8 +133,7 @@ class CheckpointReader:
                 if name in self._where:
                     first = self.files[self._where[name]].name
                     raise CheckpointError(
-                        f"{self.path}: tensor '{name}' is in two shards "
-                        f"({first} and {self.files[i].name})"
+                        f"{self.path}: tensor {name!r} is in two shards ({first} and {self.files[i].name})"
                     )
                 self._where[name] = i
         if index is None:
@@ -325,14 +143,14 @@ class CheckpointReader:
             at = self._where.get(name)
             if at is None or self.files[at] != index_path.parent / shard_name:
                 raise CheckpointError(
-                    f"{index_path}: weight_map puts tensor '{name}' in {shard_name}, "
+                    f"{index_path}: weight_map puts tensor {name!r} in {shard_name!r}, "
                     f"but that file does not hold it"
                 )
 
-    def _shard_of(self, name: str) -> _SafetensorsShard | _TorchShard:
+    def _shard_of(self, name: str) -> Shard:
         at = self._where.get(name)
         if at is None:
-            raise CheckpointError(f"{self.path}: no tensor named '{name}' in this checkpoint")
+            raise CheckpointError(f"{self.path}: no tensor named {name!r} in this checkpoint")
         return self._shards[at]
 
     def names(self) -> list[str]:
@@ -354,6 +172,10 @@ class CheckpointReader:
     def get(self, name: str) -> torch.Tensor:
         """Load one tensor (on CPU). Raises CheckpointError for an unknown name."""
         return self._shard_of(name).tensor(name)
+
+    def file_of(self, name: str) -> Path:
+        """The weight file that holds tensor ``name`` (for messages that name the file)."""
+        return self._shard_of(name).path
 
     def metadata(self) -> dict[str, str]:
         """Safetensors header metadata of the first weight file ({} for PyTorch files)."""

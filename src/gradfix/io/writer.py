@@ -1,23 +1,29 @@
-"""Writing checkpoints: sharded safetensors output, atomic output folders, hashing, copying."""
+"""Writing checkpoints: sharded safetensors output with sorted headers, hashing, copying model files."""
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
 import torch
 from safetensors.torch import save_file
 
-from gradfix.errors import CheckpointError, ConfigError
+try:
+    from safetensors import SafetensorError
+except ImportError:  # older safetensors releases
+    from safetensors._safetensors_rust import SafetensorError
+
+from gradfix.errors import CheckpointError, ConfigError, OutputError
 
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
+WRITE_ERRORS = (OSError, SafetensorError)
+"""Exception types a failed write can raise (``save_file`` reports a full disk as SafetensorError)."""
 SINGLE_FILE_NAME = "model.safetensors"
 INDEX_FILE_NAME = "model.safetensors.index.json"
 
@@ -28,6 +34,30 @@ _SKIPPED_SUFFIXES = (
     ".h5", ".msgpack", ".onnx", ".gguf",
 )  # fmt: skip
 _SKIPPED_NAMES = ("gradfix.json",)
+
+
+def sort_safetensors_metadata(path: str | Path) -> None:
+    """Rewrite a safetensors file's header in place with its ``__metadata__`` keys sorted.
+
+    ``safetensors`` writes the metadata mapping in an arbitrary order that changes from call to
+    call; sorting it makes the same tensors and metadata give the same bytes. The header keeps its
+    length (the JSON text only changes order), so nothing else in the file moves. A header that
+    would not re-serialise to the same length is left as it is.
+    """
+    with open(path, "r+b") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        raw = handle.read(length)
+        header = json.loads(raw)
+        meta = header.get("__metadata__") if isinstance(header, dict) else None
+        if not isinstance(meta, dict) or len(meta) < 2:
+            return
+        ordered = {"__metadata__": dict(sorted(meta.items()))}
+        ordered.update((k, v) for k, v in header.items() if k != "__metadata__")
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) != len(raw.rstrip(b" ")):
+            return
+        handle.seek(8)
+        handle.write(text + b" " * (length - len(text)))
 
 
 class ShardedWriter:
@@ -115,7 +145,11 @@ class ShardedWriter:
             return
         index = len(self._parts)
         part = self.out_dir / f".shard-{index + 1:05d}.safetensors.partial"
-        save_file(self._buffer, str(part), metadata=self.metadata)
+        try:
+            save_file(self._buffer, str(part), metadata=self.metadata)
+            sort_safetensors_metadata(part)
+        except WRITE_ERRORS as exc:
+            raise OutputError(f"cannot write weight shard {index + 1} ({os_reason(exc)})") from exc
         self._parts.append(part)
         for name in self._buffer:
             self._shard_of[name] = index
@@ -132,9 +166,19 @@ class ShardedWriter:
         """
         if self._closed:
             return list(self._result)
+        try:
+            self._finish()
+        except WRITE_ERRORS as exc:
+            raise OutputError(f"cannot finish the weight files ({os_reason(exc)})") from exc
+        self._closed = True
+        return list(self._result)
+
+    def _finish(self) -> None:
+        """Flush the buffer and give the shards their final names (and an index if several)."""
         self._flush()
         if not self._parts:
             save_file({}, str(self.out_dir / SINGLE_FILE_NAME), metadata=self.metadata)
+            sort_safetensors_metadata(self.out_dir / SINGLE_FILE_NAME)
             self._result = [self.out_dir / SINGLE_FILE_NAME]
         elif len(self._parts) == 1:
             final = self.out_dir / SINGLE_FILE_NAME
@@ -142,9 +186,7 @@ class ShardedWriter:
             self._result = [final]
         else:
             count = len(self._parts)
-            finals = [
-                self.out_dir / f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)
-            ]
+            finals = [self.out_dir / f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
             for part, final in zip(self._parts, finals, strict=True):
                 os.replace(part, final)
             weight_map = {name: finals[i].name for name, i in sorted(self._shard_of.items())}
@@ -152,8 +194,6 @@ class ShardedWriter:
             text = json.dumps(index, indent=2) + "\n"
             (self.out_dir / INDEX_FILE_NAME).write_text(text, encoding="utf-8")
             self._result = finals
-        self._closed = True
-        return list(self._result)
 
     def __enter__(self) -> ShardedWriter:
         return self
@@ -186,66 +226,10 @@ def save_state_dict(
     return writer.close()
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-def _exists(path: Path) -> bool:
-    return path.exists() or path.is_symlink()
-
-
-@contextlib.contextmanager
-def atomic_output_dir(dest: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Build an output folder under a temporary name and move it into place on success.
-
-    Yields a fresh hidden folder beside ``dest``. On normal exit it becomes ``dest`` (an
-    existing ``dest`` is replaced only when ``overwrite`` is true). If the block raises, the
-    temporary folder is deleted and any existing ``dest`` is left untouched.
-    """
-    dest = Path(dest)
-    if _exists(dest) and not overwrite:
-        raise ConfigError(f"{dest}: output already exists; pass --overwrite to replace it")
-    parent = dest.absolute().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=parent))
-    try:
-        # mkdtemp makes the folder private (0700); the finished output should be readable.
-        tmp.chmod(0o755)
-        yield tmp
-        if _exists(dest):
-            if not overwrite:
-                raise ConfigError(f"{dest}: output already exists; pass --overwrite to replace it")
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=parent))
-            os.replace(dest, old / "previous")
-            try:
-                os.replace(tmp, dest)
-            except BaseException:
-                os.replace(old / "previous", dest)
-                shutil.rmtree(old, ignore_errors=True)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def check_output_not_input(dest: str | Path, inputs: Iterable[str | Path]) -> None:
-    """Raise ConfigError if ``dest`` is, lies inside, or contains any of ``inputs``."""
-    out = Path(dest).expanduser().resolve()
-    for given in inputs:
-        inp = Path(given).expanduser().resolve()
-        if out == inp:
-            raise ConfigError(f"output {dest} is the same path as input {given}")
-        if inp in out.parents:
-            raise ConfigError(f"output {dest} lies inside input {given}")
-        if out in inp.parents:
-            raise ConfigError(f"output {dest} contains input {given}")
+def os_reason(exc: BaseException) -> str:
+    """Short, one-line reason of an I/O failure (``strerror`` when there is one)."""
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return " ".join(str(text).split())[:200]
 
 
 def sha256_file(path: str | Path) -> str:
@@ -262,9 +246,28 @@ def sha256_file(path: str | Path) -> str:
 
 def _is_model_file(name: str) -> bool:
     lower = name.lower()
-    return not (
-        name.startswith(".") or lower.endswith(_SKIPPED_SUFFIXES) or lower in _SKIPPED_NAMES
-    )
+    return not (name.startswith(".") or lower.endswith(_SKIPPED_SUFFIXES) or lower in _SKIPPED_NAMES)
+
+
+def list_model_files(src_dir: str | Path) -> list[Path]:
+    """The non-weight files of a model folder (config, tokenizer, ...) that ``copy_model_files`` copies.
+
+    Weight files, shard indexes, ``gradfix.json`` and hidden files or folders are left out. The
+    paths are sorted and relative to ``src_dir``; a file ``src_dir`` has none.
+    """
+    src = Path(src_dir)
+    if src.is_file():
+        return []
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: no such model folder")
+    found: list[Path] = []
+    for root, dirs, files in os.walk(src):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend((Path(root) / name).relative_to(src) for name in sorted(files) if _is_model_file(name))
+    return found
+
+
+_WRITE_ERRNOS = {getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG") if hasattr(errno, n)}
 
 
 def copy_model_files(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
@@ -282,18 +285,14 @@ def copy_model_files(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
     if src.resolve() == dst.resolve():
         raise ConfigError(f"{dst}: cannot copy model files onto their own folder")
     copied: list[str] = []
-    for root, dirs, files in os.walk(src):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if not _is_model_file(name):
-                continue
-            source = Path(root) / name
-            rel = source.relative_to(src)
-            target = dst / rel
+    for rel in list_model_files(src):
+        source, target = src / rel, dst / rel
+        try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                shutil.copy2(source, target)
-            except OSError as exc:
-                raise CheckpointError(f"{source}: cannot copy ({exc.strerror or exc})") from exc
-            copied.append(rel.as_posix())
+            shutil.copy2(source, target)
+        except OSError as exc:
+            if exc.errno in _WRITE_ERRNOS:
+                raise OutputError(f"cannot copy {source} ({os_reason(exc)})") from exc
+            raise CheckpointError(f"{source}: cannot copy ({os_reason(exc)})") from exc
+        copied.append(rel.as_posix())
     return copied

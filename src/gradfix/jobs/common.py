@@ -17,20 +17,46 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradfix.data import batched, label_set, load_examples, sample_shots
-from gradfix.errors import ConfigError, GradfixError
+from gradfix.checks import FiniteCheck, count_nonfinite
+from gradfix.data import (
+    Example,
+    batched,
+    check_known_labels,
+    label_set,
+    load_examples,
+    parse_shots,
+    sample_shots,
+)
+from gradfix.errors import ConfigError, NonFiniteError, OutputError
 from gradfix.io import (
     ShardedWriter,
+    atomic_output_file,
     copy_model_files,
     open_checkpoint,
-    sha256_file,
+    sort_safetensors_metadata,
 )
+from gradfix.io.writer import WRITE_ERRORS
+from gradfix.jobs.inputs import HEAD_FILE, input_record, target_label_set
 from gradfix.recipes import load_recipe
 from gradfix.task_vector import apply_tensor
 from gradfix.votes import SignVotes, estimate_signs
 
 DEFAULT_SHARD_BYTES = 2 * 2**30
-HEAD_FILE = "zero_shot_head.safetensors"
+
+__all__ = [
+    "DEFAULT_SHARD_BYTES",
+    "HEAD_FILE",
+    "MaskSettings",
+    "Shots",
+    "VoteSettings",
+    "align_names",
+    "base_record",
+    "draw_shots",
+    "input_record",
+    "save_votes",
+    "vote_on_target",
+    "write_model",
+]
 
 
 @dataclass
@@ -39,7 +65,7 @@ class VoteSettings:
 
     recipe: str = "text-zero-shot"
     data: str | None = None
-    shots: int = 2
+    shots: int | str = 2  # or "all": every example of the file, in file order
     seed: int = 0
     estimator: str = "majority"
     engine: str = "auto"
@@ -59,16 +85,6 @@ class MaskSettings:
     exclude: list[str] = field(default_factory=list)
     unvoted: str = "error"
     gamma: float = 1.0
-
-
-def input_record(path: str | Path) -> dict[str, Any]:
-    """``{"path", "sha256": {file: digest}}`` of a checkpoint or data file, for ``gradfix.json``."""
-    path = Path(path)
-    if path.is_file():
-        return {"path": str(path), "sha256": {path.name: sha256_file(path)}}
-    with open_checkpoint(path) as reader:
-        files = list(reader.files)
-    return {"path": str(path), "sha256": {str(f.relative_to(path)): sha256_file(f) for f in files}}
 
 
 def align_names(model_names: Sequence[str], checkpoint_names: Sequence[str]) -> dict[str, str]:
@@ -109,32 +125,93 @@ def _rename_votes(votes: SignVotes, mapping: Mapping[str, str]) -> SignVotes:
     )
 
 
-def vote_on_target(
-    target: str | Path, settings: VoteSettings, checkpoint_names: Sequence[str], voted: Sequence[str]
-) -> tuple[SignVotes, nn.Module, Any, dict[str, Any]]:
-    """Load the target with its recipe, draw ``shots`` examples per class and vote.
+@dataclass(frozen=True)
+class Shots:
+    """The examples a target votes on: read, checked and drawn from one data file."""
 
-    Only the parameters whose checkpoint name is in ``voted`` take part (the rest are frozen),
-    and the returned votes are keyed by checkpoint names.
+    data: str
+    examples: list[Example]
+    labels: list[str]
+    drawn: list[Example]
+
+
+def draw_shots(target: str | Path, settings: VoteSettings) -> Shots:
+    """Read ``settings.data``, check its labels against the target's and draw the shots.
+
+    Cheap, so the jobs call it before any long work: a bad data file, an unknown label (when the
+    target has a fixed label set) or too few examples of a class fail at once.
     """
     if not settings.data:
         raise ConfigError("voting needs a labelled data file (--data)")
+    shots_setting = parse_shots(settings.shots)
     examples = load_examples(settings.data)
     labels = label_set(examples)
-    shots = sample_shots(examples, settings.shots, settings.seed, labels)
-    model, recipe = load_recipe(
-        settings.recipe, target, labels, template=settings.template, max_length=settings.max_length
-    )
+    known = target_label_set(settings.recipe, target)
+    if known is not None:
+        check_known_labels(examples, known[0], settings.data, known[1])
+    drawn = sample_shots(examples, shots_setting, settings.seed, labels, source=settings.data)
+    return Shots(str(settings.data), examples, labels, drawn)
+
+
+def vote_on_target(
+    target: str | Path,
+    settings: VoteSettings,
+    checkpoint_names: Sequence[str],
+    voted: Sequence[str],
+    shots: Shots | None = None,
+) -> tuple[SignVotes, nn.Module, Any, dict[str, Any]]:
+    """Load the target with its recipe and vote on the shots (drawn here unless ``shots`` is given).
+
+    Only the parameters whose checkpoint name is in ``voted`` take part (the rest are frozen),
+    and the returned votes are keyed by checkpoint names. The loaded parameters must be finite.
+    The returned info holds the labels, the number of examples, the number of votes and the data
+    file lines of the examples drawn (in voting order).
+    """
+    shots = shots if shots is not None else draw_shots(target, settings)
+    try:
+        model, recipe = load_recipe(
+            settings.recipe, target, shots.labels, template=settings.template, max_length=settings.max_length
+        )
+    except Exception:
+        raise_if_nonfinite(target)  # NaN or Inf weights make recipes fail in many ways
+        raise
     mapping = align_names([n for n, _ in model.named_parameters()], checkpoint_names)
+    if any(count_nonfinite(p.detach()) for n, p in model.named_parameters() if n in mapping):
+        raise_if_nonfinite(target)
     wanted = set(voted)
     for name, param in model.named_parameters():
         param.requires_grad_(mapping.get(name) in wanted)
-    batches = [recipe.collate(chunk) for chunk in batched(shots, settings.batch_size)]
+    batches = [recipe.collate(chunk) for chunk in batched(shots.drawn, settings.batch_size)]
     votes = estimate_signs(
         model, batches, recipe.loss, settings.estimator, engine=settings.engine, progress=settings.progress
     )
-    info = {"labels": labels, "num_examples": len(examples), "num_samples": votes.num_samples}
+    info = {
+        "labels": shots.labels,
+        "num_examples": len(shots.examples),
+        "num_samples": votes.num_samples,
+        "drawn_lines": [ex.line for ex in shots.drawn],
+    }
     return _rename_votes(votes, mapping), model, recipe, info
+
+
+def raise_if_nonfinite(checkpoint: str | Path) -> None:
+    """Stream every tensor of ``checkpoint`` and raise one error naming those with NaN or Inf.
+
+    Used to explain a failure (or non-finite parameters) after a model was loaded by a library, so
+    that the normal path reads the checkpoint only once.
+    """
+    finite = FiniteCheck()
+    with open_checkpoint(checkpoint) as reader:
+        for name in reader.names():
+            finite.check(reader.file_of(name), name, reader.get(name))
+    finite.raise_if_any()
+
+
+def save_votes(votes: SignVotes, path: str | Path, overwrite: bool = False) -> None:
+    """Write ``votes`` to ``path`` atomically (a temporary file beside it, moved into place)."""
+    with atomic_output_file(path, overwrite=overwrite) as tmp:
+        votes.save(tmp)
+        sort_safetensors_metadata(tmp)
 
 
 def write_model(
@@ -146,22 +223,53 @@ def write_model(
     record: dict[str, Any],
     recipe: Any = None,
 ) -> list[str]:
-    """Write ``θ_target + α · update`` tensor by tensor, the target's other files, and the record."""
+    """Write ``θ_target + α · update`` tensor by tensor, the target's other files, and the record.
+
+    Each target tensor is checked for NaN/Inf as it is read, and each updated tensor for values
+    that overflow the target's dtype (e.g. float16); one error names every tensor at fault.
+    Tensors keep the target's dtype (the sum is computed in float32).
+    """
+    finite = FiniteCheck()
+    overflow: list[str] = []
     with open_checkpoint(target) as reader:
         writer = ShardedWriter(out, max_shard_bytes=shard_bytes, metadata={"gradfix": "transported"})
         for name in reader.names():
             tensor = reader.get(name)
-            writer.add(name, apply_tensor(tensor, update[name], alpha) if name in update else tensor)
+            value = tensor
+            if finite.check(reader.file_of(name), name, tensor) and name in update:
+                value = apply_tensor(tensor, update[name], alpha)
+                if count_nonfinite(value):
+                    overflow.append(f"{name!r} ({tensor.dtype})")
+            if not finite and not overflow:
+                writer.add(name, value)
+        finite.raise_if_any()
+        if overflow:
+            more = f" and {len(overflow) - 10} more" if len(overflow) > 10 else ""
+            raise NonFiniteError(
+                f"{target}: θ + α·τ with α = {alpha:g} overflows the dtype of {len(overflow)} tensor(s): "
+                f"{', '.join(overflow[:10])}{more}; lower --alpha or convert the target to float32"
+            )
         files = [p.name for p in writer.close()]
     copy_model_files(target, out)
-    if recipe is not None and hasattr(recipe, "save_head"):
-        recipe.save_head(out / HEAD_FILE)
-        files.append(HEAD_FILE)
-    (out / "gradfix.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    try:
+        if recipe is not None and hasattr(recipe, "save_head"):
+            recipe.save_head(out / HEAD_FILE)
+            sort_safetensors_metadata(out / HEAD_FILE)
+            files.append(HEAD_FILE)
+        text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+        (out / "gradfix.json").write_text(text, encoding="utf-8")
+    except WRITE_ERRORS as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise OutputError(f"cannot write {HEAD_FILE} or gradfix.json ({reason})") from exc
     return files
 
 
 def base_record(command: str) -> dict[str, Any]:
+    """The start of ``gradfix.json``: the command and the versions that produced the output.
+
+    Nothing in it varies between runs on the same software (no time stamps, no host names), so
+    that the same inputs and settings give a byte-identical record.
+    """
     from gradfix import __version__
 
     return {
@@ -170,10 +278,3 @@ def base_record(command: str) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
     }
-
-
-def check_finite(tensors: Mapping[str, Tensor], label: str) -> None:
-    """Raise naming the first tensors that hold NaN or Inf."""
-    bad = [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        raise GradfixError(f"{label}: non-finite values (NaN or Inf) in {', '.join(bad[:10])}")

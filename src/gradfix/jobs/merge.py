@@ -14,21 +14,22 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from gradfix.checks import check_same_architecture, select_names
+from gradfix.data import parse_shots
 from gradfix.diagnostics import descent_report
 from gradfix.errors import ConfigError
-from gradfix.io import atomic_output_dir, check_output_not_input, open_checkpoint
+from gradfix.io import atomic_output_dir, open_checkpoint
 from gradfix.jobs.common import (
     DEFAULT_SHARD_BYTES,
     MaskSettings,
     VoteSettings,
     base_record,
-    input_record,
+    draw_shots,
     vote_on_target,
     write_model,
 )
+from gradfix.jobs.inputs import check_checkpoints, check_outputs, check_task_vector_nonzero, input_record
 from gradfix.merge import mask_then_merge, merge_task_vectors, merge_then_mask
-from gradfix.task_vector import TaskVector
+from gradfix.task_vector import TaskVector, float_names
 from gradfix.votes import SignVotes
 
 PIPELINES = ("plain", "mask-then-merge", "merge-then-mask")
@@ -64,7 +65,9 @@ def merge_checkpoints(
     ``pipeline``: ``plain`` (merge, no mask), ``mask-then-merge`` (each ``τ^t`` masked with the
     target's votes on its own data, then merged) or ``merge-then-mask`` (merged, then masked with
     the consensus sign of the per-task votes). The result is ``θ_target + α · τ_merged`` with
-    ``α = masking.alpha``. Returns the record written to ``out/gradfix.json``.
+    ``α = masking.alpha``. Inputs and outputs are checked as in
+    :func:`~gradfix.jobs.transport_checkpoints` (every task's ``τ`` must be non-zero). Returns the
+    record written to ``out/gradfix.json``.
     """
     if not tasks:
         raise ConfigError("merge needs at least one task (--source-finetuned)")
@@ -74,40 +77,50 @@ def merge_checkpoints(
     masking = masking or MaskSettings()
     target = Path(target_base) if target_base is not None else Path(tasks[0].source_base)
     out = Path(out)
-    inputs = [target, *{Path(p) for t in tasks for p in (t.source_base, t.source_finetuned)}]
-    check_output_not_input(out, inputs)
-    with open_checkpoint(tasks[0].source_finetuned) as first, open_checkpoint(target) as rt:
-        dtypes = first.dtypes()
-        selected = select_names(first.names(), masking.include, masking.exclude)
-        names = [n for n in selected if dtypes[n].is_floating_point]
-        shapes = {f"target base {target}": rt.shapes()}
-        target_names = rt.names()
-    for i, task in enumerate(tasks):
-        for role in ("source_base", "source_finetuned"):
-            with open_checkpoint(getattr(task, role)) as reader:
-                shapes[f"task {i + 1} {role.replace('_', ' ')} {getattr(task, role)}"] = reader.shapes()
-    check_same_architecture(shapes, names)
+    sources = [Path(p) for t in tasks for p in (t.source_base, t.source_finetuned)]
+    data_files = [Path(t.data) for t in tasks if t.data]
+    check_outputs(out, list(dict.fromkeys([target, *sources, *data_files])), overwrite)
+    drawn = []
+    if pipeline != "plain":
+        if any(t.data is None for t in tasks):
+            raise ConfigError(f"the {pipeline} pipeline needs a data file for every task (--data)")
+        drawn = [draw_shots(target, replace(votes, data=t.data)) for t in tasks]
+    readers: dict[str, Any] = {}
+    try:
+        for i, task in enumerate(tasks):
+            for role in ("source_base", "source_finetuned"):
+                label = f"task {i + 1} {role.replace('_', ' ')} {getattr(task, role)}"
+                readers[label] = open_checkpoint(getattr(task, role))
+        readers[f"target base {target}"] = open_checkpoint(target)
+        sources_only = [r for label, r in readers.items() if not label.startswith("target base")]
+        names = float_names(
+            *(r.dtypes() for r in sources_only), include=masking.include, exclude=masking.exclude
+        )
+        check_checkpoints(readers, names, tasks[0].source_finetuned)
+        target_names = readers[f"target base {target}"].names()
+    finally:
+        for reader in readers.values():
+            reader.close()
     record = base_record("merge")
-    record["inputs"] = {"target_base": input_record(target)}
+    record["inputs"] = {"target_base": input_record(target, model_files=True)}
     record["tasks"] = [
         {"source_base": input_record(t.source_base), "source_finetuned": input_record(t.source_finetuned)}
         for t in tasks
     ]
-    tvs = [
-        TaskVector.from_checkpoints(t.source_base, t.source_finetuned, masking.include, masking.exclude)
-        for t in tasks
-    ]
+    tvs = []
+    for i, t in enumerate(tasks):
+        tau = TaskVector.from_checkpoints(t.source_base, t.source_finetuned, masking.include, masking.exclude)
+        check_task_vector_nonzero(tau, t.source_base, t.source_finetuned, f"the task vector of task {i + 1}")
+        tvs.append(tau)
     merge_options = {"density": density, "elect": elect, "trim_scope": trim_scope, "weights": weights}
     references: list[SignVotes] = []
     if pipeline == "plain":
         merged = merge_task_vectors(tvs, method, **merge_options)
     else:
-        data = [t.data for t in tasks]
-        if any(d is None for d in data):
-            raise ConfigError(f"the {pipeline} pipeline needs a data file for every task (--data)")
-        for i, path in enumerate(data):
-            task_votes, _, _, info = vote_on_target(target, replace(votes, data=path), target_names, names)
-            record["tasks"][i]["data"] = {**input_record(str(path)), **info}
+        for i, task in enumerate(tasks):
+            settings = replace(votes, data=task.data)
+            task_votes, _, _, info = vote_on_target(target, settings, target_names, names, drawn[i])
+            record["tasks"][i]["data"] = {**input_record(str(task.data)), **info}
             references.append(task_votes)
         combine = mask_then_merge if pipeline == "mask-then-merge" else merge_then_mask
         mask_options = {"gamma": masking.gamma, "seed": votes.seed, "unvoted": masking.unvoted}
@@ -128,7 +141,7 @@ def merge_checkpoints(
         alpha=masking.alpha,
         mask=masking.mask,
         recipe=votes.recipe,
-        shots=votes.shots,
+        shots=parse_shots(votes.shots) if pipeline != "plain" else votes.shots,
         seed=votes.seed,
         estimator=votes.estimator,
         include=masking.include,

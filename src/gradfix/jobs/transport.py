@@ -6,22 +6,30 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gradfix.checks import check_same_architecture, select_names
+from gradfix.data import parse_shots
 from gradfix.diagnostics import descent_report
 from gradfix.errors import ConfigError
-from gradfix.io import atomic_output_dir, check_output_not_input, open_checkpoint
+from gradfix.io import atomic_output_dir, open_checkpoint
 from gradfix.jobs.common import (
     DEFAULT_SHARD_BYTES,
     MaskSettings,
     VoteSettings,
     base_record,
-    input_record,
+    draw_shots,
+    save_votes,
     vote_on_target,
     write_model,
 )
-from gradfix.task_vector import TaskVector
+from gradfix.jobs.inputs import (
+    check_checkpoints,
+    check_outputs,
+    check_task_vector_nonzero,
+    check_votes_files,
+    input_record,
+    load_votes,
+)
+from gradfix.task_vector import TaskVector, float_names
 from gradfix.transport import mask_task_vector
-from gradfix.votes import SignVotes
 
 
 def transport_checkpoints(
@@ -39,63 +47,69 @@ def transport_checkpoints(
 ) -> dict[str, Any]:
     """Transport ``τ_A = source_finetuned − source_base`` onto ``target_base`` and write ``out``.
 
-    Votes come from the recipe on ``votes.data`` (``votes.shots`` per class), from saved vote
-    files (``votes_in``, added up), or both. With ``masking.mask == "none"`` no vote is taken
-    (naive transport). Returns the record written to ``out/gradfix.json``.
+    Votes come from the recipe on ``votes.data`` (``votes.shots`` per class, or every example
+    with ``"all"``), from saved vote files (``votes_in``, added up), or both; ``votes_out`` saves
+    the votes used (before the model is written, so a failed write loses no vote). With
+    ``masking.mask == "none"`` no vote is taken (naive transport).
+
+    Before any long work the job refuses an output that is, lies inside or contains an input, an
+    existing output without ``overwrite``, and checkpoints whose tensors differ; it stops on NaN or
+    Inf in any input and on an all-zero ``τ_A``. The output folder is written under a temporary
+    name and moved into place only when complete. Returns the record written to
+    ``out/gradfix.json`` (the sha256 of every input, the settings and the examples drawn).
     """
     votes = votes or VoteSettings()
     masking = masking or MaskSettings()
     out = Path(out)
-    inputs = [Path(source_base), Path(source_finetuned), Path(target_base)]
-    check_output_not_input(out, inputs)
+    votes_in = [Path(p) for p in votes_in]
+    data = votes.data if masking.mask != "none" else None
+    inputs = [Path(source_base), Path(source_finetuned), Path(target_base), *votes_in]
+    if votes.data:
+        inputs.append(Path(votes.data))
+    check_outputs(out, inputs, overwrite, votes_out)
+    check_votes_files(votes_in if masking.mask != "none" else [])
+    drawn = draw_shots(target_base, votes) if data else None
     with (
         open_checkpoint(source_base) as rb,
         open_checkpoint(source_finetuned) as rf,
         open_checkpoint(target_base) as rt,
     ):
-        dtypes = rf.dtypes()
-        names = [
-            n
-            for n in select_names(rf.names(), masking.include, masking.exclude)
-            if dtypes[n].is_floating_point
-        ]
-        if not names:
-            raise ConfigError("no floating-point tensor is left after the --include/--exclude filters")
-        check_same_architecture(
-            {
-                f"source base {source_base}": rb.shapes(),
-                f"source fine-tune {source_finetuned}": rf.shapes(),
-                f"target base {target_base}": rt.shapes(),
-            },
-            names,
-        )
+        names = float_names(rf.dtypes(), rb.dtypes(), include=masking.include, exclude=masking.exclude)
+        readers = {
+            f"source base {source_base}": rb,
+            f"source fine-tune {source_finetuned}": rf,
+            f"target base {target_base}": rt,
+        }
+        check_checkpoints(readers, names, source_finetuned)
         target_names = rt.names()
     record = base_record("transport")
     record["inputs"] = {
         "source_base": input_record(source_base),
         "source_finetuned": input_record(source_finetuned),
-        "target_base": input_record(target_base),
+        "target_base": input_record(target_base, model_files=True),
     }
     tau = TaskVector.from_checkpoints(source_base, source_finetuned, masking.include, masking.exclude)
+    check_task_vector_nonzero(tau, source_base, source_finetuned)
     reference, recipe = None, None
     if masking.mask != "none":
-        collected = [SignVotes.load(p) for p in votes_in]
-        if votes.data:
-            fresh, _, recipe, info = vote_on_target(target_base, votes, target_names, list(tau))
-            record["data"] = {**input_record(votes.data), **info}
+        collected = load_votes(votes_in, tau.shapes())
+        record["votes_in"] = [input_record(p) for p in votes_in]
+        if data:
+            fresh, _, recipe, info = vote_on_target(target_base, votes, target_names, list(tau), drawn)
+            record["data"] = {**input_record(data), **info}
             collected.append(fresh)
         if not collected:
             raise ConfigError(f"the {masking.mask!r} mask needs votes: give --data (or --votes-in)")
         reference = sum(collected[1:], collected[0]).with_estimator(votes.estimator)
         if votes_out:
-            reference.save(votes_out)
+            save_votes(reference, votes_out, overwrite=overwrite)
     masked = mask_task_vector(
         tau, reference, masking.mask, gamma=masking.gamma, seed=votes.seed, unvoted=masking.unvoted
     )
     report = descent_report(reference, masked, tau, masking.alpha) if reference is not None else None
     record.update(
         recipe=votes.recipe,
-        shots=votes.shots,
+        shots=parse_shots(votes.shots) if data else votes.shots,
         seed=votes.seed,
         estimator=votes.estimator,
         engine=votes.engine,

@@ -1,0 +1,200 @@
+"""What the jobs check about their inputs and outputs before any long work, and how they record them.
+
+- outputs: an output may not be, lie inside or contain an input, and an existing one is kept
+  unless ``overwrite``;
+- checkpoints: the tensors of ``τ`` must exist with the same shapes in every model (one error lists
+  every difference), and ``τ`` must not be all zeros;
+- votes files: present, readable, finite and of one architecture;
+- labels: the data's labels must be known to the target when it has a fixed label set (a saved
+  zero-shot head, or a classifier config with named labels);
+- provenance: ``input_record`` gives the sha256 of every file an input contributes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from gradfix.checks import FiniteCheck, check_same_architecture
+from gradfix.errors import CheckpointError, ConfigError, GradfixError, MismatchError
+from gradfix.io import (
+    check_output_free,
+    check_output_not_input,
+    list_model_files,
+    open_checkpoint,
+    sha256_file,
+)
+from gradfix.votes import SignVotes
+
+HEAD_FILE = "zero_shot_head.safetensors"
+_GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
+
+
+def input_record(path: str | Path, model_files: bool = False) -> dict[str, Any]:
+    """``{"path", "sha256": {file: digest}}`` of a checkpoint or data file, for ``gradfix.json``.
+
+    For a checkpoint folder every weight file that is read is hashed, and with ``model_files``
+    also its config and tokenizer files (those copied into the output). Keys are paths relative
+    to the folder, sorted.
+    """
+    path = Path(path)
+    if path.is_file():
+        return {"path": str(path), "sha256": {path.name: sha256_file(path)}}
+    with open_checkpoint(path) as reader:
+        files = [f.relative_to(path) for f in reader.files]
+    if model_files:
+        files += list_model_files(path)
+    digests = {rel.as_posix(): sha256_file(path / rel) for rel in sorted(set(files))}
+    return {"path": str(path), "sha256": digests}
+
+
+def check_outputs(
+    out: str | Path,
+    inputs: Sequence[str | Path],
+    overwrite: bool,
+    votes_out: str | Path | None = None,
+) -> None:
+    """Refuse, before any work, outputs that would overwrite inputs or existing results.
+
+    ``out`` (and ``votes_out``) may not be, lie inside or contain any input; an existing ``out`` or
+    ``votes_out`` needs ``overwrite``; ``votes_out`` may not lie inside ``out`` (which is built
+    elsewhere and moved into place at the end).
+    """
+    check_output_not_input(out, inputs)
+    check_output_free(out, overwrite)
+    if votes_out is not None:
+        votes_path = Path(votes_out)
+        check_output_not_input(votes_path, [*inputs, out])
+        if votes_path.is_dir():
+            raise ConfigError(f"{votes_path}: --votes-out must be a file, not a folder")
+        if votes_path.exists() and not overwrite:
+            raise ConfigError(f"{votes_path}: votes file already exists; pass --overwrite to replace it")
+
+
+def check_task_vector_nonzero(
+    tau: Mapping[str, Tensor], base: str | Path, finetuned: str | Path, what: str = "the task vector"
+) -> None:
+    """Raise if every coordinate of ``tau`` is zero: the fine-tune equals its base."""
+    if any(bool(t.ne(0).any()) for t in tau.values()):
+        return
+    raise CheckpointError(
+        f"{what} is all zeros: {finetuned} equals {base} on all {len(tau)} selected tensor(s); check "
+        "that the fine-tuned path is the fine-tuned model (not a copy of its base) and that "
+        "--include/--exclude select the tensors that were trained"
+    )
+
+
+def check_checkpoints(models: Mapping[str, Any], names: Sequence[str], selected_from: str | Path) -> None:
+    """One error for every tensor of ``names`` missing, shaped differently or not floating point.
+
+    ``models`` maps a label (role and path) to an open reader; ``selected_from`` names the
+    checkpoint whose filters left ``names`` empty, if they did.
+    """
+    if not names:
+        raise ConfigError(
+            f"{selected_from}: no floating-point tensor is left after the --include/--exclude filters"
+        )
+    check_same_architecture({label: reader.shapes() for label, reader in models.items()}, names)
+    problems = []
+    for label, reader in models.items():
+        dtypes = reader.dtypes()
+        problems += [f"{n!r} is {dtypes[n]} in {label}" for n in names if not dtypes[n].is_floating_point]
+    if problems:
+        more = f"; ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise MismatchError(
+            f"{len(problems)} tensor(s) of the task vector are not floating point: "
+            f"{'; '.join(problems[:10])}{more}; exclude them with --exclude"
+        )
+
+
+def _shapes(tensors: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(t.shape) for n, t in tensors.items()}
+
+
+def check_votes_files(paths: Sequence[str | Path]) -> None:
+    """Raise if a votes file is missing, or given twice (its votes would count double)."""
+    seen: set[Path] = set()
+    for given in paths:
+        path = Path(given)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: votes file not found")
+        if path.resolve() in seen:
+            raise ConfigError(f"{path}: votes file given twice (--votes-in); its votes would count double")
+        seen.add(path.resolve())
+
+
+def load_votes(paths: Sequence[str | Path], tau_shapes: Mapping[str, tuple[int, ...]]) -> list[SignVotes]:
+    """Read saved votes files, each checked for NaN/Inf and against ``τ``'s tensor shapes.
+
+    Every file must be present and readable, hold finite gradient sums, and cover the same
+    tensors with the same shapes as the others and as ``τ`` (one error lists every difference).
+    """
+    check_votes_files(paths)
+    loaded: dict[str, SignVotes] = {}
+    finite = FiniteCheck()
+    for given in paths:
+        path = Path(given)
+        try:
+            votes = SignVotes.load(path)
+        except GradfixError:
+            raise
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{path}: not a valid gradfix votes file ({exc!r})") from exc
+        for name, tensor in votes.grad_sum.items():
+            finite.check(path, name, tensor)
+        loaded[str(path)] = votes
+    finite.raise_if_any("the votes file is corrupted")
+    if loaded:
+        models = {label: _shapes(v.grad_sum) for label, v in loaded.items()}
+        check_same_architecture(models)
+        first = next(iter(models.values()))
+        shared = [n for n in first if n in tau_shapes]
+        check_same_architecture(
+            {"votes files": {n: first[n] for n in shared}, "task vector": dict(tau_shapes)}, shared
+        )
+    return list(loaded.values())
+
+
+def target_label_set(
+    recipe: str, target: str | Path, head_from: str | Path | None = None
+) -> tuple[list[str], str] | None:
+    """The labels a target can score, and whose they are, when it has a fixed set.
+
+    ``text-zero-shot``: the labels of its saved zero-shot head (``head_from`` or the folder's
+    ``zero_shot_head.safetensors``), else none (prompts can embed any label).
+    ``sequence-classification``: the names in ``config.json``'s ``id2label`` unless they are the
+    generic ``LABEL_0``, ``LABEL_1``, ... Other recipes: none.
+    """
+    folder = Path(target)
+    if recipe == "text-zero-shot":
+        head = Path(head_from) if head_from is not None else folder / HEAD_FILE
+        if head.is_dir():
+            head = head / HEAD_FILE
+        if not head.is_file():
+            return None
+        try:
+            with open_checkpoint(head) as reader:
+                labels = json.loads(reader.metadata().get("labels", "null"))
+        except (CheckpointError, ValueError):
+            return None  # the recipe reports a malformed head itself
+        if isinstance(labels, list) and all(isinstance(x, str) for x in labels):
+            return labels, f"the zero-shot head {head}"
+        return None
+    if recipe == "sequence-classification":
+        config = folder / "config.json"
+        try:
+            id2label = json.loads(config.read_text(encoding="utf-8")).get("id2label")
+        except (OSError, ValueError, AttributeError):
+            return None
+        if not isinstance(id2label, dict) or not id2label:
+            return None
+        names = [str(v) for v in id2label.values()]
+        if all(_GENERIC_LABEL.match(n) for n in names):
+            return None
+        return names, f"the id2label of {config}"
+    return None
