@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import save_file
 from tiny_models import make_tiny_bert, perturbed_copy, topic_examples, write_jsonl
 
-import gradfix.io.writer as writer_module
-import gradfix.jobs.common as common_module
+import gradfix.io.streaming as streaming_module
+import gradfix.jobs.apply as apply_module
 from gradfix.cli.main import main
 from gradfix.errors import NonFiniteError
 from gradfix.io import load_state_dict
@@ -114,16 +114,17 @@ def test_a_pickle_that_would_run_code_is_refused_and_never_run(models, tmp_path,
 
 # -- atomic outputs -------------------------------------------------------------------------------
 def _full_disk_on_call(monkeypatch: pytest.MonkeyPatch, failing_call: int) -> list[int]:
+    """The disk fills up when the ``failing_call``-th weight shard is created."""
     calls: list[int] = []
-    real = writer_module.save_file
 
-    def save_file_until_full(*args: Any, **kwargs: Any) -> None:
-        calls.append(1)
-        if len(calls) == failing_call:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(*args, **kwargs)
+    def open_until_full(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if "w" in mode:
+            calls.append(1)
+            if len(calls) == failing_call:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return open(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(writer_module, "save_file", save_file_until_full)
+    monkeypatch.setattr(streaming_module, "open", open_until_full, raising=False)
     return calls
 
 
@@ -153,7 +154,7 @@ def test_a_full_disk_on_the_second_shard_leaves_nothing_and_keeps_inputs(
 def test_a_crash_mid_write_leaves_nothing_and_an_existing_output_intact(
     models, tmp_path, monkeypatch
 ) -> None:
-    real, seen = common_module.apply_tensor, []
+    real, seen = apply_module.apply_tensor, []
 
     def crash_on_sixth(*args: Any) -> torch.Tensor:
         seen.append(1)
@@ -161,7 +162,7 @@ def test_a_crash_mid_write_leaves_nothing_and_an_existing_output_intact(
             raise RuntimeError("power cut")
         return real(*args)
 
-    monkeypatch.setattr(common_module, "apply_tensor", crash_on_sixth)
+    monkeypatch.setattr(apply_module, "apply_tensor", crash_on_sixth)
     out = tmp_path / "B-ft"
     none = MaskSettings(mask="none", exclude=["pooler.*"])
     with pytest.raises(RuntimeError, match="power cut"):
@@ -180,7 +181,7 @@ def test_ctrl_c_mid_write_leaves_nothing(models, tmp_path, capsys, monkeypatch) 
     def interrupted(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(writer_module, "save_file", interrupted)
+    monkeypatch.setattr(streaming_module.StreamingSafetensorsFile, "write", interrupted)
     assert main(_args(models, tmp_path / "out", "--mask", "none")) == 130
     assert "no output was written" in capsys.readouterr().err
     _no_leftovers(tmp_path)

@@ -56,7 +56,9 @@ def reference_margins(reference: Reference) -> dict[str, Tensor]:
     return {n: s.to(torch.float32) for n, s in reference_signs(reference).items()}
 
 
-def _seeded_generator(seed: int, name: str) -> torch.Generator:
+def seeded_generator(seed: int, name: str) -> torch.Generator:
+    """The random generator of tensor ``name``: seeded from ``seed`` and the name, so that a tensor's
+    random draw does not depend on which other tensors are processed, or in which order."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
@@ -122,7 +124,7 @@ def mask_task_vector(
     out: dict[str, Tensor] = {}
     for name, t in tau.items():
         if name in covered:
-            generator = _seeded_generator(seed, name) if mask == "random" else None
+            generator = seeded_generator(seed, name) if mask == "random" else None
             out[name] = apply_mask(
                 mask, t, signs[name], values.get(name), gamma=gamma, generator=generator, threshold=threshold
             )

@@ -173,6 +173,14 @@ class CheckpointReader:
         """Load one tensor (on CPU). Raises CheckpointError for an unknown name."""
         return self._shard_of(name).tensor(name)
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (first axis) of one tensor; a 0-d tensor is returned whole.
+
+        Safetensors files are read with plain reads, so that streaming a large checkpoint slice
+        by slice keeps only one slice in memory.
+        """
+        return self._shard_of(name).rows(name, start, stop)
+
     def file_of(self, name: str) -> Path:
         """The weight file that holds tensor ``name`` (for messages that name the file)."""
         return self._shard_of(name).path

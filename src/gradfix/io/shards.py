@@ -8,6 +8,8 @@ message that says why and how to convert it.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import warnings
 from collections.abc import Mapping
@@ -82,6 +84,7 @@ class _SafetensorsShard:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._handle: Any = None
+        self._layout: tuple[int, dict[str, Any]] | None = None
 
     def _open(self) -> Any:
         if self._handle is None:
@@ -143,6 +146,41 @@ class _SafetensorsShard:
         except Exception as exc:
             raise self._fail(exc) from exc
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor, read with plain file reads (no memory map).
+
+        Reading a large checkpoint slice by slice this way keeps the process's resident memory at
+        the size of one slice; a memory-mapped read would keep every page it touched resident.
+        """
+        shape, dtype = self.shape(name), self.dtype(name)
+        if not shape:
+            return self.tensor(name)
+        data_start, entries = self._offsets()
+        begin = int(entries[name]["data_offsets"][0])
+        row_bytes = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+        start, stop = max(0, start), min(shape[0], stop)
+        count = max(0, stop - start) * row_bytes
+        buffer = bytearray(count)
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(data_start + begin + start * row_bytes)
+                got = handle.readinto(buffer)
+        except OSError as exc:
+            raise self._fail(exc, name) from exc
+        if got != count:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is cut short; the file is truncated")
+        out = torch.frombuffer(buffer, dtype=dtype) if count else torch.empty(0, dtype=dtype)
+        return out.reshape(max(0, stop - start), *shape[1:])
+
+    def _offsets(self) -> tuple[int, dict[str, Any]]:
+        if self._layout is None:
+            self._open()  # validates the header
+            with open(self.path, "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(size))
+            self._layout = (8 + size, header)
+        return self._layout
+
     def close(self) -> None:
         handle, self._handle = self._handle, None
         if handle is not None and hasattr(handle, "__exit__"):
@@ -172,6 +210,10 @@ class _TorchShard:
 
     def tensor(self, name: str) -> torch.Tensor:
         return self._load()[name]
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        tensor = self._load()[name]
+        return tensor.clone() if tensor.dim() == 0 else tensor[start:stop].clone()
 
     def metadata(self) -> dict[str, str]:
         return {}

@@ -15,6 +15,8 @@ from typing import BinaryIO
 
 import torch
 
+from gradfix.errors import OutputError
+
 _DTYPES = {
     torch.float64: "F64",
     torch.float32: "F32",
@@ -155,22 +157,35 @@ class StreamingShardedWriter:
         self._open_index = -1
 
     def write(self, name: str, data: torch.Tensor) -> None:
-        """Append (part of) tensor ``name``'s data; tensors must come in plan order."""
+        """Append (part of) tensor ``name``'s data; tensors must come in plan order.
+
+        A failed write (a full disk, say) raises :class:`OutputError` naming the shard.
+        """
         index = self._shard_of.get(name)
         if index is None:
             raise ValueError(f"{name} is not in the output plan")
-        if index != self._open_index:
-            if self._open is not None:
-                self._open.close()
-            self._open = StreamingSafetensorsFile(
-                self.out_dir / self.names[index], self.shards[index], self.metadata
-            )
-            self._open_index = index
-        assert self._open is not None
-        self._open.write(name, data)
+        try:
+            if index != self._open_index:
+                if self._open is not None:
+                    self._open.close()
+                self._open_index = index
+                self._open = StreamingSafetensorsFile(
+                    self.out_dir / self.names[index], self.shards[index], self.metadata
+                )
+            assert self._open is not None
+            self._open.write(name, data)
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise OutputError(f"cannot write weight shard {self._open_index + 1} ({reason})") from exc
 
     def close(self) -> list[Path]:
         """Finish every shard (and the index when there are several); return the files."""
+        try:
+            return self._finish()
+        except OSError as exc:
+            raise OutputError(f"cannot finish the weight files ({exc.strerror or exc})") from exc
+
+    def _finish(self) -> list[Path]:
         for index in range(max(self._open_index, 0), len(self.shards)):
             if index == self._open_index and self._open is not None:
                 self._open.close()

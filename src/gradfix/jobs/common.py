@@ -52,6 +52,7 @@ __all__ = [
     "align_names",
     "base_record",
     "draw_shots",
+    "finish_output",
     "input_record",
     "save_votes",
     "vote_on_target",
@@ -85,6 +86,7 @@ class MaskSettings:
     exclude: list[str] = field(default_factory=list)
     unvoted: str = "error"
     gamma: float = 1.0
+    threshold: float = 0.3
 
 
 def align_names(model_names: Sequence[str], checkpoint_names: Sequence[str]) -> dict[str, str]:
@@ -249,13 +251,23 @@ def write_model(
                 f"{target}: θ + α·τ with α = {alpha:g} overflows the dtype of {len(overflow)} tensor(s): "
                 f"{', '.join(overflow[:10])}{more}; lower --alpha or convert the target to float32"
             )
-        files = [p.name for p in writer.close()]
+        record["files"] = [p.name for p in writer.close()]
+    return finish_output(out, target, record, recipe)
+
+
+def finish_output(out: Path, target: str | Path, record: dict[str, Any], recipe: Any = None) -> list[str]:
+    """Copy the target's config and tokenizer files, save the zero-shot head, write ``gradfix.json``.
+
+    ``record["files"]`` (the weight files) gains the head file; returns that list.
+    """
     copy_model_files(target, out)
+    files = list(record.get("files", []))
     try:
         if recipe is not None and hasattr(recipe, "save_head"):
             recipe.save_head(out / HEAD_FILE)
             sort_safetensors_metadata(out / HEAD_FILE)
             files.append(HEAD_FILE)
+        record["files"] = files
         text = json.dumps(record, indent=2, sort_keys=True) + "\n"
         (out / "gradfix.json").write_text(text, encoding="utf-8")
     except WRITE_ERRORS as exc:

@@ -80,10 +80,16 @@ def check_task_vector_nonzero(
     tau: Mapping[str, Tensor], base: str | Path, finetuned: str | Path, what: str = "the task vector"
 ) -> None:
     """Raise if every coordinate of ``tau`` is zero: the fine-tune equals its base."""
-    if any(bool(t.ne(0).any()) for t in tau.values()):
-        return
+    if not any(bool(t.ne(0).any()) for t in tau.values()):
+        raise_zero_task_vector(len(tau), base, finetuned, what)
+
+
+def raise_zero_task_vector(
+    count: int, base: str | Path, finetuned: str | Path, what: str = "the task vector"
+) -> None:
+    """The error for a task vector whose ``count`` selected tensors are all zero."""
     raise CheckpointError(
-        f"{what} is all zeros: {finetuned} equals {base} on all {len(tau)} selected tensor(s); check "
+        f"{what} is all zeros: {finetuned} equals {base} on all {count} selected tensor(s); check "
         "that the fine-tuned path is the fine-tuned model (not a copy of its base) and that "
         "--include/--exclude select the tensors that were trained"
     )
@@ -158,6 +164,44 @@ def load_votes(paths: Sequence[str | Path], tau_shapes: Mapping[str, tuple[int, 
             {"votes files": {n: first[n] for n in shared}, "task vector": dict(tau_shapes)}, shared
         )
     return list(loaded.values())
+
+
+def validate_votes_files(paths: Sequence[str | Path], tau_shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Check saved votes files without loading them: headers, shapes, and finite gradient sums.
+
+    The same checks as :func:`load_votes` (one error per kind of problem, naming the file and the
+    tensors), reading the gradient sums slice by slice so that memory stays bounded.
+    """
+    from gradfix.jobs.apply import row_slices
+
+    check_votes_files(paths)
+    finite = FiniteCheck()
+    models: dict[str, dict[str, tuple[int, ...]]] = {}
+    for given in paths:
+        path = Path(given)
+        with open_checkpoint(path) as reader:
+            meta = reader.metadata()
+            try:
+                if meta.get("gradfix_kind") != "gradfix.sign_votes":
+                    raise ValueError("no gradfix_kind header")
+                int(meta["num_samples"])
+                json.loads(meta.get("hits", "{}")).items()
+            except (KeyError, ValueError, TypeError, AttributeError) as exc:
+                raise CheckpointError(f"{path}: not a valid gradfix votes file ({exc!r})") from exc
+            shapes = reader.shapes()
+            grads = {k[len("grad_sum/") :]: s for k, s in shapes.items() if k.startswith("grad_sum/")}
+            models[str(path)] = grads
+            for name, shape in grads.items():
+                for start, stop in row_slices(shape):
+                    finite.check(path, name, reader.rows(f"grad_sum/{name}", start, stop))
+    finite.raise_if_any("the votes file is corrupted")
+    if models:
+        check_same_architecture(models)
+        first = next(iter(models.values()))
+        shared = [n for n in first if n in tau_shapes]
+        check_same_architecture(
+            {"votes files": {n: first[n] for n in shared}, "task vector": dict(tau_shapes)}, shared
+        )
 
 
 def target_label_set(

@@ -7,29 +7,29 @@ from pathlib import Path
 from typing import Any
 
 from gradfix.data import parse_shots
-from gradfix.diagnostics import descent_report
 from gradfix.errors import ConfigError
 from gradfix.io import atomic_output_dir, open_checkpoint
+from gradfix.jobs.apply import MaskPlan, VoteSource, scan_task_vector, stream_transport
 from gradfix.jobs.common import (
     DEFAULT_SHARD_BYTES,
     MaskSettings,
     VoteSettings,
     base_record,
     draw_shots,
+    finish_output,
     save_votes,
     vote_on_target,
-    write_model,
 )
 from gradfix.jobs.inputs import (
     check_checkpoints,
     check_outputs,
-    check_task_vector_nonzero,
     check_votes_files,
     input_record,
     load_votes,
+    raise_zero_task_vector,
+    validate_votes_files,
 )
-from gradfix.task_vector import TaskVector, float_names
-from gradfix.transport import mask_task_vector
+from gradfix.task_vector import float_names
 
 
 def transport_checkpoints(
@@ -54,9 +54,11 @@ def transport_checkpoints(
 
     Before any long work the job refuses an output that is, lies inside or contains an input, an
     existing output without ``overwrite``, and checkpoints whose tensors differ; it stops on NaN or
-    Inf in any input and on an all-zero ``τ_A``. The output folder is written under a temporary
-    name and moved into place only when complete. Returns the record written to
-    ``out/gradfix.json`` (the sha256 of every input, the settings and the examples drawn).
+    Inf in any input and on an all-zero ``τ_A``. Checkpoints and vote files are read, masked and
+    written in row slices, so memory does not grow with the model (see :mod:`gradfix.jobs.apply`).
+    The output folder is written under a temporary name and moved into place only when complete.
+    Returns the record written to ``out/gradfix.json`` (the sha256 of every input, the settings
+    and the examples drawn).
     """
     votes = votes or VoteSettings()
     masking = masking or MaskSettings()
@@ -69,6 +71,8 @@ def transport_checkpoints(
     check_outputs(out, inputs, overwrite, votes_out)
     check_votes_files(votes_in if masking.mask != "none" else [])
     drawn = draw_shots(target_base, votes) if data else None
+    if masking.mask != "none" and not data and not votes_in:
+        raise ConfigError(f"the {masking.mask!r} mask needs votes: give --data (or --votes-in)")
     with (
         open_checkpoint(source_base) as rb,
         open_checkpoint(source_finetuned) as rf,
@@ -81,49 +85,62 @@ def transport_checkpoints(
             f"target base {target_base}": rt,
         }
         check_checkpoints(readers, names, source_finetuned)
-        target_names = rt.names()
-    record = base_record("transport")
-    record["inputs"] = {
-        "source_base": input_record(source_base),
-        "source_finetuned": input_record(source_finetuned),
-        "target_base": input_record(target_base, model_files=True),
-    }
-    tau = TaskVector.from_checkpoints(source_base, source_finetuned, masking.include, masking.exclude)
-    check_task_vector_nonzero(tau, source_base, source_finetuned)
-    reference, recipe = None, None
-    if masking.mask != "none":
-        collected = load_votes(votes_in, tau.shapes())
-        record["votes_in"] = [input_record(p) for p in votes_in]
-        if data:
-            fresh, _, recipe, info = vote_on_target(target_base, votes, target_names, list(tau), drawn)
-            record["data"] = {**input_record(data), **info}
-            collected.append(fresh)
-        if not collected:
-            raise ConfigError(f"the {masking.mask!r} mask needs votes: give --data (or --votes-in)")
-        reference = sum(collected[1:], collected[0]).with_estimator(votes.estimator)
-        if votes_out:
-            save_votes(reference, votes_out, overwrite=overwrite)
-    masked = mask_task_vector(
-        tau, reference, masking.mask, gamma=masking.gamma, seed=votes.seed, unvoted=masking.unvoted
-    )
-    report = descent_report(reference, masked, tau, masking.alpha) if reference is not None else None
-    record.update(
-        recipe=votes.recipe,
-        shots=parse_shots(votes.shots) if data else votes.shots,
-        seed=votes.seed,
-        estimator=votes.estimator,
-        engine=votes.engine,
-        template=votes.template,
-        mask=masking.mask,
-        alpha=masking.alpha,
-        include=masking.include,
-        exclude=masking.exclude,
-        unvoted=masking.unvoted,
-        gamma=masking.gamma,
-        num_samples=reference.num_samples if reference is not None else 0,
-        kept_fraction={n: float((masked[n] * tau[n] > 0).double().mean()) for n in tau},
-        descent=report.to_dict() if report else None,
-    )
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        record["files"] = write_model(tmp, target_base, masked, masking.alpha, shard_bytes, record, recipe)
+        nonzero = scan_task_vector(rb, rf, names)
+        if not nonzero:
+            raise_zero_task_vector(len(names), source_base, source_finetuned)
+        record = base_record("transport")
+        record["inputs"] = {
+            "source_base": input_record(source_base),
+            "source_finetuned": input_record(source_finetuned),
+            "target_base": input_record(target_base, model_files=True),
+        }
+        source, recipe = None, None
+        if masking.mask != "none":
+            fresh = []
+            record["votes_in"] = [input_record(p) for p in votes_in]
+            if data:
+                voted, _, recipe, info = vote_on_target(target_base, votes, rt.names(), names, drawn)
+                record["data"] = {**input_record(data), **info}
+                fresh.append(voted)
+            validate_votes_files(votes_in, {n: rt.shapes()[n] for n in names})
+            if votes_out:
+                collected = [*load_votes(votes_in, rt.shapes()), *fresh]
+                save_votes(
+                    sum(collected[1:], collected[0]).with_estimator(votes.estimator), votes_out, overwrite
+                )
+            source = VoteSource(fresh, votes_in, votes.estimator)
+        plan = MaskPlan(
+            mask=masking.mask,
+            alpha=masking.alpha,
+            gamma=masking.gamma,
+            threshold=masking.threshold,
+            seed=votes.seed,
+            unvoted=masking.unvoted,
+        )
+        record.update(
+            recipe=votes.recipe,
+            shots=parse_shots(votes.shots) if data else votes.shots,
+            seed=votes.seed,
+            estimator=votes.estimator,
+            engine=votes.engine,
+            template=votes.template,
+            mask=masking.mask,
+            alpha=masking.alpha,
+            include=masking.include,
+            exclude=masking.exclude,
+            unvoted=masking.unvoted,
+            gamma=masking.gamma,
+            threshold=masking.threshold,
+            num_samples=source.num_samples if source is not None else 0,
+        )
+        try:
+            with atomic_output_dir(out, overwrite=overwrite) as tmp:
+                files, kept, report = stream_transport(
+                    rb, rf, rt, names, nonzero, source, plan, tmp, shard_bytes
+                )
+                record.update(files=files, kept_fraction=kept, descent=report.to_dict() if report else None)
+                finish_output(tmp, target_base, record, recipe)
+        finally:
+            if source is not None:
+                source.close()
     return record

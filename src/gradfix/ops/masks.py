@@ -29,19 +29,24 @@ def sign_forcing(tau: Tensor, reference_sign: Tensor) -> Tensor:
     return tau.abs() * reference_sign.to(tau.dtype)
 
 
-def magnitude_scaled_mask(tau: Tensor, reference: Tensor, gamma: float = 1.0) -> Tensor:
+def magnitude_scaled_mask(
+    tau: Tensor, reference: Tensor, gamma: float = 1.0, scales: tuple[float, float] | None = None
+) -> Tensor:
     """Magnitude-scaled soft mask (Eq. 12): ``m_i = max(0, tanh(γ · τ̃_i · r̃_i))``.
 
     ``τ̃ = τ / rms(τ)`` and ``r̃ = r / rms(r)`` are the task vector and the real-valued reference
     (the oracle ``τ_B``, or the mean anti-gradient ``−ḡ``) scaled to unit root-mean-square per
     tensor, so that ``γ`` does not depend on the scale of either. The mask is near 1 where the
     signs agree and both magnitudes are large, small where either is small, 0 on disagreement.
+    ``scales`` gives ``(rms(τ), rms(r))`` of the whole tensor when ``tau`` is only a slice of it.
     """
     _check_same_shape(tau, reference)
     t = tau.to(torch.float32)
     r = reference.to(torch.float32)
-    t = t / _rms(t)
-    r = r / _rms(r)
+    if scales is None:
+        t, r = t / _rms(t), r / _rms(r)
+    else:
+        t, r = t / (scales[0] or 1.0), r / (scales[1] or 1.0)
     return torch.tanh(gamma * t * r).clamp_min(0).to(tau.dtype)
 
 
@@ -104,6 +109,7 @@ def apply_mask(
     gamma: float = 1.0,
     generator: torch.Generator | None = None,
     threshold: float = 0.3,
+    scales: tuple[float, float] | None = None,
 ) -> Tensor:
     """Return the masked task vector ``τ'`` of one tensor for the strategy ``name``.
 
@@ -125,7 +131,7 @@ def apply_mask(
         return sign_forcing(tau, reference_sign)
     if name == "magnitude":
         ref = reference_value if reference_value is not None else reference_sign.to(tau.dtype)
-        return magnitude_scaled_mask(tau, ref, gamma) * tau
+        return magnitude_scaled_mask(tau, ref, gamma, scales) * tau
     if name in ("gate", "confidence"):
         margin = reference_value if reference_value is not None else reference_sign.to(torch.float32)
         if name == "gate":
