@@ -71,7 +71,9 @@ def best_time(fn: Callable[[], object], repeat: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--skip-slow", action="store_true", help="skip the loop and reference timings")
@@ -86,15 +88,19 @@ def main() -> None:
     batch = recipe.collate(examples[:32])
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in trainable)
-    print(f"all-MiniLM-L6-v2, {n_params / 1e6:.1f} M trainable parameters, 32 samples x "
-          f"{batch['input_ids'].shape[1]} tokens, {args.threads} threads")
+    print(
+        f"all-MiniLM-L6-v2, {n_params / 1e6:.1f} M trainable parameters, 32 samples x "
+        f"{batch['input_ids'].shape[1]} tokens, {args.threads} threads"
+    )
 
     def batched() -> None:
         loss = recipe.loss(model, batch).sum()
         torch.autograd.grad(loss, trainable)
 
     def engine(name: str, data: dict | None = None) -> Callable[[], object]:
-        return lambda: estimate_signs(model, [data or batch], recipe.loss, engine=name, chunk_size=4, progress=False)
+        return lambda: estimate_signs(
+            model, [data or batch], recipe.loss, engine=name, chunk_size=4, progress=False
+        )
 
     def reference() -> None:
         losses = recipe.loss(model, batch)

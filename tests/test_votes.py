@@ -155,3 +155,16 @@ def test_scalar_loss_is_refused_with_a_clear_error() -> None:
 def test_empty_batches_are_an_error() -> None:
     with pytest.raises(GradfixError, match="no samples"):
         estimate_signs(_mlp(), [], _loss, progress=False)
+
+
+def test_counters_widen_past_int16() -> None:
+    """33,000 samples: the int16 running counters must widen before they overflow."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(33000, 3, generator=g, dtype=torch.float64)
+    y = torch.zeros(33000, dtype=torch.long)  # every sample pushes the same way: counts reach ±33,000
+    data = [{"x": x[:20000], "y": y[:20000]}, {"x": x[20000:], "y": y[20000:]}]
+    votes = estimate_signs(model, data, _loss, engine="hooks", progress=False)
+    assert votes.counts["bias"].dtype == torch.int32
+    assert votes.counts["bias"].tolist() == [33000, -33000]

@@ -151,14 +151,15 @@ def _shapes(tensors: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
 class _Accumulator:
     """Running vote sums and gradient sums (float32; float64 for float64 parameters).
 
-    Vote sums are kept in float32 while voting (exact for integers below 2^24, far more samples
-    than a few-shot vote needs) and returned in the smallest integer dtype that holds them.
+    Vote sums are kept in int16 while voting (half the memory of the gradient sums), widened to
+    int32 when the number of samples could exceed int16's range, and returned in the smallest
+    integer dtype that holds them.
     """
 
     def __init__(self, params: Mapping[str, Tensor], with_counts: bool):
         self.grad_sum = {n: torch.zeros_like(p, dtype=_sum_dtype(p)) for n, p in params.items()}
         self.counts = (
-            {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()} if with_counts else {}
+            {n: torch.zeros(p.shape, dtype=torch.int16) for n, p in params.items()} if with_counts else {}
         )
         self.hits = dict.fromkeys(params, 0)
         self.n = 0
@@ -168,12 +169,12 @@ class _Accumulator:
         grads = grads.detach()
         signs = torch.sign(grads)
         self.grad_sum[name] += grads.sum(dim=0).to(self.grad_sum[name].dtype)
-        self.counts[name] -= signs.sum(dim=0).to(torch.float32)  # Σ sign(−g) = −Σ sign(g), exact
+        self.counts[name] -= signs.sum(dim=0).to(self.counts[name].dtype)  # Σ sign(−g) = −Σ sign(g), exact
         self.hits[name] += int(signs.flatten(1).any(dim=1).sum())
 
     def add_sums(self, name: str, sign_sum: Tensor, grad_sum: Tensor, hits: int) -> None:
         """Add ``Σ_j sign(g^(j))`` and ``Σ_j g^(j)`` already summed over some samples."""
-        self.counts[name] -= sign_sum.to(torch.float32)
+        self.counts[name] -= sign_sum.to(self.counts[name].dtype)
         self.grad_sum[name] += grad_sum.to(self.grad_sum[name].dtype)
         self.hits[name] += hits
 
@@ -181,8 +182,15 @@ class _Accumulator:
         """Add one sample's gradient given only on some rows (an embedding): the others are 0."""
         grads = grads.detach()
         self.grad_sum[name].index_add_(0, rows, grads.to(self.grad_sum[name].dtype))
-        self.counts[name].index_add_(0, rows, -torch.sign(grads).to(torch.float32))
+        self.counts[name].index_add_(0, rows, -torch.sign(grads).to(self.counts[name].dtype))
         self.hits[name] += int(bool(grads.ne(0).any()))
+
+    def widen_for(self, incoming: int) -> None:
+        """Before a batch: switch the counters to int32 if ``n`` plus its samples could overflow int16."""
+        if self.counts and self.n + incoming > torch.iinfo(torch.int16).max:
+            for name, c in self.counts.items():
+                if c.dtype == torch.int16:
+                    self.counts[name] = c.to(torch.int32)
 
     def reset(self, name: str) -> None:
         """Forget everything added for ``name`` (its votes are recomputed)."""
@@ -198,8 +206,6 @@ class _Accumulator:
             self.hits[name] += samples if bool(grad.ne(0).any()) else 0
 
     def result(self, estimator: str) -> SignVotes:
-        if self.n >= 2**24:
-            raise GradfixError(f"{self.n} samples exceed the exact range of the vote counters (2^24)")
         dtype = count_dtype(self.n)
         counts = {k: v.to(dtype) for k, v in self.counts.items()}
         return SignVotes(counts, self.grad_sum, self.n, estimator, self.hits)
@@ -250,6 +256,7 @@ def estimate_signs(
     try:
         for batch in batches:
             size = batch_size(batch)
+            acc.widen_for(size)
             if estimator == "mean":
                 _summed_backward(model, params, batch, loss_fn, acc, size)
             else:
