@@ -223,3 +223,53 @@ def test_help_for_each_command(capsys) -> None:
             main([command, "--help"])
         assert done.value.code == 0
         assert "--config" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["transfusion", "theseus"])
+def test_alignment_methods_through_the_cli(models, tmp_path, method) -> None:
+    out = tmp_path / method
+    args = [
+        "transport", "--source-base", str(models["A"]), "--source-finetuned", str(models["A-ft"]),
+        "--target-base", str(models["B"]), "--method", method, "--out", str(out), "--no-progress",
+    ]  # fmt: skip
+    assert main(args) == 0
+    record = json.loads((out / "gradfix.json").read_text())
+    assert record["method"] == method and record["mask"] == "none"
+    written, target = load_state_dict(out), load_state_dict(models["B"])
+    assert set(written) == set(target)
+    assert any(not torch.equal(written[n], target[n]) for n in target)
+    masked = tmp_path / f"{method}-gradfix"
+    assert (
+        main(
+            [
+                *args[:-3],
+                "--out",
+                str(masked),
+                "--mask",
+                "agreement",
+                "--data",
+                str(models["few"]),
+                "--exclude",
+                "pooler.*",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    record = json.loads((masked / "gradfix.json").read_text())
+    assert record["mask"] == "agreement" and record["descent"]["total_inner"] < 0
+
+
+def test_naive_method_refuses_a_mask(models, tmp_path, capsys) -> None:
+    args = _transport_args(models, tmp_path / "x", "--method", "naive", "--mask", "agreement")
+    assert main(args) == 2
+    assert "--method naive" in capsys.readouterr().err
+
+
+def test_gate_mask_through_the_cli(models, tmp_path) -> None:
+    out = tmp_path / "gate"
+    assert main(_transport_args(models, out, "--mask", "gate", "--threshold", "2")) == 0
+    naive = tmp_path / "naive"
+    assert main(_transport_args(models, naive, "--method", "naive")) == 0
+    a, b = load_state_dict(out), load_state_dict(naive)
+    assert all(torch.equal(a[n], b[n]) for n in a)  # a threshold above 1 never drops: naive addition

@@ -15,6 +15,7 @@ from typing import Any
 
 from gradfix.cli.config import as_list, load_config, merge_config, parse_size
 from gradfix.cli.inspect_cmd import add_inspect_parser
+from gradfix.cli.zoo_cmd import add_zoo_parser
 from gradfix.errors import ConfigError, GradfixError
 
 _EPILOG_TRANSPORT = """\
@@ -49,8 +50,9 @@ TRANSPORT_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "estimator": "majority",
     "engine": "auto",
-    "mask": "agreement",
+    "method": "gradfix",
     "alpha": 1.0,
+    "threshold": 0.3,
     "unvoted": "error",
     "gamma": 1.0,
     "batch_size": 8,
@@ -62,6 +64,7 @@ TRANSPORT_DEFAULTS: dict[str, Any] = {
 }
 MERGE_DEFAULTS: dict[str, Any] = {
     **TRANSPORT_DEFAULTS,
+    "mask": "agreement",
     "method": "ties",
     "pipeline": "plain",
     "density": 0.2,
@@ -127,8 +130,15 @@ def _masking(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("masking and output")
     g.add_argument(
         "--mask",
-        choices=["agreement", "forcing", "magnitude", "random", "none"],
-        help="agreement = GradFix (default); none = naive θ_B + α τ_A",
+        choices=["agreement", "forcing", "magnitude", "random", "gate", "confidence", "none"],
+        help="agreement = GradFix (default with --method gradfix); gate = drop only where the votes "
+        "oppose τ_A's sign by a margin ≥ --threshold; confidence = weight by the share of agreeing votes; "
+        "none = no mask (default with the other methods)",
+    )
+    g.add_argument(
+        "--threshold",
+        type=float,
+        help="gate mask: share of opposing votes that drops a value (0: GradFix, >1: naive; default 0.3)",
     )
     g.add_argument("--alpha", type=float, help="scale α of the transported task vector (default 1.0)")
     g.add_argument(
@@ -172,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="labelled examples for the target's votes (.jsonl or .csv)")
     t.add_argument("--votes-in", action="append", metavar="FILE", help="add votes saved by --votes-out")
     t.add_argument("--votes-out", metavar="FILE", help="save the votes (safetensors) to resume or combine")
+    t.add_argument(
+        "--method",
+        choices=["gradfix", "naive", "transfusion", "theseus"],
+        help="gradfix (default): mask τ_A with the target's votes; naive: θ_B + α τ_A; transfusion: permute "
+        "τ_A onto B (data-free re-basin); theseus: map τ_A onto B by Procrustes (widths may differ). "
+        "transfusion/theseus are masked too when --mask is given",
+    )
     _voting(t)
     _masking(t)
     _common(t)
@@ -222,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(handler=run_eval)
 
     add_inspect_parser(sub, _common)
+    add_zoo_parser(sub, _common)
     return parser
 
 
@@ -256,6 +274,7 @@ def _settings(args: argparse.Namespace) -> tuple[Any, Any]:
         exclude=as_list(args.exclude),
         unvoted=args.unvoted,
         gamma=args.gamma,
+        threshold=args.threshold,
     )
     return votes, masking
 
@@ -265,6 +284,10 @@ def run_transport(args: argparse.Namespace) -> dict[str, Any]:
     from gradfix.jobs import transport_checkpoints
 
     _require(args, "source_base", "source_finetuned", "target_base", "out")
+    if args.method == "naive" and args.mask not in (None, "none"):
+        raise ConfigError(f"--method naive adds τ_A unmasked; drop --mask {args.mask} or use another method")
+    if args.mask is None:
+        args.mask = "agreement" if args.method == "gradfix" else "none"
     votes, masking = _settings(args)
     record = transport_checkpoints(
         args.source_base,
@@ -277,11 +300,13 @@ def run_transport(args: argparse.Namespace) -> dict[str, Any]:
         shard_bytes=parse_size(args.shard_size),
         votes_in=as_list(args.votes_in),
         votes_out=args.votes_out,
+        method=args.method,
     )
     if not args.json:
         report = record.get("descent")
         print(
-            f"transported {len(record['kept_fraction'])} tensors with mask={args.mask} alpha={args.alpha}"
+            f"transported {len(record['kept_fraction'])} tensors with method={args.method} mask={args.mask} "
+            f"alpha={args.alpha}"
             f" from {record['num_samples']} examples"
         )
         if report:

@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from gradfix.data import parse_shots
+from gradfix.diagnostics import descent_report
 from gradfix.errors import ConfigError
 from gradfix.io import atomic_output_dir, open_checkpoint
+from gradfix.jobs.aligned import METHODS, aligned_task_vector
 from gradfix.jobs.apply import MaskPlan, VoteSource, scan_task_vector, stream_transport
 from gradfix.jobs.common import (
     DEFAULT_SHARD_BYTES,
@@ -19,17 +21,20 @@ from gradfix.jobs.common import (
     finish_output,
     save_votes,
     vote_on_target,
+    write_model,
 )
 from gradfix.jobs.inputs import (
     check_checkpoints,
     check_outputs,
+    check_task_vector_nonzero,
     check_votes_files,
     input_record,
     load_votes,
     raise_zero_task_vector,
     validate_votes_files,
 )
-from gradfix.task_vector import float_names
+from gradfix.task_vector import TaskVector, float_names
+from gradfix.transport import mask_task_vector
 
 
 def transport_checkpoints(
@@ -44,6 +49,7 @@ def transport_checkpoints(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     votes_in: Sequence[str | Path] = (),
     votes_out: str | Path | None = None,
+    method: str = "gradfix",
 ) -> dict[str, Any]:
     """Transport ``τ_A = source_finetuned − source_base`` onto ``target_base`` and write ``out``.
 
@@ -59,9 +65,27 @@ def transport_checkpoints(
     The output folder is written under a temporary name and moved into place only when complete.
     Returns the record written to ``out/gradfix.json`` (the sha256 of every input, the settings
     and the examples drawn).
+
+    ``method`` ``transfusion`` or ``theseus`` first carries ``τ_A`` into the target's coordinates
+    (see :mod:`gradfix.jobs.aligned`; in memory, and for Theseus the target may differ in width),
+    then masks it as ``masking.mask`` says.
     """
     votes = votes or VoteSettings()
     masking = masking or MaskSettings()
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method in ("transfusion", "theseus"):
+        return _transport_aligned(
+            method,
+            source_base,
+            source_finetuned,
+            target_base,
+            Path(out),
+            votes,
+            masking,
+            overwrite,
+            shard_bytes,
+        )
     out = Path(out)
     votes_in = [Path(p) for p in votes_in]
     data = votes.data if masking.mask != "none" else None
@@ -118,6 +142,7 @@ def transport_checkpoints(
             unvoted=masking.unvoted,
         )
         record.update(
+            method=method,
             recipe=votes.recipe,
             shots=parse_shots(votes.shots) if data else votes.shots,
             seed=votes.seed,
@@ -143,4 +168,66 @@ def transport_checkpoints(
         finally:
             if source is not None:
                 source.close()
+    return record
+
+
+def _transport_aligned(
+    method: str,
+    source_base: str | Path,
+    source_finetuned: str | Path,
+    target_base: str | Path,
+    out: Path,
+    votes: VoteSettings,
+    masking: MaskSettings,
+    overwrite: bool,
+    shard_bytes: int,
+) -> dict[str, Any]:
+    """TransFusion or Theseus: align ``τ_A`` to the target, mask it (votes taken on the target), write."""
+    data = votes.data if masking.mask != "none" else None
+    inputs = [Path(source_base), Path(source_finetuned), Path(target_base), *([Path(data)] if data else [])]
+    check_outputs(out, inputs, overwrite)
+    drawn = draw_shots(target_base, votes) if data else None
+    if masking.mask != "none" and not data:
+        raise ConfigError(f"the {masking.mask!r} mask needs votes: give --data (or use --mask none)")
+    tau_a = TaskVector.from_checkpoints(source_base, source_finetuned, masking.include, masking.exclude)
+    check_task_vector_nonzero(tau_a, source_base, source_finetuned)
+    tau = aligned_task_vector(method, tau_a, source_base, target_base, seed=votes.seed)
+    record = base_record("transport")
+    record["inputs"] = {
+        "source_base": input_record(source_base),
+        "source_finetuned": input_record(source_finetuned),
+        "target_base": input_record(target_base, model_files=True),
+    }
+    reference, recipe = None, None
+    with open_checkpoint(target_base) as rt:
+        target_names = rt.names()
+    if data:
+        reference, _, recipe, info = vote_on_target(target_base, votes, target_names, list(tau), drawn)
+        record["data"] = {**input_record(data), **info}
+    masked = mask_task_vector(
+        tau,
+        reference,
+        masking.mask,
+        gamma=masking.gamma,
+        seed=votes.seed,
+        unvoted=masking.unvoted,
+        threshold=masking.threshold,
+    )
+    report = descent_report(reference, masked, tau, masking.alpha) if reference is not None else None
+    record.update(
+        method=method,
+        recipe=votes.recipe,
+        seed=votes.seed,
+        mask=masking.mask,
+        alpha=masking.alpha,
+        include=masking.include,
+        exclude=masking.exclude,
+        estimator=votes.estimator,
+        shots=parse_shots(votes.shots) if data else votes.shots,
+        num_samples=reference.num_samples if reference is not None else 0,
+        kept_fraction={n: float((masked[n] * tau[n] > 0).double().mean()) for n in tau},
+        descent=report.to_dict() if report else None,
+    )
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        write_model(tmp, target_base, masked, masking.alpha, shard_bytes, record, recipe)
     return record
