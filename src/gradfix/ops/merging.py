@@ -129,9 +129,7 @@ def disjoint_mean(stacked: TaskAxis, sign: Tensor) -> Tensor:
     """
     x = _stack(stacked)
     if tuple(sign.shape) != tuple(x.shape[1:]):
-        raise ValueError(
-            f"elected sign has shape {tuple(sign.shape)}, task vectors {tuple(x.shape[1:])}"
-        )
+        raise ValueError(f"elected sign has shape {tuple(sign.shape)}, task vectors {tuple(x.shape[1:])}")
     s = torch.sign(sign).to(torch.int8)
     agree = (torch.sign(x).to(torch.int8) == s) & (s != 0)
     acc = _acc_dtype(x.dtype)
@@ -192,9 +190,7 @@ def _task_list(taus: TaskAxis) -> list[Tensor]:
     shape = items[0].shape
     for i, t in enumerate(items):
         if t.shape != shape:
-            raise ValueError(
-                f"task vector {i} has shape {tuple(t.shape)}, task vector 0 {tuple(shape)}"
-            )
+            raise ValueError(f"task vector {i} has shape {tuple(t.shape)}, task vector 0 {tuple(shape)}")
     return items
 
 
