@@ -62,6 +62,17 @@ class SignVotes:
         if self.estimator == "majority" and set(self.counts) != set(self.grad_sum):
             raise ConfigError("the majority estimator needs vote counts for every tensor")
 
+    @classmethod
+    def zeros(cls, params: Mapping[str, Tensor], estimator: str = "majority") -> SignVotes:
+        """No votes yet on ``params`` (zero counts and sums over zero samples)."""
+        counts = (
+            {n: torch.zeros(p.shape, dtype=torch.int8) for n, p in params.items()}
+            if estimator == "majority"
+            else {}
+        )
+        grad_sum = {n: torch.zeros(p.shape, dtype=_sum_dtype(p)) for n, p in params.items()}
+        return cls(counts, grad_sum, 0, estimator, dict.fromkeys(params, 0))
+
     def names(self) -> list[str]:
         """Names of the tensors that were voted on."""
         return list(self.grad_sum)

@@ -302,6 +302,8 @@ def run_transport(args: argparse.Namespace) -> dict[str, Any]:
         votes_out=args.votes_out,
         method=args.method,
     )
+    if record.get("written_by_another_process"):
+        return record
     if not args.json:
         report = record.get("descent")
         print(
@@ -352,6 +354,8 @@ def run_merge(args: argparse.Namespace) -> dict[str, Any]:
         overwrite=args.overwrite,
         shard_bytes=parse_size(args.shard_size),
     )
+    if record.get("written_by_another_process"):
+        return record
     if not args.json:
         print(f"merged {len(tasks)} task vectors with {args.method} ({args.pipeline}), alpha={args.alpha}")
         print(f"wrote {args.out}")
@@ -380,6 +384,13 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 _DEFAULTS = {"transport": TRANSPORT_DEFAULTS, "merge": MERGE_DEFAULTS, "eval": EVAL_DEFAULTS}
 
 
+def _end_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gradfix`` command; returns the exit status."""
     parser = build_parser()
@@ -391,7 +402,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = merge_config(
             args, config, _DEFAULTS.get(args.command, {"json": False}), args.config or "config", extra
         )
+        if args.command in ("transport", "merge"):
+            from gradfix.distributed import init_from_environment
+
+            init_from_environment()  # under torchrun: each process votes on its share
         result = args.handler(args)
+        if isinstance(result, dict) and result.get("written_by_another_process"):
+            return 0
     except GradfixError as exc:
         # A user error: one line, no traceback. Anything else is a bug and keeps its traceback.
         print(f"gradfix {args.command}: error: {_one_line(str(exc))}", file=sys.stderr)
@@ -399,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gradfix: interrupted; no output was written", file=sys.stderr)
         return 130
+    finally:
+        _end_process_group()
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0

@@ -27,6 +27,7 @@ from gradfix.data import (
     parse_shots,
     sample_shots,
 )
+from gradfix.distributed import all_reduce_votes, world
 from gradfix.errors import ConfigError, NonFiniteError, OutputError
 from gradfix.io import (
     ShardedWriter,
@@ -184,9 +185,23 @@ def vote_on_target(
     for name, param in model.named_parameters():
         param.requires_grad_(mapping.get(name) in wanted)
     batches = [recipe.collate(chunk) for chunk in batched(shots.drawn, settings.batch_size)]
-    votes = estimate_signs(
-        model, batches, recipe.loss, settings.estimator, engine=settings.engine, progress=settings.progress
-    )
+    # under torchrun each process votes on every world_size-th batch (the same batches as one
+    # process would form, so each sample's gradient is computed identically) and the counts add up
+    rank, size = world()
+    mine = batches[rank::size]
+    if mine:
+        votes = estimate_signs(
+            model,
+            mine,
+            recipe.loss,
+            settings.estimator,
+            engine=settings.engine,
+            progress=settings.progress and rank == 0,
+        )
+    else:  # more processes than batches
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        votes = SignVotes.zeros(trainable, settings.estimator)
+    votes = all_reduce_votes(votes)
     info = {
         "labels": shots.labels,
         "num_examples": len(shots.examples),

@@ -16,6 +16,7 @@ from typing import Any
 
 from gradfix.data import parse_shots
 from gradfix.diagnostics import descent_report
+from gradfix.distributed import world
 from gradfix.errors import ConfigError
 from gradfix.io import atomic_output_dir, open_checkpoint
 from gradfix.jobs.common import (
@@ -149,6 +150,8 @@ def merge_checkpoints(
         descent=report,
         nonzero_fraction={n: float((merged[n] != 0).double().mean()) for n in merged},
     )
+    if world()[0] != 0:  # under torchrun only the first process writes
+        return {**record, "written_by_another_process": True}
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         record["files"] = write_model(tmp, target, merged, masking.alpha, shard_bytes, record)
     return record

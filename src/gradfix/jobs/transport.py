@@ -8,6 +8,7 @@ from typing import Any
 
 from gradfix.data import parse_shots
 from gradfix.diagnostics import descent_report
+from gradfix.distributed import world
 from gradfix.errors import ConfigError
 from gradfix.io import atomic_output_dir, open_checkpoint
 from gradfix.jobs.aligned import METHODS, aligned_task_vector
@@ -127,6 +128,8 @@ def transport_checkpoints(
                 record["data"] = {**input_record(data), **info}
                 fresh.append(voted)
             validate_votes_files(votes_in, {n: rt.shapes()[n] for n in names})
+            if world()[0] != 0:  # under torchrun only the first process writes
+                return {**record, "written_by_another_process": True}
             if votes_out:
                 collected = [*load_votes(votes_in, rt.shapes()), *fresh]
                 save_votes(
@@ -204,6 +207,8 @@ def _transport_aligned(
     if data:
         reference, _, recipe, info = vote_on_target(target_base, votes, target_names, list(tau), drawn)
         record["data"] = {**input_record(data), **info}
+        if world()[0] != 0:
+            return {**record, "written_by_another_process": True}
     masked = mask_task_vector(
         tau,
         reference,
