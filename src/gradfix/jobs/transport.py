@@ -113,12 +113,7 @@ def transport_checkpoints(
         nonzero = scan_task_vector(rb, rf, names)
         if not nonzero:
             raise_zero_task_vector(len(names), source_base, source_finetuned)
-        record = base_record("transport")
-        record["inputs"] = {
-            "source_base": input_record(source_base),
-            "source_finetuned": input_record(source_finetuned),
-            "target_base": input_record(target_base, model_files=True),
-        }
+        record = _start_record(source_base, source_finetuned, target_base)
         source, recipe = None, None
         if masking.mask != "none":
             fresh = []
@@ -144,23 +139,8 @@ def transport_checkpoints(
             seed=votes.seed,
             unvoted=masking.unvoted,
         )
-        record.update(
-            method=method,
-            recipe=votes.recipe,
-            shots=parse_shots(votes.shots) if data else votes.shots,
-            seed=votes.seed,
-            estimator=votes.estimator,
-            engine=votes.engine,
-            template=votes.template,
-            mask=masking.mask,
-            alpha=masking.alpha,
-            include=masking.include,
-            exclude=masking.exclude,
-            unvoted=masking.unvoted,
-            gamma=masking.gamma,
-            threshold=masking.threshold,
-            num_samples=source.num_samples if source is not None else 0,
-        )
+        record.update(_settings_record(method, votes, masking, bool(data)))
+        record["num_samples"] = source.num_samples if source is not None else 0
         try:
             with atomic_output_dir(out, overwrite=overwrite) as tmp:
                 files, kept, report = stream_transport(
@@ -195,12 +175,7 @@ def _transport_aligned(
     tau_a = TaskVector.from_checkpoints(source_base, source_finetuned, masking.include, masking.exclude)
     check_task_vector_nonzero(tau_a, source_base, source_finetuned)
     tau = aligned_task_vector(method, tau_a, source_base, target_base, seed=votes.seed)
-    record = base_record("transport")
-    record["inputs"] = {
-        "source_base": input_record(source_base),
-        "source_finetuned": input_record(source_finetuned),
-        "target_base": input_record(target_base, model_files=True),
-    }
+    record = _start_record(source_base, source_finetuned, target_base)
     reference, recipe = None, None
     with open_checkpoint(target_base) as rt:
         target_names = rt.names()
@@ -219,16 +194,8 @@ def _transport_aligned(
         threshold=masking.threshold,
     )
     report = descent_report(reference, masked, tau, masking.alpha) if reference is not None else None
+    record.update(_settings_record(method, votes, masking, bool(data)))
     record.update(
-        method=method,
-        recipe=votes.recipe,
-        seed=votes.seed,
-        mask=masking.mask,
-        alpha=masking.alpha,
-        include=masking.include,
-        exclude=masking.exclude,
-        estimator=votes.estimator,
-        shots=parse_shots(votes.shots) if data else votes.shots,
         num_samples=reference.num_samples if reference is not None else 0,
         kept_fraction={n: float((masked[n] * tau[n] > 0).double().mean()) for n in tau},
         descent=report.to_dict() if report else None,
@@ -236,3 +203,36 @@ def _transport_aligned(
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         write_model(tmp, target_base, masked, masking.alpha, shard_bytes, record, recipe)
     return record
+
+
+def _start_record(
+    source_base: str | Path, source_finetuned: str | Path, target_base: str | Path
+) -> dict[str, Any]:
+    """``gradfix.json``'s header and the sha256 of the three checkpoints."""
+    record = base_record("transport")
+    record["inputs"] = {
+        "source_base": input_record(source_base),
+        "source_finetuned": input_record(source_finetuned),
+        "target_base": input_record(target_base, model_files=True),
+    }
+    return record
+
+
+def _settings_record(method: str, votes: VoteSettings, masking: MaskSettings, voted: bool) -> dict[str, Any]:
+    """The settings of a transport as ``gradfix.json`` records them."""
+    return {
+        "method": method,
+        "recipe": votes.recipe,
+        "shots": parse_shots(votes.shots) if voted else votes.shots,
+        "seed": votes.seed,
+        "estimator": votes.estimator,
+        "engine": votes.engine,
+        "template": votes.template,
+        "mask": masking.mask,
+        "alpha": masking.alpha,
+        "include": masking.include,
+        "exclude": masking.exclude,
+        "unvoted": masking.unvoted,
+        "gamma": masking.gamma,
+        "threshold": masking.threshold,
+    }
