@@ -273,3 +273,23 @@ def test_gate_mask_through_the_cli(models, tmp_path) -> None:
     assert main(_transport_args(models, naive, "--method", "naive")) == 0
     a, b = load_state_dict(out), load_state_dict(naive)
     assert all(torch.equal(a[n], b[n]) for n in a)  # a threshold above 1 never drops: naive addition
+
+
+@pytest.mark.parametrize("scope", ["tensor", "model"])
+def test_ties_merge_streamed_equals_the_library_merge(models, tmp_path, scope) -> None:
+    from gradfix.merge import merge_task_vectors
+
+    out = tmp_path / scope
+    args = ["merge", "--source-base", str(models["A"]), "--source-finetuned", str(models["A-ft"]),
+            "--source-finetuned", str(models["A-ft2"]), "--density", "0.3", "--trim-scope", scope,
+            "--alpha", "0.8", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    taus = [TaskVector.from_checkpoints(models["A"], models[k]) for k in ("A-ft", "A-ft2")]
+    expected = merge_task_vectors(taus, "ties", density=0.3, trim_scope=scope).apply_to(
+        load_state_dict(models["A"]), 0.8
+    )
+    written = load_state_dict(out)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(written[name], tensor, rtol=0, atol=1e-6, msg=name)
+    record = json.loads((out / "gradfix.json").read_text())
+    assert 0.25 < sum(record["nonzero_fraction"].values()) / len(record["nonzero_fraction"]) < 0.7

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,12 +30,12 @@ from gradfix.data import (
 from gradfix.distributed import all_reduce_votes, world
 from gradfix.errors import ConfigError, NonFiniteError, OutputError
 from gradfix.io import (
-    ShardedWriter,
     atomic_output_file,
     copy_model_files,
     open_checkpoint,
     sort_safetensors_metadata,
 )
+from gradfix.io.streaming import StreamingShardedWriter, TensorPlan
 from gradfix.io.writer import WRITE_ERRORS
 from gradfix.jobs.inputs import HEAD_FILE, input_record, target_label_set
 from gradfix.recipes import load_recipe
@@ -239,34 +239,45 @@ def write_model(
     shard_bytes: int,
     record: dict[str, Any],
     recipe: Any = None,
+    on_written: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[str]:
     """Write ``θ_target + α · update`` tensor by tensor, the target's other files, and the record.
 
     Each target tensor is checked for NaN/Inf as it is read, and each updated tensor for values
     that overflow the target's dtype (e.g. float16); one error names every tensor at fault.
-    Tensors keep the target's dtype (the sum is computed in float32).
+    Tensors keep the target's dtype (the sum is computed in float32). ``update`` is read one
+    tensor at a time (it may compute each tensor on demand) and the output is streamed, so only
+    one tensor of each is held at a time.
     """
     finite = FiniteCheck()
     overflow: list[str] = []
     with open_checkpoint(target) as reader:
-        writer = ShardedWriter(out, max_shard_bytes=shard_bytes, metadata={"gradfix": "transported"})
-        for name in reader.names():
-            tensor = reader.get(name)
-            value = tensor
-            if finite.check(reader.file_of(name), name, tensor) and name in update:
-                value = apply_tensor(tensor, update[name], alpha)
-                if count_nonfinite(value):
-                    overflow.append(f"{name!r} ({tensor.dtype})")
-            if not finite and not overflow:
-                writer.add(name, value)
-        finite.raise_if_any()
-        if overflow:
-            more = f" and {len(overflow) - 10} more" if len(overflow) > 10 else ""
-            raise NonFiniteError(
-                f"{target}: θ + α·τ with α = {alpha:g} overflows the dtype of {len(overflow)} tensor(s): "
-                f"{', '.join(overflow[:10])}{more}; lower --alpha or convert the target to float32"
-            )
+        dtypes, shapes = reader.dtypes(), reader.shapes()
+        plan = [TensorPlan(n, dtypes[n], shapes[n]) for n in reader.names()]
+        writer = StreamingShardedWriter(out, plan, shard_bytes, {"gradfix": "transported"})
+        try:
+            for name in reader.names():
+                tensor = reader.get(name)
+                value = tensor
+                if finite.check(reader.file_of(name), name, tensor) and name in update:
+                    value = apply_tensor(tensor, update[name], alpha)
+                    if count_nonfinite(value):
+                        overflow.append(f"{name!r} ({tensor.dtype})")
+                if not finite and not overflow:
+                    writer.write(name, value)
+            finite.raise_if_any()
+            if overflow:
+                more = f" and {len(overflow) - 10} more" if len(overflow) > 10 else ""
+                raise NonFiniteError(
+                    f"{target}: θ + α·τ with α = {alpha:g} overflows the dtype of {len(overflow)} tensor(s): "
+                    f"{', '.join(overflow[:10])}{more}; lower --alpha or convert the target to float32"
+                )
+        except BaseException:
+            writer.abort()
+            raise
         record["files"] = [p.name for p in writer.close()]
+    if on_written is not None:  # fill in what was learnt while writing, before the record is saved
+        on_written(record)
     return finish_output(out, target, record, recipe)
 
 

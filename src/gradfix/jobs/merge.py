@@ -9,16 +9,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
 from gradfix.data import parse_shots
-from gradfix.diagnostics import descent_report
+from gradfix.diagnostics import DescentReport, TensorDescent, descent_report
 from gradfix.distributed import world
 from gradfix.errors import ConfigError
-from gradfix.io import atomic_output_dir, open_checkpoint
+from gradfix.io import CheckpointReader, atomic_output_dir, open_checkpoint
+from gradfix.jobs.apply import scan_task_vector
 from gradfix.jobs.common import (
     DEFAULT_SHARD_BYTES,
     MaskSettings,
@@ -28,7 +32,7 @@ from gradfix.jobs.common import (
     vote_on_target,
     write_model,
 )
-from gradfix.jobs.inputs import check_checkpoints, check_outputs, check_task_vector_nonzero, input_record
+from gradfix.jobs.inputs import check_checkpoints, check_outputs, input_record, raise_zero_task_vector
 from gradfix.merge import mask_then_merge, merge_task_vectors, merge_then_mask
 from gradfix.task_vector import TaskVector, float_names
 from gradfix.votes import SignVotes
@@ -108,30 +112,27 @@ def merge_checkpoints(
         {"source_base": input_record(t.source_base), "source_finetuned": input_record(t.source_finetuned)}
         for t in tasks
     ]
-    tvs = []
-    for i, t in enumerate(tasks):
-        tau = TaskVector.from_checkpoints(t.source_base, t.source_finetuned, masking.include, masking.exclude)
-        check_task_vector_nonzero(tau, t.source_base, t.source_finetuned, f"the task vector of task {i + 1}")
-        tvs.append(tau)
+    for i, t in enumerate(tasks):  # NaN/Inf and all-zero checks, slice by slice, before any vote
+        with open_checkpoint(t.source_base) as rb, open_checkpoint(t.source_finetuned) as rf:
+            if not scan_task_vector(rb, rf, names):
+                raise_zero_task_vector(
+                    len(names), t.source_base, t.source_finetuned, f"the task vector of task {i + 1}"
+                )
     merge_options = {"density": density, "elect": elect, "trim_scope": trim_scope, "weights": weights}
     references: list[SignVotes] = []
-    if pipeline == "plain":
-        merged = merge_task_vectors(tvs, method, **merge_options)
-    else:
+    if pipeline != "plain":
         for i, task in enumerate(tasks):
             settings = replace(votes, data=task.data)
             task_votes, _, _, info = vote_on_target(target, settings, target_names, names, drawn[i])
             record["tasks"][i]["data"] = {**input_record(str(task.data)), **info}
             references.append(task_votes)
-        combine = mask_then_merge if pipeline == "mask-then-merge" else merge_then_mask
-        mask_options = {"gamma": masking.gamma, "seed": votes.seed, "unvoted": masking.unvoted}
-        merged = combine(
-            tvs, references, mask=masking.mask, method=method, mask_options=mask_options, **merge_options
-        )
-    report = None
-    if references:
-        pooled = sum(references[1:], references[0])
-        report = descent_report(pooled, merged, None, masking.alpha).to_dict()
+    mask_options = {"gamma": masking.gamma, "seed": votes.seed, "unvoted": masking.unvoted}
+    lazy = _LazyMerge(tasks, names, method, pipeline, masking, merge_options, mask_options, references)
+    merged: Mapping[str, Tensor] = lazy
+    if trim_scope == "model" and method == "ties":  # one threshold over every tensor: merge in memory
+        merged = lazy.materialise()
+    if world()[0] != 0:  # under torchrun only the first process writes
+        return {**record, "written_by_another_process": True}
     record.update(
         method=method,
         pipeline=pipeline,
@@ -147,11 +148,113 @@ def merge_checkpoints(
         estimator=votes.estimator,
         include=masking.include,
         exclude=masking.exclude,
-        descent=report,
-        nonzero_fraction={n: float((merged[n] != 0).double().mean()) for n in merged},
     )
-    if world()[0] != 0:  # under torchrun only the first process writes
-        return {**record, "written_by_another_process": True}
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        record["files"] = write_model(tmp, target, merged, masking.alpha, shard_bytes, record)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp, ExitStack() as stack:
+        # the merged tensors are computed while they are written, with every source open once
+        lazy.readers = [
+            (
+                stack.enter_context(open_checkpoint(t.source_base)),
+                stack.enter_context(open_checkpoint(t.source_finetuned)),
+            )
+            for t in tasks
+        ]
+        write_model(tmp, target, merged, masking.alpha, shard_bytes, record, on_written=lazy.finish)
     return record
+
+
+class _LazyMerge(Mapping[str, Tensor]):
+    """The merged task vector, computed one tensor at a time when it is read.
+
+    Each tensor name reads every task's base and fine-tune tensor, forms ``τ^t``, merges (and
+    masks) that one tensor, and records its non-zero share and ``⟨ḡ, Δ⟩`` against the pooled votes.
+    Per-tensor TIES trimming and the masks work tensor by tensor, so the result is the same as
+    merging whole task vectors.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[TaskSpec],
+        names: Sequence[str],
+        method: str,
+        pipeline: str,
+        masking: MaskSettings,
+        merge_options: dict[str, Any],
+        mask_options: dict[str, Any],
+        references: list[SignVotes],
+    ):
+        self.tasks, self.names = list(tasks), list(names)
+        self._selected = set(self.names)
+        self.readers: list[tuple[CheckpointReader, CheckpointReader]] = []
+        self.method, self.pipeline, self.masking = method, pipeline, masking
+        self.merge_options, self.mask_options = merge_options, mask_options
+        self.references = references
+        self.pooled = sum(references[1:], references[0]) if references else None
+        self.rows: list[TensorDescent] = []
+        self.nonzero: dict[str, float] = {}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __contains__(self, name: object) -> bool:  # without computing the tensor
+        return name in self._selected
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _task_tensors(self, name: str) -> list[TaskVector]:
+        return [TaskVector({name: rf.get(name).float() - rb.get(name).float()}) for rb, rf in self.readers]
+
+    def _combine(self, taus: Sequence[Mapping[str, Tensor]], refs: Sequence[Any]) -> TaskVector:
+        if self.pipeline == "plain":
+            return merge_task_vectors(taus, self.method, **self.merge_options)
+        combine = mask_then_merge if self.pipeline == "mask-then-merge" else merge_then_mask
+        return combine(
+            taus,
+            refs,
+            mask=self.masking.mask,
+            method=self.method,
+            mask_options=self.mask_options,
+            **self.merge_options,
+        )
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        refs = [_only(r, name) for r in self.references]
+        merged = self._combine(self._task_tensors(name), refs)[name]
+        self.nonzero[name] = float((merged != 0).double().mean())
+        if self.pooled is not None:
+            self.rows += descent_report(
+                _only(self.pooled, name), {name: merged}, None, self.masking.alpha
+            ).tensors
+        return merged
+
+    def materialise(self) -> TaskVector:
+        """Every tensor merged at once (needed when TIES trims over the whole model)."""
+        taus = [
+            TaskVector.from_checkpoints(
+                t.source_base, t.source_finetuned, self.masking.include, self.masking.exclude
+            )
+            for t in self.tasks
+        ]
+        merged = self._combine(taus, self.references)
+        self.nonzero = {n: float((merged[n] != 0).double().mean()) for n in merged}
+        if self.pooled is not None:
+            self.rows = descent_report(self.pooled, merged, None, self.masking.alpha).tensors
+        return merged
+
+    def finish(self, record: dict[str, Any]) -> None:
+        """Write the statistics gathered while merging into ``record``."""
+        report = DescentReport(self.rows, self.masking.alpha).to_dict() if self.pooled is not None else None
+        record.update(descent=report, nonzero_fraction=dict(sorted(self.nonzero.items())))
+
+
+def _only(votes: SignVotes, name: str) -> SignVotes:
+    """The votes on one tensor."""
+    return SignVotes(
+        {name: votes.counts[name]} if votes.counts else {},
+        {name: votes.grad_sum[name]},
+        votes.num_samples,
+        votes.estimator,
+        {name: votes.hits.get(name, 0)},
+    )
