@@ -124,16 +124,21 @@ def main() -> None:
         seconds = best_time(engine("hooks", data), args.repeat)
         print(f"{count:>8} {seconds:>8.3f} {seconds / count:>11.4f}")
 
-    print("\nengine time as trainable parameters grow (32 samples; first k layers trainable):")
-    print(f"{'layers':>8} {'params (M)':>11} {'seconds':>8} {'s per M':>8}")
+    print("\nengine time as trainable parameters grow (32 samples; the first k layers trainable):")
+    print("(the forward and backward through all six layers are always paid; the added cost per")
+    print(" million parameters between rows is the per-sample part, which must stay constant)")
+    print(f"{'layers':>8} {'params (M)':>11} {'seconds':>8} {'added s per added M':>20}")
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    previous = None
     for k in (2, 4, 6):
         for name, p in model.named_parameters():
             layer = name.split(".")[2] if name.startswith("encoder.layer.") else None
             p.requires_grad_(flags[name] and layer is not None and int(layer) < k)
         count = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
         seconds = best_time(engine("hooks"), args.repeat)
-        print(f"{k:>8} {count:>11.2f} {seconds:>8.3f} {seconds / count:>8.3f}")
+        added = f"{(seconds - previous[1]) / (count - previous[0]):>20.3f}" if previous else f"{'':>20}"
+        print(f"{k:>8} {count:>11.2f} {seconds:>8.3f} {added}")
+        previous = (count, seconds)
     for name, p in model.named_parameters():
         p.requires_grad_(flags[name])
     print("\ncommand: python benchmarks/votes_speed.py " + f"--repeat {args.repeat} --threads {args.threads}")
