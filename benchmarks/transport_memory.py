@@ -204,15 +204,19 @@ def minilm() -> None:
         ]
         baseline, _ = run_measured(_BASELINE, [])
         loaded, _ = run_measured(_BASELINE, [str(root / "B"), ",".join(LABELS)])
-        peak, wall = run_measured(_RUNNER, args)
         print(
-            f"\nall-MiniLM-L6-v2 ({model_mb:.0f} MB in fp32, {len(LABELS)} classes x 2 shots, batch 8): "
-            f"peak RSS {peak:.0f} MB in {wall:.0f} s\n"
-            f"  imports alone {baseline:.0f} MB; imports + model loaded by transformers {loaded:.0f} MB\n"
-            f"  (peak - imports) / model = {(peak - baseline) / model_mb:.2f}; "
-            f"(peak - loaded model) / model = {(peak - loaded) / model_mb:.2f} "
-            "(vote counters, gradient sums, activations)"
+            f"\nall-MiniLM-L6-v2 ({model_mb:.0f} MB in fp32), {len(LABELS)} classes x 2 shots; imports alone "
+            f"{baseline:.0f} MB, imports + model loaded by transformers {loaded:.0f} MB"
         )
+        for batch in (8, 1):  # batch 1: activations of one sample only
+            out = root / f"out-{batch}"
+            peak, wall = run_measured(
+                _RUNNER, [*args[:-3], "--out", str(out), "--batch-size", str(batch), "--no-progress"]
+            )
+            print(
+                f"  batch {batch}: peak RSS {peak:.0f} MB in {wall:.0f} s; "
+                f"(peak - imports) / model = {(peak - baseline) / model_mb:.2f}"
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

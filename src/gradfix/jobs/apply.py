@@ -29,7 +29,7 @@ from gradfix.task_vector import apply_tensor
 from gradfix.transport import seeded_generator
 from gradfix.votes import SignVotes
 
-SLICE_BYTES = 16 * 2**20
+SLICE_BYTES = 4 * 2**20
 
 
 def row_slices(
@@ -96,22 +96,22 @@ class VoteSource:
         return name in self.shapes and self.hits.get(name, 0) > 0
 
     def rows(self, name: str, start: int, stop: int) -> tuple[Tensor | None, Tensor]:
-        """Summed vote counts (int64; ``None`` without counts) and gradient sums of some rows."""
+        """Summed vote counts (int32; ``None`` without counts) and gradient sums (float32) of some rows."""
         counts: Tensor | None = None
         grad: Tensor | None = None
         for v in self.votes:
             g = v.grad_sum[name] if v.grad_sum[name].dim() == 0 else v.grad_sum[name][start:stop]
-            grad = g.double() if grad is None else grad + g.double()
+            grad = g.float() if grad is None else grad + g.float()
             if self.has_counts:
                 c = v.counts[name] if v.counts[name].dim() == 0 else v.counts[name][start:stop]
-                counts = c.long() if counts is None else counts + c.long()
+                counts = c.int() if counts is None else counts + c.int()
         for reader in self.readers:
             g = reader.rows(f"grad_sum/{name}", start, stop)
             if not self._finite.check(reader.path, f"grad_sum/{name}", g):
                 self._finite.raise_if_any("the votes file is corrupted")
-            grad = g.double() if grad is None else grad + g.double()
+            grad = g.float() if grad is None else grad + g.float()
             if self.has_counts:
-                c = reader.rows(f"counts/{name}", start, stop).long()
+                c = reader.rows(f"counts/{name}", start, stop).int()
                 counts = c if counts is None else counts + c
         assert grad is not None
         return counts, grad
@@ -272,7 +272,7 @@ def _transport_tensor(
                 if plan.mask == "magnitude":
                     value = -grad
                 elif plan.mask in ("gate", "confidence") and counts is not None:
-                    value = counts.double() / source.num_samples
+                    value = counts.float() / source.num_samples
                 masked = apply_mask(
                     plan.mask, tau, sign, value, gamma=plan.gamma, threshold=plan.threshold, scales=scales
                 )
@@ -288,7 +288,7 @@ def _transport_tensor(
         flipped += int((same < 0).sum())
         numel += tau.numel()
         if grad is not None:
-            inner += float((grad * masked.double()).sum()) * plan.alpha
+            inner += float(torch.sum(grad * masked, dtype=torch.float64)) * plan.alpha
     return TensorDescent(name, numel, kept, flipped, inner)
 
 
