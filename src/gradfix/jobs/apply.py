@@ -20,9 +20,10 @@ from torch import Tensor
 
 from gradfix.checks import FiniteCheck, check_same_architecture, count_nonfinite
 from gradfix.diagnostics import DescentReport, TensorDescent
-from gradfix.errors import CheckpointError, ConfigError, GradfixError, NonFiniteError
+from gradfix.errors import CheckpointError, ConfigError, GradfixError
 from gradfix.io import CheckpointReader, open_checkpoint
 from gradfix.io.streaming import StreamingShardedWriter, TensorPlan
+from gradfix.jobs.common import raise_if_overflow
 from gradfix.ops.masks import apply_mask
 from gradfix.ops.signs import majority_sign, mean_sign
 from gradfix.task_vector import apply_tensor
@@ -207,12 +208,7 @@ def stream_transport(
             kept[name] = row.kept_fraction
             rows.append(row)
         finite.raise_if_any()
-        if overflow:
-            bad = list(dict.fromkeys(overflow))
-            raise NonFiniteError(
-                f"{target.path}: θ + α·τ with α = {plan.alpha:g} overflows the dtype of {len(bad)} "
-                f"tensor(s): {', '.join(bad[:10])}; lower --alpha or convert the target to float32"
-            )
+        raise_if_overflow(target.path, plan.alpha, overflow)
         files = [p.name for p in writer.close()]
     except BaseException:
         writer.abort()

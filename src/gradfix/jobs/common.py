@@ -266,12 +266,7 @@ def write_model(
                 if not finite and not overflow:
                     writer.write(name, value)
             finite.raise_if_any()
-            if overflow:
-                more = f" and {len(overflow) - 10} more" if len(overflow) > 10 else ""
-                raise NonFiniteError(
-                    f"{target}: θ + α·τ with α = {alpha:g} overflows the dtype of {len(overflow)} tensor(s): "
-                    f"{', '.join(overflow[:10])}{more}; lower --alpha or convert the target to float32"
-                )
+            raise_if_overflow(target, alpha, overflow)
         except BaseException:
             writer.abort()
             raise
@@ -279,6 +274,17 @@ def write_model(
     if on_written is not None:  # fill in what was learnt while writing, before the record is saved
         on_written(record)
     return finish_output(out, target, record, recipe)
+
+
+def raise_if_overflow(target: str | Path, alpha: float, overflow: Sequence[str]) -> None:
+    """One error naming the tensors where ``θ + α·τ`` overflowed the target's dtype (none: no-op)."""
+    bad = list(dict.fromkeys(overflow))
+    if bad:
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise NonFiniteError(
+            f"{target}: θ + α·τ with α = {alpha:g} overflows the dtype of {len(bad)} tensor(s): "
+            f"{', '.join(bad[:10])}{more}; lower --alpha or convert the target to float32"
+        )
 
 
 def finish_output(out: Path, target: str | Path, record: dict[str, Any], recipe: Any = None) -> list[str]:
