@@ -1,13 +1,14 @@
 # make demo  - set up .venv/ (if needed) and carry a fine-tune of all-MiniLM-L6-v2 to a new release of it
 # make test  - set up .venv/ (if needed) and run the test suite
 # make lint  - ruff on the sources and tests
+# make results - every experiment, then docs/results.md (hours on 2 cores; see experiments/run_all.sh)
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint results clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,7 +27,11 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests examples
+	$(VENV)/bin/ruff check src tests examples experiments benchmarks
+
+results: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[hf,experiments]"
+	bash experiments/run_all.sh
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -58,7 +59,7 @@ def _transport_args(m: dict[str, Path], out: Path, *extra: str) -> list[str]:
 
 def test_transport_writes_a_loadable_model_equal_to_the_library_result(models, tmp_path, capsys) -> None:
     out = tmp_path / "B-ft"
-    assert main(_transport_args(models, out)) == 0
+    assert main(_transport_args(models, out, "--method", "gradfix")) == 0
     assert "wrote" in capsys.readouterr().out
     for name in (
         "model.safetensors",
@@ -137,7 +138,7 @@ def test_yaml_config_drives_transport_and_the_command_line_wins(models, tmp_path
     config.write_text(
         f"source-base: {models['A']}\nsource_finetuned: {models['A-ft']}\ntarget_base: {models['B']}\n"
         f"data: {models['few']}\nshots: 1\nalpha: 0.5\nexclude: ['pooler.*']\nout: {tmp_path / 'from-yaml'}\n"
-        "progress: false\n"
+        "progress: false\nmethod: gradfix\n"
     )
     assert main(["transport", "--config", str(config), "--alpha", "0.25"]) == 0
     record = json.loads((tmp_path / "from-yaml" / "gradfix.json").read_text())
@@ -293,3 +294,213 @@ def test_ties_merge_streamed_equals_the_library_merge(models, tmp_path, scope) -
         torch.testing.assert_close(written[name], tensor, rtol=0, atol=1e-6, msg=name)
     record = json.loads((out / "gradfix.json").read_text())
     assert 0.25 < sum(record["nonzero_fraction"].values()) / len(record["nonzero_fraction"]) < 0.7
+
+
+# -- adaptive transport: the gate threshold t and α chosen automatically ----------------------------
+def _without_alpha(args: list[str]) -> list[str]:
+    i = args.index("--alpha")
+    return args[:i] + args[i + 2 :]
+
+
+def _library_inputs(m: dict[str, Path], shots: int = 2) -> tuple[TaskVector, Any, Any, list[Any], Any]:
+    """τ_A, B's model and recipe, the shots the CLI draws, and the votes on all of them."""
+    examples = load_examples(m["few"])
+    labels = label_set(examples)
+    model, recipe = load_recipe("text-zero-shot", m["B"], labels)
+    tau = TaskVector.from_checkpoints(m["A"], m["A-ft"], exclude="pooler.*")
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in tau)
+    drawn = sample_shots(examples, shots, 0, labels)
+    votes = estimate_signs(model, [recipe.collate(b) for b in batched(drawn, 8)], recipe.loss, progress=False)
+    return tau, model, recipe, drawn, votes
+
+
+def _assert_written(out: Path, expected: dict[str, torch.Tensor]) -> None:
+    written = load_state_dict(out)
+    assert set(written) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(written[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_default_method_is_adaptive_and_writes_the_gate_for_the_recorded_choice(
+    models, tmp_path, capsys
+) -> None:
+    from gradfix.autotune import DEFAULT_ALPHAS, DEFAULT_THRESHOLDS, choose_on_shots, gated
+
+    out = tmp_path / "adaptive"
+    assert main(_without_alpha(_transport_args(models, out))) == 0
+    printed = capsys.readouterr().out
+    assert "method=adaptive" in printed and "chose t=" in printed and "2-fold shots" in printed
+    record = json.loads((out / "gradfix.json").read_text())
+    choice = record["choice"]
+    assert record["method"] == "adaptive" and choice["source"] == "2-fold shots"
+    assert len(choice["scores"]) == len(DEFAULT_THRESHOLDS) * len(DEFAULT_ALPHAS)
+    assert record["threshold"] == choice["threshold"] and record["alpha"] == choice["alpha"]
+    assert choice["score"] == max(choice["scores"].values())
+
+    # the choice and the model, recomputed through the Python API
+    tau, model, recipe, drawn, votes = _library_inputs(models)
+    again = choose_on_shots(
+        model, tau, drawn, [ex.label for ex in drawn], recipe.collate, recipe.loss, unvoted="drop"
+    )
+    assert (again.threshold, again.alpha) == (choice["threshold"], choice["alpha"])
+    assert again.scores == pytest.approx(choice["scores"], rel=1e-6)
+    update = gated(tau, votes, choice["threshold"])
+    _assert_written(out, update.apply_to(load_state_dict(models["B"]), choice["alpha"]))
+    again_out = tmp_path / "adaptive-again"  # the choice is deterministic: byte-identical outputs
+    assert main(_without_alpha(_transport_args(models, again_out))) == 0
+    for name in ("model.safetensors", "gradfix.json"):
+        assert (again_out / name).read_bytes() == (out / name).read_bytes(), name
+
+    # a fixed α chooses only t; here among two gates strictly between GradFix and naive
+    fixed = tmp_path / "fixed-alpha"
+    assert main(_transport_args(models, fixed, "--method", "adaptive", "--thresholds", "0.2", "0.4")) == 0
+    record = json.loads((fixed / "gradfix.json").read_text())
+    assert set(record["choice"]["scores"]) == {"t=0.2,a=0.7", "t=0.4,a=0.7"}
+    t = record["choice"]["threshold"]
+    assert record["alpha"] == 0.7 and record["mask"] == "gate" and t in (0.2, 0.4)
+    masked = gated(tau, votes, t)
+    assert 0 < sum(int(v.count_nonzero()) for v in masked.values()) < sum(v.numel() for v in tau.values())
+    _assert_written(fixed, masked.apply_to(load_state_dict(models["B"]), 0.7))
+
+
+def test_adaptive_applies_the_unvoted_policy_to_every_candidate(models, tmp_path, capsys) -> None:
+    args = _without_alpha(_transport_args(models, tmp_path / "x"))
+    args.remove("--exclude")
+    args.remove("pooler.*")  # the pooler gets no gradient from the zero-shot loss
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "pooler.dense.weight" in err and "--unvoted" in err and not (tmp_path / "x").exists()
+    out = tmp_path / "dropped"
+    assert main([*args[: args.index("--out")], "--out", str(out), "--no-progress", "--unvoted", "drop",
+                 "--thresholds", "naive", "--alphas", "1"]) == 0  # fmt: skip
+    written, b = load_state_dict(out), load_state_dict(models["B"])
+    a, ft = load_state_dict(models["A"]), load_state_dict(models["A-ft"])
+    assert torch.equal(written["pooler.dense.weight"], b["pooler.dense.weight"])  # dropped, even for naive
+    name = "encoder.layer.0.attention.self.query.weight"
+    torch.testing.assert_close(written[name], b[name] + (ft[name] - a[name]), rtol=0, atol=1e-6)
+
+
+def test_gradfix_with_a_fixed_alpha_is_the_published_algorithm(models, tmp_path) -> None:
+    out = tmp_path / "gradfix"
+    args = _without_alpha(_transport_args(models, out, "--method", "gradfix", "--alpha", "0.5"))
+    assert main(args) == 0
+    record = json.loads((out / "gradfix.json").read_text())
+    assert record["method"] == "gradfix" and record["mask"] == "agreement" and record["alpha"] == 0.5
+    assert "choice" not in record
+    tau, _, _, _, votes = _library_inputs(models)
+    _assert_written(
+        out, mask_task_vector(tau, votes, "agreement").apply_to(load_state_dict(models["B"]), 0.5)
+    )
+
+    default_alpha = tmp_path / "gradfix-default-alpha"
+    assert main(_without_alpha(_transport_args(models, default_alpha, "--method", "gradfix"))) == 0
+    assert json.loads((default_alpha / "gradfix.json").read_text())["alpha"] == 1.0
+
+
+def test_gradfix_with_alpha_auto_chooses_alpha_for_the_agreement_mask(models, tmp_path) -> None:
+    out = tmp_path / "gradfix-auto"
+    args = _without_alpha(_transport_args(models, out, "--method", "gradfix", "--alpha", "auto"))
+    assert main([*args, "--alphas", "0.5", "1", "2"]) == 0
+    record = json.loads((out / "gradfix.json").read_text())
+    assert set(record["choice"]["scores"]) == {"t=0,a=0.5", "t=0,a=1", "t=0,a=2"}
+    assert record["mask"] == "agreement" and record["choice"]["threshold"] == 0.0
+    tau, _, _, _, votes = _library_inputs(models)
+    expected = mask_task_vector(tau, votes, "agreement").apply_to(
+        load_state_dict(models["B"]), record["alpha"]
+    )
+    _assert_written(out, expected)
+
+
+def test_validation_file_chooses_by_the_accuracy_of_the_written_model(models, tmp_path) -> None:
+    from gradfix.jobs import evaluate_model
+
+    out = tmp_path / "validated"
+    args = _without_alpha(_transport_args(models, out))
+    extra = ["--validation", str(models["test"]), "--thresholds", "0.2", "naive", "--alphas", "0.5", "1"]
+    assert main([*args, *extra]) == 0
+    record = json.loads((out / "gradfix.json").read_text())
+    choice = record["choice"]
+    assert choice["source"] == "validation" and len(choice["scores"]) == 4
+    assert record["validation"]["num_examples"] == 30 and len(record["validation"]["sha256"]) == 1
+    assert choice["score"] == max(choice["scores"].values())
+    first_best = next(k for k, v in choice["scores"].items() if v == choice["score"])
+    t = "naive" if choice["threshold"] > 1 else f"{choice['threshold']:g}"
+    assert first_best == f"t={t},a={choice['alpha']:g}"
+    # the score is the accuracy of exactly the model written (B's own head)
+    assert evaluate_model(out, models["test"])["accuracy"] == pytest.approx(choice["score"])
+
+
+def test_tensorwise_mask_streamed_in_slices_equals_the_library(models, tmp_path, monkeypatch) -> None:
+    import gradfix.jobs.apply as apply_module
+
+    real = apply_module.row_slices
+    monkeypatch.setattr(
+        apply_module, "row_slices", lambda shape, itemsize=4, budget=0: real(shape, itemsize, 600)
+    )
+    out = tmp_path / "tensorwise"
+    assert main(_transport_args(models, out, "--method", "gradfix", "--mask", "tensorwise")) == 0
+    record = json.loads((out / "gradfix.json").read_text())
+    assert record["mask"] == "tensorwise"
+    kept = record["kept_fraction"]
+    assert any(v == 1.0 for v in kept.values()) and any(v < 0.9 for v in kept.values())
+    tau, _, _, _, votes = _library_inputs(models)
+    expected = mask_task_vector(tau, votes, "tensorwise")
+    assert {n for n in tau if torch.equal(expected[n], tau[n])} == {n for n, v in kept.items() if v == 1.0}
+    _assert_written(out, expected.apply_to(load_state_dict(models["B"]), 0.7))
+
+
+def test_choosing_errors_are_one_clear_line(models, tmp_path, capsys) -> None:
+    out = tmp_path / "never"
+    base = _without_alpha(_transport_args(models, out))
+
+    def error(*extra: str) -> str:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("gradfix transport: error: ")]
+        assert len(lines) == 1 and "Traceback" not in err, err
+        return lines[0]
+
+    line = error("--shots", "1")
+    assert "2 folds" in line and "at least 2 shots per class" in line and "--validation" in line
+    assert "2 folds" in error("--method", "gradfix", "--alpha", "auto", "--shots", "1")
+    assert "data file not found" in error("--validation", str(tmp_path / "absent.jsonl"))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "a b", "label": "sports"}\n{"text": "oops", "label": }\n')
+    line = error("--validation", str(broken))
+    assert line.startswith("gradfix transport: error: --validation: ") and "line 2: invalid JSON" in line
+    unknown = write_jsonl(tmp_path / "politics.jsonl", [{"text": "the vote", "label": "politics"}])
+    line = error("--validation", str(unknown))
+    assert "--validation" in line and "label 'politics'" in line and "the labels of" in line
+    assert "bad threshold -1.0" in error("--thresholds", "-1")
+    assert "bad alpha nan" in error("--alphas", "nan")
+    line = error("--method", "theseus", "--alpha", "auto")
+    assert "--alpha auto" in line and "--method theseus" in line
+    assert "--thresholds" in error("--method", "gradfix", "--thresholds", "0.2")
+    assert "--alphas" in error("--method", "gradfix", "--alpha", "1", "--alphas", "1", "2")
+    assert "--validation" in error("--method", "gradfix", "--alpha", "1", "--validation", str(models["test"]))
+    assert "vote-margin gate" in error("--method", "adaptive", "--mask", "agreement")
+    assert "--thresholds" in error("--method", "adaptive", "--threshold", "0.3")
+    assert not out.exists()
+    with pytest.raises(SystemExit) as done:
+        main([*base, "--alpha", "bogus"])
+    assert done.value.code == 2 and "alpha must be a number or 'auto'" in capsys.readouterr().err
+    config = tmp_path / "job.yaml"
+    config.write_text("alpha: lots\n")
+    assert "alpha must be a number or 'auto', got 'lots'" in error("--config", str(config))
+
+
+def test_help_describes_adaptive_and_the_published_gradfix(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["transport", "--help"])
+    text = capsys.readouterr().out
+    for needle in (
+        "adaptive (default)",
+        "--alphas",
+        "--thresholds",
+        "--validation",
+        "ALPHA|auto",
+        "tensorwise",
+    ):
+        assert needle in text, needle
+    assert "the published algorithm" in text

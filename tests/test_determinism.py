@@ -88,7 +88,7 @@ def test_votes_split_across_runs_add_up_to_one_vote(models, tmp_path) -> None:
         json.loads(line)["label"] for h in ("half1", "half2") for line in models[h].read_text().splitlines()
     ]
     assert set(halves[:12]) == set(halves[12:]) == {"sports", "business", "tech"}  # the same label set
-    common = ("--shots", "all", "--batch-size", "4")
+    common = ("--method", "gradfix", "--shots", "all", "--batch-size", "4")
     parts = []
     for name in ("half1", "half2"):
         votes = tmp_path / f"{name}.votes.safetensors"
@@ -99,7 +99,8 @@ def test_votes_split_across_runs_add_up_to_one_vote(models, tmp_path) -> None:
     whole = _transport(models, tmp_path / "whole", "--data", str(models["all"]), *common)
     assert main([*whole, "--votes-out", str(whole_votes)]) == 0
     resumed = _transport(
-        models, tmp_path / "resumed", "--votes-in", str(parts[0]), "--votes-in", str(parts[1])
+        models, tmp_path / "resumed", "--method", "gradfix", "--votes-in", str(parts[0]),
+        "--votes-in", str(parts[1]),
     )
     assert main(resumed) == 0
 

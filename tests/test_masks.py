@@ -99,3 +99,38 @@ def test_confidence_weight_is_the_share_of_agreeing_votes() -> None:
     assert apply_mask("confidence", tau, torch.sign(margin), margin).tolist() == pytest.approx(
         [0.5, -0.05, 0.15, 0.0]
     )
+
+
+def test_tensorwise_keeps_a_descent_tensor_whole_and_masks_the_other() -> None:
+    from gradfix.ops.masks import MASKS, descends, tensorwise_mask
+
+    assert "tensorwise" in MASKS
+    # ⟨r, τ⟩ = 0.5 − 0.02 − 0.03 + 0.4 = 0.85 > 0: kept whole, the two disagreeing coordinates too
+    tau_whole = torch.tensor([0.5, 0.1, -0.1, -0.4])
+    r_whole = torch.tensor([1.0, -0.2, 0.3, -1.0])
+    # ⟨r, τ⟩ = 0.05 − 0.4 − 0.15 − 0.2 = −0.7 < 0: agreement mask with sign(r) = [1, −1, 1, −1]
+    tau_masked = torch.tensor([0.5, 0.4, -0.3, 0.2])
+    r_masked = torch.tensor([0.1, -1.0, 0.5, -1.0])
+    assert descends(tau_whole, r_whole) and not descends(tau_masked, r_masked)
+    assert tensorwise_mask(tau_whole, torch.sign(r_whole), r_whole).tolist() == [1.0] * 4
+    assert tensorwise_mask(tau_masked, torch.sign(r_masked), r_masked).tolist() == [1.0, 0.0, 0.0, 0.0]
+    kept = apply_mask("tensorwise", tau_whole, torch.sign(r_whole).to(torch.int8), r_whole)
+    assert torch.equal(kept, tau_whole)
+    masked = apply_mask("tensorwise", tau_masked, torch.sign(r_masked).to(torch.int8), r_masked)
+    assert masked.tolist() == pytest.approx([0.5, 0.0, 0.0, 0.0])
+    assert torch.equal(masked, apply_mask("agreement", tau_masked, torch.sign(r_masked).to(torch.int8)))
+    # a zero inner product is no descent: masked
+    assert not descends(torch.tensor([1.0, 1.0]), torch.tensor([1.0, -1.0]))
+
+
+def test_tensorwise_on_a_slice_follows_the_inner_product_of_the_whole_tensor() -> None:
+    tau = torch.tensor([0.5, 0.4, -0.3, 0.2])
+    r = torch.tensor([0.1, -1.0, 0.5, -1.0])
+    sign = torch.sign(r).to(torch.int8)
+    # the first two rows alone: ⟨r, τ⟩ = 0.05 − 0.4 < 0, but the whole tensor's product decides
+    head = apply_mask("tensorwise", tau[:2], sign[:2], r[:2], inner=0.3)
+    assert torch.equal(head, tau[:2])
+    assert apply_mask("tensorwise", tau[:2], sign[:2], r[:2], inner=0.0).tolist() == pytest.approx([0.5, 0.0])
+    assert apply_mask("tensorwise", tau[:2], sign[:2], r[:2], inner=-1.0).tolist() == pytest.approx(
+        [0.5, 0.0]
+    )

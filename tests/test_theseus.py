@@ -7,20 +7,22 @@ import torch
 from torch import nn
 
 from gradfix import ConfigError, MismatchError, TaskVector
-from gradfix.activations import CrossStats, Site, cross_statistics, record_activations
-from gradfix.rebasin import PermutationSpec, spec_for_module
+from gradfix.activations import CrossStats, Site, channels_last, cross_statistics, record_activations
+from gradfix.rebasin import PermutationSpec, spec_for_module, spec_for_state_dict
 from gradfix.theseus import (
     apply_transforms,
     data_free_transforms,
     inverse_power,
     procrustes,
     space_statistics,
+    spec_sites,
     theseus_data_free_task_vector,
     theseus_from_models,
     theseus_task_vector,
     theseus_transforms,
     whitened_cross,
 )
+from gradfix.zoo.vision import SmallCNN
 
 
 def _orthogonal(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -84,10 +86,11 @@ def _rotated_pair(widths=(16, 24, 16), d_in: int = 20):
     return model_a, model_b, spec, maps
 
 
+@pytest.mark.parametrize("center", [False, True])
 @pytest.mark.parametrize("whiten", [0.0, 0.25, 0.5])
-def test_rotated_hidden_spaces_recovered_from_activations(whiten: float) -> None:
+def test_rotated_hidden_spaces_recovered_from_activations(whiten: float, center: bool) -> None:
     model_a, model_b, spec, maps = _rotated_pair()
-    stats = space_statistics(model_a, model_b, _batches(), spec)
+    stats = space_statistics(model_a, model_b, _batches(), spec, center=center)
     transforms = theseus_transforms(stats, spec, whiten=whiten)
     _close(transforms, maps, atol=1e-6)
     tau_a = _tau(model_a.state_dict(), seed=3)
@@ -267,3 +270,126 @@ def test_recording_and_shape_errors() -> None:
         record_activations(model_a, _batches(1), ["nope"])
     with pytest.raises(ConfigError, match="not in the spec"):
         theseus_transforms({"other": CrossStats.from_rows(torch.ones(3, 2), torch.ones(3, 2))}, spec)
+
+
+def _cnn_pair(width: int = 8, dim: int = 16) -> tuple[SmallCNN, SmallCNN, PermutationSpec, dict]:
+    """A SmallCNN and a copy with the channels of its three hidden spaces permuted (same function)."""
+    torch.manual_seed(0)
+    model_a = SmallCNN(width, dim)
+    spec = spec_for_module(model_a)
+    gen = torch.Generator().manual_seed(1)
+    maps = {
+        g: _permutation_map(torch.randperm(n, generator=gen))
+        for g, n in spec.sizes(model_a.state_dict()).items()
+    }
+    model_b = SmallCNN(width, dim)
+    model_b.load_state_dict(apply_transforms(model_a.state_dict(), maps, spec))
+    return model_a, model_b, spec, maps
+
+
+def _images(n: int = 24, seed: int = 0) -> list[torch.Tensor]:
+    return list(torch.rand(n, 28, 28, generator=torch.Generator().manual_seed(seed)).split(8))
+
+
+def test_cnn_spec_and_channel_sites() -> None:
+    model, _, spec, _ = _cnn_pair()
+    assert spec.groups == {
+        "hidden.0": (("conv1.weight", 0), ("conv1.bias", 0), ("conv2.weight", 1)),
+        "hidden.1": (("conv2.weight", 0), ("conv2.bias", 0), ("conv3.weight", 1)),
+        "hidden.2": (("conv3.weight", 0), ("conv3.bias", 0), ("proj.weight", 1)),
+    }  # proj's rows (the embedding, the model's output) and conv1's input channels stay fixed
+    acts = record_activations(model, _images(4), [("conv1", "output"), ("conv2", "input"), ("proj", "input")])
+    assert acts[Site("conv1", "output")].shape == (4 * 28 * 28, 8)  # B·H·W tokens of C channels
+    assert acts[Site("conv2", "input")].shape == (4 * 14 * 14, 8)
+    assert acts[Site("proj", "input")].shape == (4, 32)
+    conv = nn.Conv2d(3, 5, 1)
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(channels_last(conv, x)[0, 1, 2], x[0, :, 1, 2])
+    torch.testing.assert_close(channels_last(conv, x[0])[1, 2], x[0, :, 1, 2])  # unbatched
+    assert channels_last(nn.Linear(4, 4), x) is x
+    with pytest.raises(ConfigError, match="groups=2"):
+        spec_for_module(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 2, 1)))
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 2, 1))
+    with pytest.raises(ConfigError, match="groups=2"):
+        spec_sites(grouped, PermutationSpec({"h": (("0.weight", 0), ("1.weight", 1))}))
+    with pytest.raises(ConfigError, match="module 2 has"):  # C·H·W flattened into a linear layer
+        spec_for_module(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 2)))
+
+
+@pytest.mark.parametrize("center", [False, True])
+@pytest.mark.parametrize("whiten", [0.0, 0.5])
+def test_cnn_permuted_channels_recovered(whiten: float, center: bool) -> None:
+    model_a, model_b, spec, maps = _cnn_pair()
+    x = torch.rand(10, 28, 28)
+    torch.testing.assert_close(model_b(x), model_a(x), atol=1e-5, rtol=0)  # same function
+    tau_a = _tau(model_a.state_dict(), seed=3)
+    expected = apply_transforms(tau_a, maps, spec)
+    stats = space_statistics(model_a, model_b, _images(), spec, center=center)
+    assert stats["hidden.0"].count == 24 * (28 * 28 + 14 * 14) and stats["hidden.2"].count == 24 * 7 * 7 + 24
+    _close(theseus_transforms(stats, spec, whiten=whiten), maps, atol=1e-6)
+    _close(theseus_task_vector(tau_a, stats, spec, whiten=whiten), expected)
+    found = theseus_from_models(tau_a, model_a, model_b, _images(), whiten=whiten, center=center)
+    _close(found, expected)  # spec detected
+    sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
+    _close(theseus_data_free_task_vector(tau_a, sd_a, sd_b, spec, whiten=whiten), expected)
+    assert torch.equal(expected["proj.bias"], tau_a["proj.bias"])
+
+
+def test_cnn_cross_width_gives_target_shapes() -> None:
+    torch.manual_seed(0)
+    model_a, model_b = SmallCNN(8, 16), SmallCNN(6, 16)
+    spec = spec_for_module(model_a)
+    tau_a = _tau(model_a.state_dict(), seed=0)
+    shapes_b = {n: tuple(t.shape) for n, t in model_b.state_dict().items()}
+    tau_b = theseus_from_models(tau_a, model_a, model_b, _images())
+    assert tau_b.shapes() == shapes_b and shapes_b["conv2.weight"] == (12, 6, 3, 3)
+    transforms = theseus_transforms(space_statistics(model_a, model_b, _images(), spec), spec)
+    t = transforms["hidden.2"]
+    assert t.shape == (32, 24)
+    torch.testing.assert_close(t.T @ t, torch.eye(24, dtype=torch.float64), atol=1e-8, rtol=0)
+    data_free = theseus_data_free_task_vector(tau_a, model_a.state_dict(), model_b.state_dict(), spec)
+    assert data_free.shapes() == shapes_b and all(bool(v.isfinite().all()) for v in data_free.values())
+    with pytest.raises(ConfigError, match="module conv1 has"):  # state dicts alone: convolutions not guessed
+        spec_for_state_dict(model_a.state_dict())
+
+
+def _centred(x_a: torch.Tensor, x_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``C, G_A, G_B`` of the mean-centred rows, computed directly."""
+    x_a, x_b = x_a.double(), x_b.double()
+    x_a, x_b = x_a - x_a.mean(0), x_b - x_b.mean(0)
+    return x_a.T @ x_b, x_a.T @ x_a, x_b.T @ x_b
+
+
+def _assert_stats(stats: CrossStats, expected: tuple[torch.Tensor, ...], count: int) -> None:
+    assert stats.count == count
+    for found, want in zip((stats.cross, stats.gram_a, stats.gram_b), expected, strict=True):
+        assert found.dtype == torch.float64
+        torch.testing.assert_close(found, want, atol=1e-9, rtol=1e-9)
+
+
+def test_centring_is_exact() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x_a = 3.0 + torch.randn(30, 5, generator=gen, dtype=torch.float64)  # large means
+    x_b = x_a[:, :4] @ torch.randn(4, 4, generator=gen, dtype=torch.float64) - 2.0
+    pieces = CrossStats.from_rows(x_a[:7], x_b[:7]) + CrossStats.from_rows(x_a[7:], x_b[7:])
+    centred = pieces.centered()  # sums of two batches, centred once with the overall means
+    _assert_stats(centred, _centred(x_a, x_b), 30)
+    torch.testing.assert_close(centred.sum_a, torch.zeros(5, dtype=torch.float64))
+    _assert_stats(centred.centered(), _centred(x_a, x_b), 30)  # centring twice changes nothing
+    with pytest.raises(ConfigError, match="row sums"):
+        CrossStats(pieces.cross, pieces.gram_a, pieces.gram_b, 30).centered()
+
+    # recorded: each site centred with its own means over all batches, then pooled per space
+    model_a, model_b, spec, _ = _cnn_pair()
+    images = _images()
+    sites = [("conv1", "output"), ("conv2", "input")]  # the two sites of space hidden.0
+    acts_a = record_activations(model_a, images, sites)
+    acts_b = record_activations(model_b, images, sites)
+    per_site = cross_statistics(model_a, model_b, images, sites, center=True)
+    raw = cross_statistics(model_a, model_b, images, sites)
+    for site in map(lambda s: Site(*s), sites):
+        _assert_stats(per_site[site], _centred(acts_a[site], acts_b[site]), acts_a[site].shape[0])
+        assert not torch.allclose(raw[site].cross, per_site[site].cross)  # GELU means matter
+    direct = [_centred(acts_a[Site(*s)], acts_b[Site(*s)]) for s in sites]
+    pooled = space_statistics(model_a, model_b, images, spec, center=True)["hidden.0"]
+    _assert_stats(pooled, tuple(p + q for p, q in zip(*direct, strict=True)), 24 * (28 * 28 + 14 * 14))

@@ -209,3 +209,34 @@ def test_gate_from_votes_uses_the_vote_margin() -> None:
     assert torch.equal(
         mask_task_vector(tau, votes, "gate", threshold=0.0)["w"], mask_task_vector(tau, votes)["w"]
     )
+
+
+def test_tensorwise_mask_uses_the_mean_anti_gradient_for_the_tensor_and_the_votes_for_the_mask() -> None:
+    from gradfix import SignVotes
+
+    tau = TaskVector({"a": torch.tensor([0.5, 0.1, -0.1, -0.4]), "b": torch.tensor([0.5, 0.4, -0.3, 0.2])})
+    # majority votes ŝ = sign(counts); mean gradient ḡ = grad_sum / 4, the reference is −ḡ
+    counts = {
+        "a": torch.tensor([4, -2, 2, -4], dtype=torch.int8),
+        "b": torch.tensor([2, 2, 2, -2], dtype=torch.int8),
+    }
+    grad_sum = {
+        "a": -4 * torch.tensor([1.0, -0.2, 0.3, -1.0]),  # ⟨−ḡ, τ⟩ = 0.85 > 0: "a" is kept whole
+        "b": -4 * torch.tensor([0.1, -1.0, 0.5, -1.0]),  # ⟨−ḡ, τ⟩ = −0.7 < 0: "b" is masked by ŝ
+    }
+    votes = SignVotes(counts, grad_sum, 4, hits={"a": 4, "b": 4})
+    out = mask_task_vector(tau, votes, "tensorwise")
+    assert torch.equal(out["a"], tau["a"])
+    # the mask of "b" comes from the majority sign [1, 1, 1, −1] (not from sign(−ḡ) = [1, −1, 1, −1])
+    assert out["b"].tolist() == pytest.approx([0.5, 0.4, 0.0, 0.0])
+    assert torch.equal(out["b"], mask_task_vector(tau, votes, "agreement")["b"])
+
+    # an oracle task vector τ_B is its own real-valued reference
+    tau_b = TaskVector({"a": torch.tensor([1.0, -0.2, 0.3, -1.0]), "b": torch.tensor([0.1, -1.0, 0.5, -1.0])})
+    oracle = mask_task_vector(tau, tau_b, "tensorwise")
+    assert torch.equal(oracle["a"], tau["a"])
+    assert oracle["b"].tolist() == pytest.approx([0.5, 0.0, 0.0, 0.0])
+    assert torch.equal(
+        transport({"a": torch.zeros(4), "b": torch.zeros(4)}, tau, tau_b, 2.0, "tensorwise")["b"],
+        2 * oracle["b"],
+    )

@@ -1,11 +1,21 @@
 """Record module inputs and outputs with forward hooks, and their cross-model statistics.
 
-A *site* is one module's input or output. Activations are flattened over every axis but the last
-(``[tokens, width]``). Two models run in lockstep on the same batches give, per site, the float64
+A *site* is one module's input or output. Activations are flattened over every axis but the
+feature axis (``[tokens, width]``): the last axis, or the channel axis (1) of a channels-first
+module (convolutions, batch/instance/group norms), so that ``[B, C, H, W]`` gives ``B·H·W`` tokens
+of width ``C``. Two models run in lockstep on the same batches give, per site, the float64
 statistics Theseus needs, without keeping any token:
 
 ```
-C = Σ X_Aᵀ X_B   (d_A × d_B),   G_A = Σ X_Aᵀ X_A,   G_B = Σ X_Bᵀ X_B
+C = Σ X_Aᵀ X_B   (d_A × d_B),   G_A = Σ X_Aᵀ X_A,   G_B = Σ X_Bᵀ X_B,   s_A = Σ x_A,   s_B = Σ x_B
+```
+
+With centring (``center=True``) each site's statistics are those of its mean-centred rows,
+``μ = s / n`` over all ``n`` rows of the site (every batch), computed once at the end from the
+float64 sums, which is exact:
+
+```
+C = Σ (x_A − μ_A)ᵀ (x_B − μ_B) = Σ x_Aᵀ x_B − n μ_A μ_Bᵀ,   G_A = Σ x_Aᵀ x_A − n μ_A μ_Aᵀ,   likewise G_B
 ```
 """
 
@@ -44,19 +54,41 @@ class Site(NamedTuple):
 class CrossStats:
     """``C = Σ X_Aᵀ X_B``, ``G_A = Σ X_Aᵀ X_A``, ``G_B = Σ X_Bᵀ X_B`` over ``count`` rows, in float64.
 
-    Statistics of several batches or sites of the same widths add up with ``+``.
+    ``sum_a = Σ x_A`` and ``sum_b = Σ x_B`` (row sums, ``None`` when unknown) allow exact centring
+    (:meth:`centered`). Statistics of several batches or sites of the same widths add up with ``+``.
     """
 
     cross: Tensor
     gram_a: Tensor
     gram_b: Tensor
     count: int = 0
+    sum_a: Tensor | None = None
+    sum_b: Tensor | None = None
 
     @classmethod
     def from_rows(cls, x_a: Tensor, x_b: Tensor) -> CrossStats:
         """Statistics of paired rows ``X_A [n, d_A]`` and ``X_B [n, d_B]``."""
         x_a, x_b = x_a.double(), x_b.double()
-        return cls(x_a.T @ x_b, x_a.T @ x_a, x_b.T @ x_b, x_a.shape[0])
+        return cls(x_a.T @ x_b, x_a.T @ x_a, x_b.T @ x_b, x_a.shape[0], x_a.sum(0), x_b.sum(0))
+
+    def centered(self) -> CrossStats:
+        """The statistics of the mean-centred rows ``x − μ`` (``μ = sum / count``), exactly, in float64.
+
+        ``C − n μ_A μ_Bᵀ`` and ``G − n μ μᵀ`` (``= C − s_A s_Bᵀ / n``, ...); the sums become zero.
+        """
+        if self.sum_a is None or self.sum_b is None:
+            raise ConfigError("cannot centre statistics recorded without their row sums")
+        if self.count <= 0:
+            raise ConfigError("cannot centre statistics of no rows")
+        s_a, s_b, n = self.sum_a.double(), self.sum_b.double(), float(self.count)
+        return CrossStats(
+            self.cross.double() - torch.outer(s_a, s_b) / n,
+            self.gram_a.double() - torch.outer(s_a, s_a) / n,
+            self.gram_b.double() - torch.outer(s_b, s_b) / n,
+            self.count,
+            torch.zeros_like(s_a),
+            torch.zeros_like(s_b),
+        )
 
     @property
     def widths(self) -> tuple[int, int]:
@@ -66,11 +98,15 @@ class CrossStats:
     def __add__(self, other: CrossStats) -> CrossStats:
         if self.widths != other.widths:
             raise MismatchError(f"cannot add statistics of widths {self.widths} and {other.widths}")
+        sums = (None, None)
+        if all(t is not None for t in (self.sum_a, self.sum_b, other.sum_a, other.sum_b)):
+            sums = (self.sum_a + other.sum_a, self.sum_b + other.sum_b)
         return CrossStats(
             self.cross + other.cross,
             self.gram_a + other.gram_a,
             self.gram_b + other.gram_b,
             self.count + other.count,
+            *sums,
         )
 
 
@@ -103,6 +139,23 @@ def _as_sites(names: Sequence[str | Site | tuple[str, str]]) -> list[Site]:
     return list(dict.fromkeys(sites))
 
 
+CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)
+"""Modules whose inputs and outputs carry their features on axis 1 (``[B, C, *spatial]``)."""
+
+
+def channels_last(module: nn.Module, value: Tensor) -> Tensor:
+    """``value`` with the features of ``module`` on the last axis (channel axis moved last).
+
+    Channels-first modules (:data:`CHANNELS_FIRST`) read ``[B, C, *spatial]``; an unbatched
+    convolution input ``[C, *spatial]`` has its channels on axis 0. Other modules: unchanged.
+    """
+    if not isinstance(module, CHANNELS_FIRST) or value.dim() < 2:
+        return value
+    if isinstance(module, nn.modules.conv._ConvNd) and value.dim() == len(module.kernel_size) + 1:
+        return value.movedim(0, -1)
+    return value.movedim(1, -1)
+
+
 def _first_tensor(value: Any) -> Tensor | None:
     if isinstance(value, Tensor):
         return value
@@ -124,11 +177,11 @@ def _capture(model: nn.Module, sites: Sequence[Site]) -> Iterator[dict[Site, lis
                 raise ConfigError(f"module {module_name!r} not found in {type(model).__name__}") from exc
             wanted = [s for s in sites if s.module == module_name]
 
-            def hook(_m: nn.Module, args: tuple, output: Any, wanted: list[Site] = wanted) -> None:
+            def hook(mod: nn.Module, args: tuple, output: Any, wanted: list[Site] = wanted) -> None:
                 for site in wanted:
                     value = _first_tensor(args if site.kind == "input" else output)
                     if value is not None:
-                        store[site].append(value.detach())
+                        store[site].append(channels_last(mod, value.detach()))
 
             handles.append(module.register_forward_hook(hook))
         yield store
@@ -170,6 +223,7 @@ def record_activations(
 ) -> dict[Site, Tensor]:
     """``{site: X}`` with ``X = [tokens, width]`` stacked over all batches (kept in memory).
 
+    Channels-first modules (convolutions, batch norms) give ``[B·H·W, C]`` (:func:`channels_last`).
     ``module_names``: module names (both input and output recorded) or ``Site``s. The model runs in
     eval mode without gradients; tokens where ``token_mask(batch)`` is false are dropped.
     """
@@ -196,12 +250,15 @@ def cross_statistics(
     *,
     forward_fn_b: ForwardFn | None = None,
     token_mask: TokenMask | None = attention_mask_of,
+    center: bool = False,
 ) -> dict[Site, CrossStats]:
     """Per site, ``C = Σ X_Aᵀ X_B``, ``G_A = Σ X_Aᵀ X_A``, ``G_B = Σ X_Bᵀ X_B`` over all batches.
 
     Both models see each batch in turn (``forward_fn`` for A, ``forward_fn_b`` for B, default the
     same); only the float64 sums are kept. A site must give the same number of rows in both
     models (same inputs, same tokens), else a :class:`MismatchError` names the module.
+    ``center=True``: each site's statistics of its mean-centred rows, with that site's means over
+    all batches, ``C = Σ (x_A − μ_A)ᵀ (x_B − μ_B)`` (:meth:`CrossStats.centered`, exact).
     """
     forward_a = forward_fn or default_forward
     forward_b = forward_fn_b or forward_a
@@ -231,4 +288,4 @@ def cross_statistics(
                         f"module {site.module!r} ({site.kind}): width changed between batches"
                     )
                 totals[site] = totals[site] + stats if site in totals else stats
-    return totals
+    return {site: stats.centered() for site, stats in totals.items()} if center else totals

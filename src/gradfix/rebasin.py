@@ -203,7 +203,8 @@ def spec_for_state_dict(state_dict: StateDict, num_heads: int | None = None) -> 
     return _detect_mlp(state_dict, names)
 
 
-def _detect_mlp(state_dict: StateDict, names: list[str]) -> PermutationSpec:
+def _detect_mlp(state_dict: StateDict, names: list[str], conv: bool = False) -> PermutationSpec:
+    """A chain of linear layers (with ``conv``: also convolutions, ``weight [out, in, *kernel]``)."""
     modules: dict[str, dict[str, Tensor]] = {}
     for name in names:
         prefix, _, leaf = name.rpartition(".")
@@ -213,7 +214,8 @@ def _detect_mlp(state_dict: StateDict, names: list[str]) -> PermutationSpec:
     width: int | None = None
     for prefix, leaves in modules.items():
         weight = leaves.get("weight")
-        linear = weight is not None and weight.dim() == 2 and set(leaves) <= {"weight", "bias"}
+        dims_ok = weight is not None and (weight.dim() == 2 or (conv and weight.dim() > 2))
+        linear = dims_ok and set(leaves) <= {"weight", "bias"}
         norm = set(leaves) <= set(_NORM_LEAVES) and all(t.dim() == 1 for t in leaves.values())
         if linear and width in (None, weight.shape[1]):
             layers.append(prefix)
@@ -231,22 +233,31 @@ def _detect_mlp(state_dict: StateDict, names: list[str]) -> PermutationSpec:
     return mlp_spec(layers, norms).restrict(names)
 
 
-def spec_for_module(model: nn.Module) -> PermutationSpec:
-    """Spec of a model: BERT-like when it has a ``config`` with ``num_attention_heads``, else an MLP.
+_SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm)
+_SUPPORTED += (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
-    MLP: ``nn.Linear`` layers and norms (LayerNorm, BatchNorm1d) in registration order, taken to be
-    execution order; other modules must hold no parameters and act on each feature alike
-    (activations, dropout): the permutation symmetry of the hidden units.
+
+def spec_for_module(model: nn.Module) -> PermutationSpec:
+    """Spec of a model: BERT-like when it has a ``config`` with ``num_attention_heads``, else an MLP/CNN.
+
+    MLP/CNN: ``nn.Linear`` layers, convolutions (``nn.Conv1d/2d/3d``, ``groups=1``; a space is the
+    output channels of one and the input channels of the next) and norms (LayerNorm, BatchNorm) in
+    registration order, taken to be execution order; other modules must hold no parameters and act
+    on each feature or channel alike (activations, dropout, pooling, global averaging): the
+    permutation symmetry of the hidden units. Flattening ``C·H·W`` features into a linear layer
+    breaks that chain (caught by the width check).
     """
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "num_attention_heads"):
         return spec_for_state_dict(model.state_dict(), num_heads=int(config.num_attention_heads))
     for name, module in model.named_modules():
         own = list(module.parameters(recurse=False))
-        if own and not isinstance(module, (nn.Linear, nn.LayerNorm, nn.BatchNorm1d)):
-            raise ConfigError(f"module {name} ({type(module).__name__}) is not supported; pass a spec")
+        groups = getattr(module, "groups", 1)
+        if own and (not isinstance(module, _SUPPORTED) or groups != 1):
+            kind = type(module).__name__ + (f", groups={groups}" if groups != 1 else "")
+            raise ConfigError(f"module {name} ({kind}) is not supported; pass a spec")
     sd = model.state_dict()
-    return _detect_mlp(sd, [n for n, t in sd.items() if t.is_floating_point() and t.dim() >= 1])
+    return _detect_mlp(sd, [n for n, t in sd.items() if t.is_floating_point() and t.dim() >= 1], conv=True)
 
 
 # -- weight matching ----------------------------------------------------------------------------

@@ -11,16 +11,24 @@ C_s' = G_A^{−p} C_s G_B^{−p},   G = Σ Xᵀ X,   p ∈ [0, 0.5]   (partial w
 C_s' = U Σ Vᵀ  →  T_s = U Vᵀ                  (argmin over semi-orthogonal T of ‖X_A T − X_B‖_F)
 ```
 
+Optional mean-centring (``center=True``): every site's activations are centred by that site's own
+means ``μ`` (over all recorded tokens) before they are pooled into its space,
+``C_s = Σ_sites Σ_tokens (x_A − μ_A)ᵀ (x_B − μ_B)`` and ``G`` likewise, computed exactly from
+float64 sums (:meth:`~gradfix.activations.CrossStats.centered`). Without it, large channel means
+(e.g. after GELU) can dominate ``C_s``.
+
 Every axis of ``τ_A`` in space ``s`` is contracted with ``T_s``; a weight ``W (out × in)`` becomes
 ``ΔW_B = T_outᵀ ΔW_A T_in``, a bias or norm vector ``Δb_B = T_sᵀ Δb_A``, an embedding
 ``ΔE_B = ΔE_A T_s``. Consecutive modules share a space, so ``T_out`` of layer ``l`` is ``T_in`` of
 layer ``l+1``; axes outside the spec (model inputs and outputs) are left as they are.
 
 Sites of a space (:func:`spec_sites`): the output of an ``nn.Linear`` whose weight rows (axis 0)
-are in it, the input of one whose columns (axis 1) are, the output of an ``nn.Embedding`` (axis 1)
-and of a norm layer (axis 0). Head-split spaces (attention) get a block map: heads are matched by
-the Hungarian assignment maximising ``Σ ‖C'_{hA,hB}‖_*`` (each block's best Procrustes score, query/
-key and value/output spaces together) and each matched block gets its own Procrustes map.
+are in it, the input of one whose columns (axis 1) are, the same for the output and input channels
+of a convolution (``[out, in, *kernel]``; activations ``[B, C, H, W]`` are ``B·H·W`` tokens of width
+``C``), the output of an ``nn.Embedding`` (axis 1) and of a norm layer (axis 0). Head-split spaces
+(attention) get a block map: heads are matched by the Hungarian assignment maximising
+``Σ ‖C'_{hA,hB}‖_*`` (each block's best Procrustes score, query/key and value/output spaces
+together) and each matched block gets its own Procrustes map.
 """
 
 from __future__ import annotations
@@ -178,7 +186,8 @@ def apply_transforms(
 def spec_sites(model: nn.Module, spec: PermutationSpec) -> dict[str, list[Site]]:
     """``{space: [sites]}``: where each space's activations can be observed in ``model``.
 
-    ``nn.Linear`` weight axis 0 → its output, axis 1 → its input; ``nn.Embedding`` axis 1 → its
+    ``nn.Linear`` weight axis 0 → its output, axis 1 → its input; a convolution (``nn.Conv1d/2d/3d``,
+    ``groups=1``) likewise for its output and input channels; ``nn.Embedding`` axis 1 → its
     output; a norm layer's weight → its output. Only ``*.weight`` entries name sites.
     """
     norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
@@ -193,8 +202,14 @@ def spec_sites(model: nn.Module, spec: PermutationSpec) -> dict[str, list[Site]]
                 module = model.get_submodule(module_name)
             except AttributeError as exc:
                 raise ConfigError(f"module {module_name!r} (space {space!r}) not found in the model") from exc
-            if isinstance(module, nn.Linear):
-                found.append(Site(module_name, "output" if axis == 0 else "input"))
+            if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1 and axis < 2:
+                raise ConfigError(
+                    f"module {module_name!r} (space {space!r}): a grouped convolution (groups="
+                    f"{module.groups}) mixes only its own groups of channels; Theseus needs groups=1"
+                )
+            if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and axis < 2:
+                transposed = getattr(module, "transposed", False)  # ConvTranspose: [in, out, *kernel]
+                found.append(Site(module_name, "output" if (axis == 0) != transposed else "input"))
             elif (isinstance(module, nn.Embedding) and axis == 1) or (
                 isinstance(module, norms) and axis == 0
             ):
@@ -202,7 +217,7 @@ def spec_sites(model: nn.Module, spec: PermutationSpec) -> dict[str, list[Site]]
             else:
                 raise ConfigError(
                     f"module {module_name!r} ({type(module).__name__}, space {space!r}): Theseus records "
-                    "nn.Linear, nn.Embedding and norm layers"
+                    "nn.Linear, convolutions, nn.Embedding and norm layers"
                 )
         if not found:
             raise ConfigError(f"space {space!r} has no module whose activations can be recorded")
@@ -219,11 +234,13 @@ def space_statistics(
     *,
     forward_fn_b: ForwardFn | None = None,
     token_mask: TokenMask | None = attention_mask_of,
+    center: bool = False,
 ) -> dict[str, CrossStats]:
     """Per space, ``C_s = Σ_sites Σ_tokens X_Aᵀ X_B`` and the Gram matrices, both models in lockstep.
 
-    Every site of a space must have the same width within a model, else a :class:`MismatchError`
-    names the module.
+    ``center=True``: ``C_s = Σ_sites Σ_tokens (x_A − μ_A)ᵀ (x_B − μ_B)`` (and ``G`` likewise), each
+    site centred by its own means before pooling. Every site of a space must have the same width
+    within a model, else a :class:`MismatchError` names the module.
     """
     sites = spec_sites(model_a, spec)
     per_site = cross_statistics(
@@ -234,6 +251,7 @@ def space_statistics(
         forward_fn,
         forward_fn_b=forward_fn_b,
         token_mask=token_mask,
+        center=center,
     )
     pooled: dict[str, CrossStats] = {}
     for space, group in sites.items():
@@ -259,7 +277,8 @@ def theseus_task_vector(
 ) -> TaskVector:
     """Theseus: ``ΔW_B = T_outᵀ ΔW_A T_in``, ``Δb_B = T_sᵀ Δb_A``, ``ΔE_B = ΔE_A T_s`` with data-driven ``T``.
 
-    ``stats`` from :func:`space_statistics`; ``whiten`` is the partial-whitening power ``p``.
+    ``stats`` from :func:`space_statistics` (centred there with ``center=True``, site by site, as
+    pooled statistics no longer know each site's means); ``whiten`` is the partial-whitening power ``p``.
     """
     transforms = theseus_transforms(stats, spec, whiten=whiten, eps=eps, target_num_heads=target_num_heads)
     return TaskVector(apply_transforms(tau_a, transforms, spec))
@@ -276,15 +295,19 @@ def theseus_from_models(
     whiten: float = 0.0,
     eps: float = 1e-8,
     token_mask: TokenMask | None = attention_mask_of,
+    center: bool = False,
 ) -> TaskVector:
     """Theseus in one call: record ``C_s`` of A and B on ``batches``, then ``τ_B = T(τ_A)``.
 
     ``spec`` defaults to :func:`~gradfix.rebasin.spec_for_module` of A; B's head count is read
-    from ``model_b.config.num_attention_heads`` when it has one.
+    from ``model_b.config.num_attention_heads`` when it has one. ``center=True`` mean-centres the
+    statistics (:func:`space_statistics`).
     """
     spec = spec or spec_for_module(model_a)
     heads = getattr(getattr(model_b, "config", None), "num_attention_heads", None)
-    stats = space_statistics(model_a, model_b, batches, spec, forward_fn, token_mask=token_mask)
+    stats = space_statistics(
+        model_a, model_b, batches, spec, forward_fn, token_mask=token_mask, center=center
+    )
     return theseus_task_vector(tau_a, stats, spec, whiten=whiten, eps=eps, target_num_heads=heads)
 
 

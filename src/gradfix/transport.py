@@ -34,7 +34,7 @@ def reference_signs(reference: Reference) -> dict[str, Tensor]:
 
 
 def reference_values(reference: Reference) -> dict[str, Tensor]:
-    """The real-valued reference of the magnitude-scaled mask.
+    """The real-valued reference of the magnitude-scaled and tensorwise masks.
 
     ``SignVotes`` → the mean anti-gradient ``−ḡ``; a task vector (oracle ``τ_B``) → itself; a
     mapping → its tensors as float.
@@ -78,8 +78,10 @@ def mask_task_vector(
     ``mask`` is one of ``agreement`` (GradFix, Eq. 4), ``forcing`` (Eq. 11), ``magnitude``
     (Eq. 12), ``random`` (ablation, seeded per tensor from ``seed`` and its name), ``gate``
     (drop only where the votes oppose ``τ_A``'s sign by a margin of at least ``threshold``),
-    ``confidence`` (weight by the share of agreeing votes) or ``none`` (naive transport:
-    ``τ_A`` unchanged, no reference needed).
+    ``confidence`` (weight by the share of agreeing votes), ``tensorwise`` (per tensor:
+    ``τ'_T = τ_T if ⟨−ḡ_T, τ_T⟩ > 0 else m_T ⊙ τ_T``, with ``−ḡ`` the mean anti-gradient of the
+    votes, or ``τ_B`` for an oracle reference, and ``m`` the agreement mask) or ``none`` (naive
+    transport: ``τ_A`` unchanged, no reference needed).
 
     ``unvoted`` says what happens to a tensor of ``τ_A`` that the reference does not cover (not in
     it, or, for votes, a tensor that received no gradient): ``error`` (default) raises one error
@@ -96,7 +98,7 @@ def mask_task_vector(
     if reference is None:
         raise ConfigError(f"the {mask!r} mask needs a reference (sign votes or an oracle task vector)")
     signs = reference_signs(reference)
-    if mask == "magnitude":
+    if mask in ("magnitude", "tensorwise"):
         values = reference_values(reference)
     elif mask in ("gate", "confidence"):
         values = reference_margins(reference)

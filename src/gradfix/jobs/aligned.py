@@ -15,7 +15,8 @@ from gradfix.io import load_state_dict
 from gradfix.task_vector import TaskVector
 
 METHODS = {
-    "gradfix": "mask τ_A with the target's sign votes (default)",
+    "adaptive": "vote-margin gate, threshold t and α chosen on validation or on folds of the shots",
+    "gradfix": "the published GradFix: mask τ_A with the target's sign votes (agreement), fixed α",
     "naive": "θ_B + α τ_A, no mask",
     "transfusion": "permute τ_A onto B by weight matching (data-free re-basin), then mask if --mask is given",
     "theseus": "map τ_A onto B by orthogonal Procrustes of the weights (data-free; widths may differ)",

@@ -150,6 +150,21 @@ def scan_task_vector(base: CheckpointReader, finetuned: CheckpointReader, names:
     return nonzero
 
 
+def uncovered_tensors(names: Sequence[str], nonzero: set[str], source: VoteSource | None) -> list[str]:
+    """The non-zero tensors of ``τ_A`` that the votes do not cover (in ``names`` order)."""
+    return [n for n in names if n in nonzero and (source is None or not source.covers(n))]
+
+
+def unvoted_error(uncovered: Sequence[str]) -> GradfixError:
+    """The error for tensors of ``τ_A`` without votes under ``--unvoted error`` (names the first ten)."""
+    more = f" and {len(uncovered) - 10} more" if len(uncovered) > 10 else ""
+    return GradfixError(
+        f"{len(uncovered)} tensor(s) of the task vector have no votes from the target (frozen, unused "
+        f"by the loss, or missing from the votes): {', '.join(uncovered[:10])}{more}; exclude them "
+        "(--exclude), or set --unvoted to 'drop' (zero them) or 'keep' (add them unmasked)"
+    )
+
+
 def stream_transport(
     base: CheckpointReader,
     finetuned: CheckpointReader,
@@ -167,14 +182,9 @@ def stream_transport(
     the first-order descent report ``⟨ḡ, Δ⟩``. Tensors of the target outside ``names`` are copied.
     """
     selected = set(names)
-    uncovered = [n for n in names if n in nonzero and (source is None or not source.covers(n))]
+    uncovered = uncovered_tensors(names, nonzero, source)
     if plan.mask != "none" and uncovered and plan.unvoted == "error":
-        more = f" and {len(uncovered) - 10} more" if len(uncovered) > 10 else ""
-        raise GradfixError(
-            f"{len(uncovered)} tensor(s) of the task vector have no votes from the target (frozen, unused "
-            f"by the loss, or missing from the votes): {', '.join(uncovered[:10])}{more}; exclude them "
-            "(--exclude), or set --unvoted to 'drop' (zero them) or 'keep' (add them unmasked)"
-        )
+        raise unvoted_error(uncovered)
     dtypes, shapes = target.dtypes(), target.shapes()
     writer = StreamingShardedWriter(
         out,
@@ -238,6 +248,11 @@ def _transport_tensor(
         if use_votes and plan.mask == "magnitude"
         else None
     )
+    whole = (
+        _descent_inner(name, base, finetuned, source, slices)
+        if use_votes and plan.mask == "tensorwise"
+        else None
+    )
     random_signs = None
     if use_votes and plan.mask == "random":
         bits = torch.randint(0, 2, shape, generator=seeded_generator(plan.seed, name), dtype=torch.int8)
@@ -265,12 +280,19 @@ def _transport_tensor(
                     else mean_sign(grad_sum)
                 )
                 value = None
-                if plan.mask == "magnitude":
+                if plan.mask in ("magnitude", "tensorwise"):
                     value = -grad
                 elif plan.mask in ("gate", "confidence") and counts is not None:
                     value = counts.float() / source.num_samples
                 masked = apply_mask(
-                    plan.mask, tau, sign, value, gamma=plan.gamma, threshold=plan.threshold, scales=scales
+                    plan.mask,
+                    tau,
+                    sign,
+                    value,
+                    gamma=plan.gamma,
+                    threshold=plan.threshold,
+                    scales=scales,
+                    inner=whole,
                 )
         # once an input is found bad the output is abandoned: keep scanning, stop writing
         if finite.check(target.file_of(name), name, theta) and not finite:
@@ -306,6 +328,24 @@ def _magnitude_scales(
         ref_sq += float((grad_sum / max(source.num_samples, 1)).pow(2).sum())
         count += tau.numel()
     return math.sqrt(tau_sq / max(count, 1)), math.sqrt(ref_sq / max(count, 1))
+
+
+def _descent_inner(
+    name: str,
+    base: CheckpointReader,
+    finetuned: CheckpointReader,
+    source: VoteSource | None,
+    slices: Sequence[tuple[int, int]],
+) -> float:
+    """``⟨−ḡ, τ_A⟩`` of the whole tensor, summed in float64 over its slices (first pass)."""
+    assert source is not None
+    total = 0.0
+    for start, stop in slices:
+        tau = finetuned.rows(name, start, stop).float() - base.rows(name, start, stop).float()
+        _, grad_sum = source.rows(name, start, stop)
+        reference = -(grad_sum / max(source.num_samples, 1))
+        total += float(torch.sum(tau.to(torch.float64) * reference.to(torch.float64)))
+    return total
 
 
 def record_settings(plan: MaskPlan) -> dict[str, Any]:

@@ -55,6 +55,8 @@ __all__ = [
     "draw_shots",
     "finish_output",
     "input_record",
+    "load_target",
+    "rename_votes",
     "save_votes",
     "vote_on_target",
     "write_model",
@@ -79,15 +81,24 @@ class VoteSettings:
 
 @dataclass
 class MaskSettings:
-    """How ``τ_A`` is masked and scaled."""
+    """How ``τ_A`` is masked and scaled.
+
+    ``alpha="auto"`` chooses α (see :mod:`gradfix.jobs.adaptive`); ``thresholds`` and ``alphas``
+    are the candidate grids of that choice (``None``: :data:`gradfix.autotune.DEFAULT_THRESHOLDS`
+    and :data:`~gradfix.autotune.DEFAULT_ALPHAS`), ``validation`` a labelled data file to score
+    the candidates on (otherwise they are cross-validated on the shots).
+    """
 
     mask: str = "agreement"
-    alpha: float = 1.0
+    alpha: float | str = 1.0
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     unvoted: str = "error"
     gamma: float = 1.0
     threshold: float = 0.3
+    thresholds: list[float | str] | None = None
+    alphas: list[float] | None = None
+    validation: str | None = None
 
 
 def align_names(model_names: Sequence[str], checkpoint_names: Sequence[str]) -> dict[str, str]:
@@ -118,7 +129,8 @@ def align_names(model_names: Sequence[str], checkpoint_names: Sequence[str]) -> 
     return best
 
 
-def _rename_votes(votes: SignVotes, mapping: Mapping[str, str]) -> SignVotes:
+def rename_votes(votes: SignVotes, mapping: Mapping[str, str]) -> SignVotes:
+    """``votes`` with each tensor renamed by ``mapping`` (tensors it does not name are left out)."""
     return SignVotes(
         counts={mapping[n]: c for n, c in votes.counts.items() if n in mapping},
         grad_sum={mapping[n]: g for n, g in votes.grad_sum.items() if n in mapping},
@@ -156,6 +168,34 @@ def draw_shots(target: str | Path, settings: VoteSettings) -> Shots:
     return Shots(str(settings.data), examples, labels, drawn)
 
 
+def load_target(
+    target: str | Path,
+    settings: VoteSettings,
+    labels: Sequence[str],
+    checkpoint_names: Sequence[str],
+    voted: Sequence[str],
+) -> tuple[nn.Module, Any, dict[str, str]]:
+    """Load the target with its recipe for ``labels``; only the parameters named in ``voted`` train.
+
+    Returns the model, the recipe and ``{model parameter name: checkpoint name}``. The loaded
+    parameters must be finite (one error names every tensor with NaN or Inf).
+    """
+    try:
+        model, recipe = load_recipe(
+            settings.recipe, target, labels, template=settings.template, max_length=settings.max_length
+        )
+    except Exception:
+        raise_if_nonfinite(target)  # NaN or Inf weights make recipes fail in many ways
+        raise
+    mapping = align_names([n for n, _ in model.named_parameters()], checkpoint_names)
+    if any(count_nonfinite(p.detach()) for n, p in model.named_parameters() if n in mapping):
+        raise_if_nonfinite(target)
+    wanted = set(voted)
+    for name, param in model.named_parameters():
+        param.requires_grad_(mapping.get(name) in wanted)
+    return model, recipe, mapping
+
+
 def vote_on_target(
     target: str | Path,
     settings: VoteSettings,
@@ -171,19 +211,7 @@ def vote_on_target(
     file lines of the examples drawn (in voting order).
     """
     shots = shots if shots is not None else draw_shots(target, settings)
-    try:
-        model, recipe = load_recipe(
-            settings.recipe, target, shots.labels, template=settings.template, max_length=settings.max_length
-        )
-    except Exception:
-        raise_if_nonfinite(target)  # NaN or Inf weights make recipes fail in many ways
-        raise
-    mapping = align_names([n for n, _ in model.named_parameters()], checkpoint_names)
-    if any(count_nonfinite(p.detach()) for n, p in model.named_parameters() if n in mapping):
-        raise_if_nonfinite(target)
-    wanted = set(voted)
-    for name, param in model.named_parameters():
-        param.requires_grad_(mapping.get(name) in wanted)
+    model, recipe, mapping = load_target(target, settings, shots.labels, checkpoint_names, voted)
     batches = [recipe.collate(chunk) for chunk in batched(shots.drawn, settings.batch_size)]
     # under torchrun each process votes on every world_size-th batch (the same batches as one
     # process would form, so each sample's gradient is computed identically) and the counts add up
@@ -208,7 +236,7 @@ def vote_on_target(
         "num_samples": votes.num_samples,
         "drawn_lines": [ex.line for ex in shots.drawn],
     }
-    return _rename_votes(votes, mapping), model, recipe, info
+    return rename_votes(votes, mapping), model, recipe, info
 
 
 def raise_if_nonfinite(checkpoint: str | Path) -> None:

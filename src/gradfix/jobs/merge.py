@@ -22,6 +22,7 @@ from gradfix.diagnostics import DescentReport, TensorDescent, descent_report
 from gradfix.distributed import world
 from gradfix.errors import ConfigError
 from gradfix.io import CheckpointReader, atomic_output_dir, open_checkpoint
+from gradfix.jobs.adaptive import fixed_alpha, is_auto
 from gradfix.jobs.apply import scan_task_vector
 from gradfix.jobs.common import (
     DEFAULT_SHARD_BYTES,
@@ -80,6 +81,11 @@ def merge_checkpoints(
         raise ConfigError(f"unknown pipeline {pipeline!r}; choose one of {', '.join(PIPELINES)}")
     votes = votes or VoteSettings()
     masking = masking or MaskSettings()
+    if is_auto(masking.alpha) or any(
+        v is not None for v in (masking.thresholds, masking.alphas, masking.validation)
+    ):
+        raise ConfigError("merge takes a fixed --alpha; choosing t and α (auto) is for transport")
+    masking = replace(masking, alpha=fixed_alpha(masking.alpha))
     target = Path(target_base) if target_base is not None else Path(tasks[0].source_base)
     out = Path(out)
     sources = [Path(p) for t in tasks for p in (t.source_base, t.source_finetuned)]

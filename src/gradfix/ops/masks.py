@@ -79,6 +79,33 @@ def confidence_weight(tau: Tensor, margin: Tensor) -> Tensor:
     return ((1 + torch.sign(tau).to(torch.float32) * margin.to(torch.float32)) / 2).to(tau.dtype)
 
 
+def descends(tau: Tensor, reference: Tensor) -> bool:
+    """Whether ``τ`` as a whole points downhill for the real-valued reference: ``⟨r, τ⟩ > 0``.
+
+    The inner product is summed in float64. ``r`` is the mean anti-gradient ``−ḡ`` (votes) or the
+    oracle ``τ_B``; a zero inner product is not a descent.
+    """
+    _check_same_shape(tau, reference)
+    return float(torch.sum(tau.to(torch.float64) * reference.to(torch.float64))) > 0
+
+
+def tensorwise_mask(
+    tau: Tensor, reference_sign: Tensor, reference: Tensor, inner: float | None = None
+) -> Tensor:
+    """Per-tensor choice between the whole tensor and GradFix's agreement mask.
+
+    ``τ'_T = τ_T if ⟨−ḡ_T, τ_T⟩ > 0 else m_T ⊙ τ_T``, with ``m_T`` the agreement mask (Eq. 4)
+    against ``reference_sign`` and ``−ḡ_T`` the real-valued ``reference`` (the mean anti-gradient
+    of the votes, or the oracle ``τ_B``). Returns the 0/1 mask (all ones when the tensor is kept
+    whole). ``inner`` gives ``⟨r, τ⟩`` of the whole tensor when ``tau`` is only a slice of it.
+    """
+    _check_same_shape(tau, reference)
+    whole = inner > 0 if inner is not None else descends(tau, reference)
+    if whole:
+        return torch.ones_like(tau)
+    return agreement_mask(tau, reference_sign)
+
+
 def _rms(x: Tensor) -> Tensor:
     value = x.pow(2).mean().sqrt()
     return value if value > 0 else torch.ones((), dtype=x.dtype)
@@ -96,6 +123,7 @@ MASKS: dict[str, str] = {
     "random": "|τ_A| with uniformly random signs (ablation)",
     "gate": "drop τ_A only where the votes oppose its sign by a margin ≥ t (t=0: GradFix, t>1: naive)",
     "confidence": "weight τ_A by the share of votes agreeing with its sign",
+    "tensorwise": "keep a tensor of τ_A whole where ⟨−ḡ, τ_A⟩ > 0, else apply the agreement mask to it",
 }
 """Names of the mask strategies accepted by :func:`apply_mask`, with a one-line description."""
 
@@ -110,6 +138,7 @@ def apply_mask(
     generator: torch.Generator | None = None,
     threshold: float = 0.3,
     scales: tuple[float, float] | None = None,
+    inner: float | None = None,
 ) -> Tensor:
     """Return the masked task vector ``τ'`` of one tensor for the strategy ``name``.
 
@@ -120,7 +149,11 @@ def apply_mask(
     - ``random``: ``|τ| ⊙ s`` with ``s`` random signs drawn from ``generator``;
     - ``gate``: ``m ⊙ τ`` with ``m`` from :func:`vote_margin_gate` on the vote margin
       ``reference_value`` and ``threshold``;
-    - ``confidence``: ``w ⊙ τ`` with ``w`` from :func:`confidence_weight` on the vote margin.
+    - ``confidence``: ``w ⊙ τ`` with ``w`` from :func:`confidence_weight` on the vote margin;
+    - ``tensorwise``: ``τ`` whole if ``⟨r, τ⟩ > 0`` for the real-valued reference ``r =
+      reference_value`` (``−ḡ`` or ``τ_B``), else the agreement mask (:func:`tensorwise_mask`);
+      ``inner`` gives ``⟨r, τ⟩`` of the whole tensor when ``tau`` is a slice. Without
+      ``reference_value`` the reference sign stands in.
 
     For ``gate`` and ``confidence`` ``reference_value`` is the vote margin ``v / n`` in [−1, 1]
     (without it, the reference sign stands in: a unanimous vote).
@@ -132,6 +165,9 @@ def apply_mask(
     if name == "magnitude":
         ref = reference_value if reference_value is not None else reference_sign.to(tau.dtype)
         return magnitude_scaled_mask(tau, ref, gamma, scales) * tau
+    if name == "tensorwise":
+        ref = reference_value if reference_value is not None else reference_sign.to(tau.dtype)
+        return tensorwise_mask(tau, reference_sign, ref, inner) * tau
     if name in ("gate", "confidence"):
         margin = reference_value if reference_value is not None else reference_sign.to(torch.float32)
         if name == "gate":

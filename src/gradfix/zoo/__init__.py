@@ -7,6 +7,8 @@ Scenarios (``gradfix zoo list``):
   News tasks (headline topic, sentence topic, headline-or-sentence).
 - ``vision-independent``: two small CNNs pre-trained here from different seeds on different
   halves of Fashion-MNIST; three image tasks (new Fashion-MNIST classes, MNIST, digits).
+- ``vision-widths``: the same A (width 32) and a B of width 16 pre-trained like the other B: the
+  cross-width pair for Theseus.
 
 ``build(name)`` builds what is missing under the cache (``$GRADFIX_CACHE``, default
 ``~/.cache/gradfix``) and returns the scenario's folder; see :mod:`gradfix.zoo.cache`.
@@ -56,10 +58,17 @@ def _vision() -> Scenario:
     return vision_scenario("vision-independent")
 
 
+def _vision_widths() -> Scenario:
+    from gradfix.zoo.vision_widths import vision_widths_scenario
+
+    return vision_widths_scenario("vision-widths")
+
+
 SCENARIOS: dict[str, Callable[[], Scenario]] = {
     "text-release-short": _text("text-release-short", "short"),
     "text-release-long": _text("text-release-long", "long"),
     "vision-independent": _vision,
+    "vision-widths": _vision_widths,
 }
 """Scenario name → a function that describes it (cheap: nothing is loaded or built)."""
 

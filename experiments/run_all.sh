@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Every experiment of docs/results.md, then the page itself. Two lanes run side by side, one torch
+# thread each (the machine has 2 cores); each lane's steps run in order. Scenarios are built on
+# first use (see docs/scenarios.md); raw results go to docs/results/raw/, figures to docs/results/.
+#   bash experiments/run_all.sh            (about 2 hours on 2 cores once the scenarios are built)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-docs/results/raw}
+export OMP_NUM_THREADS=1
+mkdir -p "$OUT" logs
+T1="$PY experiments/table1.py --threads 1 --out $OUT"
+ST="$PY experiments/studies.py --threads 1 --out $OUT"
+
+lane_short() {
+  $T1 --scenario text-release-short
+  $ST masks --scenario text-release-short
+  $ST subsets --scenario text-release-short --k 2
+  $ST agreement --scenario text-release-short
+  $T1 --scenario text-release-short --target A --tasks headlines --ks 1 2 5 --no-fewshot --no-skill
+}
+
+lane_long() {
+  $T1 --scenario text-release-long
+  $ST multitask --scenario text-release-long
+  $ST multisource --scenario text-release-long
+  $ST agreement --scenario text-release-long
+  $T1 --scenario vision-independent --ks 1 2 5 10 20
+  for study in masks agreement multitask; do $ST $study --scenario vision-independent; done
+  $ST subsets --scenario vision-independent --k 2
+  $PY experiments/crosswidth.py --out "$OUT"
+}
+
+lane_short > logs/results-short.log 2>&1 &
+short=$!
+lane_long > logs/results-long.log 2>&1 &
+long=$!
+wait $short
+wait $long
+$PY experiments/costs.py --out "$OUT" --threads 2
+$PY experiments/report.py --raw "$OUT" --out docs/results.md

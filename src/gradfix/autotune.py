@@ -1,0 +1,208 @@
+"""Choosing α and the gate threshold ``t`` without a test set.
+
+Two sources of evidence, as a user has them:
+
+- a **validation file**: :func:`choose_on_validation` scores every candidate ``(t, α)`` by a
+  user-given score (validation accuracy) and keeps the best;
+- **only the few shots**: :func:`choose_on_shots` splits the shots into folds; for each fold it
+  votes with the other folds, masks ``τ_A`` with those votes and measures the mean loss of
+  ``θ_B + α · (m_t ⊙ τ_A)`` on the held-back fold; the candidate with the lowest loss summed over
+  folds wins (cross-validation over the shots; the final model then votes on every shot).
+
+A candidate's threshold ``t`` is the vote-margin gate's (:func:`gradfix.ops.masks.vote_margin_gate`):
+``t = 0`` is GradFix's agreement mask and ``t > 1`` (:data:`NAIVE`) is naive addition.
+Ties go to the earlier candidate, so order candidates from the most to the least conservative.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradfix.errors import ConfigError
+from gradfix.task_vector import TaskVector
+from gradfix.transport import mask_task_vector
+from gradfix.votes import SignVotes, estimate_signs
+
+NAIVE = 2.0
+"""A gate threshold above 1: no coordinate is ever dropped (naive addition ``θ_B + α τ_A``)."""
+
+DEFAULT_ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
+"""α grid; 0 keeps the target unchanged, the choice when no candidate beats it."""
+DEFAULT_THRESHOLDS: tuple[float, ...] = (0.0, 0.2, 0.4, NAIVE)
+
+Score = Callable[[TaskVector, float], float]
+"""``score(update, α)``: higher is better (e.g. accuracy of ``θ_B + α · update`` on validation)."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The chosen ``(threshold, α)``, its score, and every candidate's score (for the record)."""
+
+    threshold: float
+    alpha: float
+    score: float
+    scores: dict[str, float] = field(default_factory=dict)
+    source: str = "validation"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready record."""
+        return {
+            "threshold": self.threshold,
+            "alpha": self.alpha,
+            "score": self.score,
+            "source": self.source,
+            "scores": dict(self.scores),
+        }
+
+
+def candidate_key(threshold: float, alpha: float) -> str:
+    """The record key of one candidate, e.g. ``"t=0.2,a=1"`` (``t=naive`` above 1)."""
+    t = "naive" if threshold > 1 else f"{threshold:g}"
+    return f"t={t},a={alpha:g}"
+
+
+def gated(
+    tau: Mapping[str, Tensor], votes: SignVotes | None, threshold: float, unvoted: str = "error"
+) -> TaskVector:
+    """``m_t ⊙ τ_A`` for the gate threshold ``t`` (``t > 1``: ``τ_A`` itself, no votes needed)."""
+    if threshold > 1:
+        return TaskVector(dict(tau))
+    mask = "agreement" if threshold == 0 else "gate"
+    return mask_task_vector(tau, votes, mask, threshold=threshold, unvoted=unvoted)
+
+
+def choose_on_validation(
+    tau: Mapping[str, Tensor],
+    votes: SignVotes | None,
+    score: Score,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    unvoted: str = "error",
+) -> Choice:
+    """The candidate ``(t, α)`` with the highest ``score(m_t ⊙ τ_A, α)`` (earlier wins ties)."""
+    _check_grid(thresholds, alphas)
+    scores: dict[str, float] = {}
+    best: tuple[float, float, float] | None = None
+    for t in thresholds:
+        update = gated(tau, votes, t, unvoted)
+        for alpha in alphas:
+            value = float(score(update, alpha))
+            scores[candidate_key(t, alpha)] = value
+            if best is None or value > best[0]:
+                best = (value, t, alpha)
+    assert best is not None
+    return Choice(best[1], best[2], best[0], scores, "validation")
+
+
+def shot_folds(labels: Sequence[Any], folds: int, seed: int = 0) -> list[list[int]]:
+    """Split shot indices into ``folds`` folds, spreading each class over the folds (seeded)."""
+    if folds < 2:
+        raise ConfigError(f"folds must be at least 2, got {folds}")
+    if len(labels) < folds:
+        raise ConfigError(f"{len(labels)} shot(s) cannot be split into {folds} folds")
+    rng = random.Random(seed)
+    by_class: dict[Any, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    order: list[int] = []
+    for label in sorted(by_class, key=str):
+        members = by_class[label]
+        rng.shuffle(members)
+        order.extend(members)
+    out: list[list[int]] = [[] for _ in range(folds)]
+    for position, index in enumerate(order):
+        out[position % folds].append(index)
+    return [sorted(f) for f in out]
+
+
+@torch.no_grad()
+def mean_loss(
+    model: nn.Module,
+    theta: Mapping[str, Tensor],
+    update: Mapping[str, Tensor],
+    alpha: float,
+    batch: Any,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+) -> float:
+    """Mean per-sample loss of ``θ + α · update`` on ``batch`` (weights restored afterwards)."""
+    params = dict(model.named_parameters())
+    missing = [n for n in update if n not in params]
+    if missing:
+        raise ConfigError(f"the task vector names tensors the model lacks: {missing[:5]}")
+    saved = {n: params[n].detach().clone() for n in update}
+    was_training = model.training
+    model.eval()
+    try:
+        for name, tau in update.items():
+            params[name].copy_(theta[name] + alpha * tau.to(params[name].dtype))
+        return float(loss_fn(model, batch).mean())
+    finally:
+        for name, value in saved.items():
+            params[name].copy_(value)
+        model.train(was_training)
+
+
+def choose_on_shots(
+    model: nn.Module,
+    tau: Mapping[str, Tensor],
+    shots: Sequence[Any],
+    labels: Sequence[Any],
+    collate: Callable[[Sequence[Any]], Any],
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    folds: int = 2,
+    seed: int = 0,
+    unvoted: str = "error",
+    engine: str = "auto",
+) -> Choice:
+    """Choose ``(t, α)`` from the shots alone, by ``folds``-fold cross-validation of the loss.
+
+    For each fold ``f``: votes ``v_{−f}`` on the other folds' shots (the model's current weights
+    are ``θ_B``), then for every candidate the mean loss ``L_f(t, α)`` of ``θ_B + α (m_t(v_{−f}) ⊙
+    τ_A)`` on fold ``f``. The chosen candidate minimises ``Σ_f L_f``. The model's weights are
+    unchanged afterwards; only parameters with ``requires_grad`` vote. ``score`` in the result is
+    the negated summed loss (higher is better, as for validation).
+    """
+    _check_grid(thresholds, alphas)
+    if len(shots) != len(labels):
+        raise ConfigError(f"{len(shots)} shots but {len(labels)} labels")
+    theta = {n: p.detach().clone() for n, p in model.named_parameters() if n in tau}
+    totals: dict[tuple[float, float], float] = {}
+    for held in shot_folds(labels, folds, seed):
+        held_set = set(held)
+        voters = [shots[i] for i in range(len(shots)) if i not in held_set]
+        needs_votes = any(t <= 1 for t in thresholds)
+        votes = (
+            estimate_signs(model, [collate(voters)], loss_fn, engine=engine, progress=False)
+            if needs_votes and voters
+            else None
+        )
+        batch = collate([shots[i] for i in held])
+        for t in thresholds:
+            update = gated(tau, votes, t, unvoted) if (votes is not None or t > 1) else TaskVector(dict(tau))
+            for alpha in alphas:
+                loss = mean_loss(model, theta, update, alpha, batch, loss_fn)
+                totals[(t, alpha)] = totals.get((t, alpha), 0.0) + loss * len(held)
+    best_key = min(totals, key=lambda k: totals[k] if math.isfinite(totals[k]) else math.inf)
+    scores = {candidate_key(t, a): -v / len(shots) for (t, a), v in totals.items()}
+    return Choice(best_key[0], best_key[1], -totals[best_key] / len(shots), scores, f"{folds}-fold shots")
+
+
+def _check_grid(thresholds: Iterable[float], alphas: Iterable[float]) -> None:
+    thresholds, alphas = list(thresholds), list(alphas)
+    if not thresholds or not alphas:
+        raise ConfigError("the candidate grid needs at least one threshold and one α")
+    bad = [t for t in thresholds if not math.isfinite(t) or t < 0]
+    if bad:
+        raise ConfigError(f"gate thresholds must be finite and ≥ 0, got {bad}")
+    bad = [a for a in alphas if not math.isfinite(a)]
+    if bad:
+        raise ConfigError(f"α values must be finite, got {bad}")
