@@ -11,9 +11,12 @@ The scenario ``text-release-short`` (built on first use, then read from the cach
   mask and the upper bound.
 
 GradFix votes with B's per-sample gradient signs on k labelled headlines per class (drawn with a
-fixed seed from the training split), keeps the coordinates of τ_A that agree, and adds them to B.
-α is chosen on the validation split; accuracies are on the held-out test split. The transported
-model is written as a complete Hugging Face folder by the `gradfix transport` job.
+fixed seed from the training split), keeps the coordinates of τ_A that agree, and adds them to B;
+for these rows α is chosen on the validation split. The adaptive row is what `gradfix transport`
+does by default: from the same shots alone (no validation data) it chooses how strongly the votes
+must oppose a coordinate before it is dropped (t = 0 is GradFix, "naive" keeps everything) and α,
+by 2-fold cross-validation of the loss over the shots. Accuracies are on the held-out test split.
+The adaptive model is written as a complete Hugging Face folder by the `gradfix transport` job.
 
 Run:  python examples/demo.py [--shots 2] [--seed 0] [--out demo-output] [--cache DIR]
 """
@@ -29,13 +32,14 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from gradfix import TaskVector, estimate_signs, mask_task_vector
+from gradfix.autotune import choose_on_shots, gated
 from gradfix.data import Example, load_examples, sample_shots
 from gradfix.io import load_state_dict
 from gradfix.jobs import MaskSettings, VoteSettings, transport_checkpoints
 from gradfix.recipes import load_recipe
 from gradfix.zoo import DEMO_SCENARIO, DEMO_TASK, build_scenario, get_scenario
 
-ALPHAS = (0.25, 0.5, 1.0, 1.5, 2.0)
+ALPHAS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
 INCLUDE = "encoder.*"
 
 
@@ -99,21 +103,38 @@ def main() -> None:
 
     rows: list[tuple[str, str, float | None, float]] = []
     rows.append(("zero-shot B", "-", None, evaluator.accuracy(None, 0.0, test)))
-    chosen = {}
     for name, update in (
         ("naive B + α τ_A", tau_a),
         (f"GradFix k={args.shots}", gradfix),
         ("oracle mask (uses τ_B)", oracle),
     ):
         alpha, val = evaluator.pick_alpha(update, validation)
-        chosen[name] = alpha
         rows.append((name, f"{alpha:g}", val, evaluator.accuracy(update, alpha, test)))
+    evaluator.model.load_state_dict(evaluator.theta)  # θ_B again: the choice starts from B
+    choice = choose_on_shots(
+        evaluator.model,
+        tau_a,
+        shots,
+        [ex.label for ex in shots],
+        evaluator.recipe.collate,
+        evaluator.recipe.loss,
+        seed=args.seed,
+    )
+    adaptive = gated(tau_a, votes, choice.threshold)
+    t_text = "naive" if choice.threshold > 1 else f"{choice.threshold:g}"
+    rows.append(
+        (
+            f"adaptive k={args.shots} (t={t_text})",
+            f"{choice.alpha:g}",
+            None,
+            evaluator.accuracy(adaptive, choice.alpha, test),
+        )
+    )
     rows.append(("fine-tuned B (upper bound)", "1", None, evaluator.accuracy(tau_b, 1.0, test)))
-    gradfix_alpha = chosen[f"GradFix k={args.shots}"]
     source = Evaluator(base_a, labels, template, max_length)
     source_scores = (source.accuracy(None, 0.0, test), source.accuracy(tau_a, 1.0, test))
 
-    out = Path(args.out) / f"{DEMO_SCENARIO}-{DEMO_TASK}-gradfix-k{args.shots}"
+    out = Path(args.out) / f"{DEMO_SCENARIO}-{DEMO_TASK}-adaptive-k{args.shots}"
     votes_settings = VoteSettings(
         data=str(folder / "train.jsonl"),
         shots=args.shots,
@@ -123,10 +144,12 @@ def main() -> None:
         batch_size=len(shots),
         progress=False,
     )
-    masking = MaskSettings(alpha=gradfix_alpha, include=[INCLUDE])
-    record = transport_checkpoints(base_a, ft_a, base_b, out, votes_settings, masking, overwrite=True)
+    masking = MaskSettings(alpha="auto", include=[INCLUDE])
+    record = transport_checkpoints(
+        base_a, ft_a, base_b, out, votes_settings, masking, overwrite=True, method="adaptive"
+    )
     written = load_state_dict(out)
-    expected = gradfix.apply_to(evaluator.theta, gradfix_alpha)
+    expected = adaptive.apply_to(evaluator.theta, choice.alpha)
     same = all(torch.equal(written[n], expected[n]) for n in tau_a)
 
     print(f"\n{DEMO_SCENARIO}: topic of BBC News headlines ({len(labels)} classes)")
@@ -134,15 +157,19 @@ def main() -> None:
     print(f"  A = all-MiniLM-L6-v2; {built_here}")
     print(f"  source A on test: zero-shot {source_scores[0]:.3f}, fine-tuned {source_scores[1]:.3f}")
     print(f"  GradFix votes on {len(shots)} training headlines ({args.shots} per class, seed {args.seed})")
-    print(f"  α chosen on {len(validation)} validation headlines; test on {len(test)} held-out headlines\n")
+    print(f"  α of the GradFix, naive and oracle rows chosen on {len(validation)} validation headlines;")
+    print(f"  t and α of the adaptive row chosen from the {len(shots)} shots alone")
+    print(f"  test on {len(test)} held-out headlines\n")
     print_table(rows)
     report = record.get("descent") or {}
     print(
-        f"\nGradFix kept {report.get('kept_fraction', float('nan')):.1%} of τ_A's coordinates; "
+        f"\nthe adaptive transport kept {report.get('kept_fraction', float('nan')):.1%} of τ_A's "
+        "coordinates; "
         f"first-order loss change <g, Δ> = {report.get('total_inner', float('nan')):.3e}"
     )
     agreement = "the same weights as" if same else "weights that DIFFER from"
-    print(f"transported model (α = {gradfix_alpha:g}) written to {out}/ ({agreement} the GradFix row)")
+    print(f"gradfix transport's default (t = {t_text}, α = {choice.alpha:g}) wrote {out}/")
+    print(f"  ({agreement} the adaptive row)")
     print(f"  evaluate it:  gradfix eval --model {out} --data {folder / 'test.jsonl'}")
     print(f"scenario folder: {view}")
     total = time.perf_counter() - start
