@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Every experiment of docs/results.md, then the page itself. Two lanes run side by side, one torch
-# thread each (the machine has 2 cores); each lane's steps run in order. Scenarios are built on
-# first use (see docs/scenarios.md); raw results go to docs/results/raw/, figures to docs/results/.
+# Every experiment of docs/results.md, then the page itself. Three lanes run side by side, one
+# torch thread each (the machine has 2 cores; the vision lane is short); each lane's steps run in
+# order. Scenarios are built on first use (see docs/scenarios.md); raw results go to
+# docs/results/raw/, figures to docs/results/.
 #   bash experiments/run_all.sh            (about 2 hours on 2 cores once the scenarios are built)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,9 +23,12 @@ lane_short() {
 
 lane_long() {
   $T1 --scenario text-release-long
-  $ST multitask --scenario text-release-long
   $ST multisource --scenario text-release-long
   $ST agreement --scenario text-release-long
+  $ST multitask --scenario text-release-long
+}
+
+lane_vision() {
   $T1 --scenario vision-independent --ks 1 2 5 10 20
   for study in masks agreement multitask; do $ST $study --scenario vision-independent; done
   $ST subsets --scenario vision-independent --k 2
@@ -35,7 +39,10 @@ lane_short > logs/results-short.log 2>&1 &
 short=$!
 lane_long > logs/results-long.log 2>&1 &
 long=$!
+lane_vision > logs/results-vision.log 2>&1 &
+vision=$!
 wait $short
 wait $long
+wait $vision
 $PY experiments/costs.py --out "$OUT" --threads 2
 $PY experiments/report.py --raw "$OUT" --out docs/results.md
