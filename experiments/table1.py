@@ -38,12 +38,17 @@ def transfusion_vectors(view: Path, envs: Sequence[TaskEnv], family: str) -> dic
     """TransFusion's ``P(τ_A)`` per task (one weight matching of A onto B), or why it cannot run."""
     from gradfix.errors import GradfixError
     from gradfix.io import load_state_dict
-    from gradfix.rebasin import apply_permutations, match_permutations, spec_for_state_dict
+    from gradfix.rebasin import apply_permutations, match_permutations, spec_for_module, spec_for_state_dict
 
     source = {n: t for n, t in load_state_dict(view / "A").items() if t.is_floating_point()}
     target = {n: t for n, t in load_state_dict(view / "B").items() if t.is_floating_point()}
     try:
-        spec = spec_for_state_dict(source, num_heads=12 if family == "text" else None)
+        if family == "text":
+            spec = spec_for_state_dict(source, num_heads=12)
+        else:  # convolutions: the spec comes from the module (hidden channels between layers)
+            from gradfix.zoo.vision import load_backbone
+
+            spec = spec_for_module(load_backbone(view / "A"))
         perms = match_permutations(source, target, spec, seed=0)
     except (GradfixError, ValueError, KeyError) as exc:
         return f"{type(exc).__name__}: {exc}"
