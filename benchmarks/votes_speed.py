@@ -6,7 +6,8 @@ embeddings frozen (10.8 M trainable parameters), 32 BBC News sentences truncated
 
 - ``batched``: one forward and backward over the 32 samples (the floor: same arithmetic);
 - ``hooks``: gradfix's default engine without its first-batch check (``engine="hooks"``);
-- ``auto``: the default engine with its first-batch check (one extra batched pass);
+- ``auto``: the default engine, whose first batch also watches every torch call for parameters
+  used outside their module (no extra pass);
 - ``vmap``: ``torch.func.vmap(grad)`` in chunks of 4;
 - ``loop``: one batch-1 forward and backward per sample;
 - ``reference``: one batched forward, then ``autograd.grad(loss_i, retain_graph=True)`` per sample.

@@ -8,7 +8,7 @@ from tiny_models import make_tiny_bert, make_tiny_gpt2, topic_examples
 from torch import nn
 
 from gradfix import estimate_signs
-from gradfix.per_sample import hooked_parameters
+from gradfix.per_sample import hooked_parameters, outside_use
 from gradfix.recipes import load_recipe
 
 NOISE = 1e-12
@@ -124,3 +124,16 @@ def test_auto_detects_parameters_used_outside_their_module() -> None:
         assert torch.equal(auto.counts[name].long(), 2 * counts), name
     hooks_only = estimate_signs(model, [batch], _loss, engine="hooks", progress=False)
     assert not torch.equal(hooks_only.counts["inner.weight"].long(), expected["inner.weight"])
+
+
+def test_outside_use_names_only_parameters_used_outside_their_module() -> None:
+    model = _SharedUse().double()
+    covered = hooked_parameters(model, dict(model.named_parameters()))
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with outside_use(covered) as found:
+        model(x)
+    assert found == {"inner.weight"}  # inner.bias and out.* are used only inside their modules
+    plain = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2)).double()
+    with outside_use(hooked_parameters(plain, dict(plain.named_parameters()))) as found:
+        plain(x)
+    assert found == set()

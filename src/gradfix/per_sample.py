@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 from gradfix.errors import GradfixError
 
@@ -176,6 +179,62 @@ def hooked_parameters(model: nn.Module, params: Mapping[str, Tensor]) -> dict[nn
         if own:
             covered[module] = own
     return covered
+
+
+class _OutsideUse(TorchFunctionMode):
+    """Records covered parameters that a torch function receives outside their module's call."""
+
+    def __init__(self, owner: Mapping[int, tuple[nn.Module, str]], active: Mapping[nn.Module, int]):
+        super().__init__()
+        self.owner, self.active = owner, active
+        self.outside: set[str] = set()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        for leaf in tree_flatten((args, kwargs))[0]:
+            if isinstance(leaf, Tensor):
+                entry = self.owner.get(id(leaf))
+                if entry is not None and not self.active.get(entry[0]):
+                    self.outside.add(entry[1])
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def outside_use(covered: Mapping[nn.Module, Mapping[str, str]]) -> Iterator[set[str]]:
+    """Within the block, collect the names of covered parameters used outside their module.
+
+    The hook engine sees a parameter only through its own module's calls; a parameter that also
+    enters a computation elsewhere (a tied or directly used weight) needs another engine. Every
+    torch function called in the block is inspected (a :class:`~torch.overrides.TorchFunctionMode`)
+    while forward pre/post hooks track which covered modules are running: a covered parameter
+    passed to a function while its module is not running is reported. The set is filled when the
+    block ends.
+    """
+    params = {
+        id(p): (m, names[k])
+        for m, names in covered.items()
+        for k, p in m.named_parameters(recurse=False)
+        if k in names
+    }
+    active: dict[nn.Module, int] = {}
+
+    def enter(module: nn.Module, *_: Any) -> None:
+        active[module] = active.get(module, 0) + 1
+
+    def leave(module: nn.Module, *_: Any) -> None:
+        active[module] -= 1
+
+    handles = [m.register_forward_pre_hook(enter) for m in covered]
+    handles += [m.register_forward_hook(leave, always_call=True) for m in covered]
+    found: set[str] = set()
+    mode = _OutsideUse(params, active)
+    try:
+        with mode:
+            yield found
+    finally:
+        for h in handles:
+            h.remove()
+        found.update(mode.outside)
 
 
 def hook_gradients(

@@ -25,6 +25,7 @@ from gradfix.per_sample import (
     hook_gradients,
     hooked_parameters,
     loop_gradients,
+    outside_use,
     slice_batch,
     vmap_gradients,
 )
@@ -249,8 +250,8 @@ def estimate_signs(
     :mod:`gradfix.per_sample`): ``hooks`` (one batched forward and backward, per-sample gradients
     formed layer by layer; other parameters by the loop), ``vmap`` (``torch.func`` over chunks of
     ``chunk_size`` samples), ``loop`` (one backward pass per sample), or ``auto``: hooks, with the
-    first batch checked against an ordinary batched gradient; a parameter whose per-sample
-    gradients do not add up to it (used outside its module's call) moves to the loop.
+    first batch watched for parameters used outside their module's call (a tied weight, a weight
+    used directly; see :func:`gradfix.per_sample.outside_use`): those move to the loop.
     """
     if estimator not in ESTIMATORS:
         raise ConfigError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
@@ -329,24 +330,19 @@ class _Runner:
                 loop_gradients(self.model, rest, batch, self.loss_fn, self.acc)
 
     def _check_first_batch(self, batch: Any) -> None:
-        """Hooks on the first batch, checked against the batched gradient of the same losses."""
+        """Hooks on the first batch, watching for covered parameters used outside their module.
+
+        Such a parameter gets a gradient the hooks do not see; it moves to the loop, and its votes
+        on this batch are recomputed by the loop.
+        """
         self.checked = True
-        names = list(self.params)
-        losses = check_losses(self.loss_fn(self.model, batch), batch_size(batch))
-        grads = torch.autograd.grad(losses.sum(), [self.params[n] for n in names], allow_unused=True)
-        self._hooks(batch)  # the accumulator is empty before the first batch
-        # tolerance relative to the largest gradient of the model: a tensor whose gradient is zero in
-        # exact arithmetic (an attention key bias) carries only rounding noise, which may differ
-        scale = max((float(g.abs().max()) for g in grads if g is not None and g.numel()), default=0.0)
-        wrong = []
-        for name, g in zip(names, grads, strict=True):
-            got = self.acc.grad_sum[name]
-            want = torch.zeros_like(got) if g is None else g.to(got.dtype)
-            if not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * scale):
-                wrong.append(name)
+        with outside_use(self.covered) as wrong:
+            self._hooks(batch)  # the accumulator is empty before the first batch
         if not wrong:
             return
-        log.info("per-sample hooks do not cover %s; those use one backward per sample", ", ".join(wrong))
+        log.info(
+            "per-sample hooks do not cover %s; those use one backward per sample", ", ".join(sorted(wrong))
+        )
         for module in list(self.covered):
             kept = {k: n for k, n in self.covered[module].items() if n not in wrong}
             if kept:
