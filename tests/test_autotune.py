@@ -172,13 +172,15 @@ def test_choose_on_shots_minimises_the_held_out_loss_computed_by_hand() -> None:
     hand = {candidate_key(t, a): -v / len(shots) for (t, a), v in totals.items()}
     best = min(totals, key=totals.get)  # first minimum in grid order
 
-    choice = choose_on_shots(model, tau, shots, labels, _collate, _loss, thresholds, alphas, folds=2, seed=0)
+    choice = choose_on_shots(
+        model, tau, shots, labels, _collate, _loss, thresholds, alphas, folds=2, seed=0, rule="min"
+    )
     assert set(choice.scores) == set(hand)
     for key, value in hand.items():
         assert choice.scores[key] == pytest.approx(value, rel=1e-9), key
     assert (choice.threshold, choice.alpha) == best
     assert choice.score == pytest.approx(-totals[best] / len(shots), rel=1e-9)
-    assert choice.source == "2-fold shots"
+    assert choice.source == "2-fold shots, min rule"
     assert best[1] > 0 and len({round(v, 6) for v in hand.values()}) > 3  # a real choice was made
     for name, p in model.named_parameters():  # θ_B unchanged
         assert torch.equal(p, theta[name]), name
@@ -234,3 +236,48 @@ def test_swapped_weights_of_the_transport_job_restore_the_weights() -> None:
     with pytest.raises(RuntimeError), swapped_weights(model, update, 3.0):
         raise RuntimeError
     assert all(torch.equal(p, theta[n]) for n, p in model.named_parameters())
+
+
+class _Scalar(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+
+def _scalar_loss(model: nn.Module, batch: Tensor) -> Tensor:
+    return (model.w - batch) ** 2  # ℓ_i(α) = (α − a_i)² for θ = 0, τ = 1
+
+
+@pytest.mark.parametrize(
+    ("targets", "one_se", "minimum"),
+    [
+        # clear evidence: every shot wants α ≈ 1, so the rule keeps the loss minimiser
+        ([1.0, 1.01, 0.99, 1.0, 1.02, 0.98, 1.0, 1.0], 1.0, 1.0),
+        # noisy shots: α = 0.5 is best on average (mean target 0.3) but within one standard error
+        # of leaving B unchanged (the spread of the targets is about 3), so the rule keeps α = 0
+        ([3.3, -2.7, 3.4, -2.8, 3.2, -2.6, 3.3, -2.7], 0.0, 0.5),
+    ],
+)
+def test_one_standard_error_rule_prefers_the_smallest_update_within_noise(targets, one_se, minimum) -> None:
+    model = _Scalar()
+    shots = list(targets)
+    labels = [0, 1] * 4
+    tau = {"w": torch.ones(1, dtype=torch.float64)}
+    alphas = (0.0, 0.5, 1.0, 1.5)
+
+    def collate(items):
+        return torch.tensor(list(items), dtype=torch.float64)
+
+    kwargs = dict(thresholds=(NAIVE,), alphas=alphas, folds=2, seed=0)
+    chosen = choose_on_shots(model, tau, shots, labels, collate, _scalar_loss, **kwargs)
+    plain = choose_on_shots(model, tau, shots, labels, collate, _scalar_loss, rule="min", **kwargs)
+    assert plain.alpha == minimum
+    assert chosen.alpha == one_se
+    a = torch.tensor(targets, dtype=torch.float64)
+    mean = {al: float(((al - a) ** 2).mean()) for al in alphas}
+    assert plain.scores[candidate_key(NAIVE, minimum)] == pytest.approx(-mean[minimum], rel=1e-12)
+    if one_se != minimum:  # the kept candidate is within one standard error of the minimiser
+        diff = (one_se - a) ** 2 - (minimum - a) ** 2
+        assert float(diff.mean()) <= float(diff.std()) / len(targets) ** 0.5
+    with pytest.raises(ConfigError, match="rule"):
+        choose_on_shots(model, tau, shots, labels, collate, _scalar_loss, rule="median", **kwargs)

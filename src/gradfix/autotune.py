@@ -123,15 +123,15 @@ def shot_folds(labels: Sequence[Any], folds: int, seed: int = 0) -> list[list[in
 
 
 @torch.no_grad()
-def mean_loss(
+def sample_losses(
     model: nn.Module,
     theta: Mapping[str, Tensor],
     update: Mapping[str, Tensor],
     alpha: float,
     batch: Any,
     loss_fn: Callable[[nn.Module, Any], Tensor],
-) -> float:
-    """Mean per-sample loss of ``θ + α · update`` on ``batch`` (weights restored afterwards)."""
+) -> Tensor:
+    """Per-sample losses ``[B]`` of ``θ + α · update`` on ``batch`` (eval mode; weights restored)."""
     params = dict(model.named_parameters())
     missing = [n for n in update if n not in params]
     if missing:
@@ -142,11 +142,26 @@ def mean_loss(
     try:
         for name, tau in update.items():
             params[name].copy_(theta[name] + alpha * tau.to(params[name].dtype))
-        return float(loss_fn(model, batch).mean())
+        return loss_fn(model, batch).detach().double().reshape(-1)
     finally:
         for name, value in saved.items():
             params[name].copy_(value)
         model.train(was_training)
+
+
+def mean_loss(
+    model: nn.Module,
+    theta: Mapping[str, Tensor],
+    update: Mapping[str, Tensor],
+    alpha: float,
+    batch: Any,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+) -> float:
+    """Mean per-sample loss of ``θ + α · update`` on ``batch`` (weights restored afterwards)."""
+    return float(sample_losses(model, theta, update, alpha, batch, loss_fn).mean())
+
+
+RULES = ("one-se", "min")
 
 
 def choose_on_shots(
@@ -162,20 +177,33 @@ def choose_on_shots(
     seed: int = 0,
     unvoted: str = "error",
     engine: str = "auto",
+    rule: str = "one-se",
 ) -> Choice:
     """Choose ``(t, α)`` from the shots alone, by ``folds``-fold cross-validation of the loss.
 
     For each fold ``f``: votes ``v_{−f}`` on the other folds' shots (the model's current weights
-    are ``θ_B``), then for every candidate the mean loss ``L_f(t, α)`` of ``θ_B + α (m_t(v_{−f}) ⊙
-    τ_A)`` on fold ``f``. The chosen candidate minimises ``Σ_f L_f``. The model's weights are
-    unchanged afterwards; only parameters with ``requires_grad`` vote. ``score`` in the result is
-    the negated summed loss (higher is better, as for validation).
+    are ``θ_B``), then for every candidate ``c = (t, α)`` the loss ``ℓ_i(c)`` of ``θ_B + α
+    (m_t(v_{−f}) ⊙ τ_A)`` on each held-back shot ``i`` of fold ``f``; ``L(c) = mean_i ℓ_i(c)``
+    over all shots. ``rule``:
+
+    - ``min``: the candidate minimising ``L``;
+    - ``one-se`` (default, the one-standard-error rule): among the candidates whose ``L`` is within
+      one standard error of the minimum, ``L(c) − L(c*) ≤ sd_i(ℓ_i(c) − ℓ_i(c*)) / √n``, the
+      one that moves B least, i.e. with the smallest ``α · mean_f ‖m_t(v_{−f}) ⊙ τ_A‖``. A few
+      shots estimate ``L`` noisily; this keeps B unchanged (α = 0) or the update small unless the
+      shots give clear evidence for more.
+
+    The model's weights are unchanged afterwards; only parameters with ``requires_grad`` vote.
+    ``score`` in the result is ``−L`` of the chosen candidate (higher is better, as for validation).
     """
     _check_grid(thresholds, alphas)
+    if rule not in RULES:
+        raise ConfigError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
     if len(shots) != len(labels):
         raise ConfigError(f"{len(shots)} shots but {len(labels)} labels")
     theta = {n: p.detach().clone() for n, p in model.named_parameters() if n in tau}
-    totals: dict[tuple[float, float], float] = {}
+    losses: dict[tuple[float, float], list[Tensor]] = {}
+    norms: dict[float, list[float]] = {}
     for held in shot_folds(labels, folds, seed):
         held_set = set(held)
         voters = [shots[i] for i in range(len(shots)) if i not in held_set]
@@ -188,12 +216,35 @@ def choose_on_shots(
         batch = collate([shots[i] for i in held])
         for t in thresholds:
             update = gated(tau, votes, t, unvoted) if (votes is not None or t > 1) else TaskVector(dict(tau))
+            norms.setdefault(t, []).append(_norm(update))
             for alpha in alphas:
-                loss = mean_loss(model, theta, update, alpha, batch, loss_fn)
-                totals[(t, alpha)] = totals.get((t, alpha), 0.0) + loss * len(held)
-    best_key = min(totals, key=lambda k: totals[k] if math.isfinite(totals[k]) else math.inf)
-    scores = {candidate_key(t, a): -v / len(shots) for (t, a), v in totals.items()}
-    return Choice(best_key[0], best_key[1], -totals[best_key] / len(shots), scores, f"{folds}-fold shots")
+                values = sample_losses(model, theta, update, alpha, batch, loss_fn)
+                losses.setdefault((t, alpha), []).append(values)
+    per_sample = {key: torch.cat(parts) for key, parts in losses.items()}
+    mean = {
+        key: float(v.mean()) if bool(torch.isfinite(v).all()) else math.inf for key, v in per_sample.items()
+    }
+    best = min(mean, key=mean.get)
+    chosen = best
+    if rule == "one-se" and math.isfinite(mean[best]):
+        n = per_sample[best].numel()
+
+        def within(key: tuple[float, float]) -> bool:
+            if not math.isfinite(mean[key]):
+                return False
+            spread = float((per_sample[key] - per_sample[best]).std()) if n > 1 else 0.0
+            return mean[key] - mean[best] <= spread / math.sqrt(n)
+
+        def size(key: tuple[float, float]) -> float:
+            return abs(key[1]) * sum(norms[key[0]]) / len(norms[key[0]])
+
+        chosen = min((key for key in mean if within(key)), key=size)
+    scores = {candidate_key(t, a): -v for (t, a), v in mean.items()}
+    return Choice(chosen[0], chosen[1], -mean[chosen], scores, f"{folds}-fold shots, {rule} rule")
+
+
+def _norm(update: Mapping[str, Tensor]) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in update.values()))
 
 
 def _check_grid(thresholds: Iterable[float], alphas: Iterable[float]) -> None:

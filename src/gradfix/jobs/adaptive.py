@@ -8,8 +8,9 @@ naive addition) and ``(t, α)`` chosen from a grid by :mod:`gradfix.autotune`:
   on it (:func:`~gradfix.autotune.choose_on_validation`; B's loaded model, weights swapped in
   memory), ``m_t`` from the votes on every shot;
 - otherwise by **2-fold cross-validation over the shots**
-  (:func:`~gradfix.autotune.choose_on_shots`): votes on one fold, mean loss on the other; the
-  final votes then use every shot.
+  (:func:`~gradfix.autotune.choose_on_shots`): votes on one fold, the loss on the other, and
+  the one-standard-error rule (the smallest update within one standard error of the lowest
+  held-out loss); the final votes then use every shot.
 
 ``alpha="auto"`` with ``method="gradfix"`` chooses only α (the threshold grid is ``[0]``: the
 agreement mask); a fixed α with ``method="adaptive"`` chooses only ``t``. Ties go to the earlier
