@@ -36,6 +36,7 @@ from gradfix.autotune import choose_on_shots, gated
 from gradfix.data import Example, load_examples, sample_shots
 from gradfix.io import load_state_dict
 from gradfix.jobs import MaskSettings, VoteSettings, transport_checkpoints
+from gradfix.jobs.adaptive import correct_predictions
 from gradfix.recipes import load_recipe
 from gradfix.zoo import DEMO_SCENARIO, DEMO_TASK, build_scenario, get_scenario
 
@@ -119,6 +120,7 @@ def main() -> None:
         evaluator.recipe.collate,
         evaluator.recipe.loss,
         seed=args.seed,
+        correct=correct_predictions(evaluator.recipe),
     )
     adaptive = gated(tau_a, votes, choice.threshold)
     t_text = "naive" if choice.threshold > 1 else f"{choice.threshold:g}"

@@ -42,9 +42,13 @@ def load(raw: Path, prefix: str) -> list[dict[str, Any]]:
     return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(raw.glob(f"{prefix}*.json"))]
 
 
+ALIASES = {"adaptive (shots)": "adaptive (shots, min loss)"}
+"""Old method names of raw rows → their names now (the computation is the same)."""
+
+
 def label(row: dict[str, Any]) -> str:
     """The display name of a row's method (with its k when it has one)."""
-    name = row["method"]
+    name = ALIASES.get(row["method"], row["method"])
     return f"{name} k={row['k']}" if row.get("k") is not None and "study" not in row else name
 
 

@@ -69,6 +69,10 @@ class TaskEnv:
         """Embeddings of training examples by the target ``θ_B`` (for subset selection)."""
         raise NotImplementedError
 
+    def correct(self, model: nn.Module, batch: Any) -> Tensor:
+        """1/0 per sample: is the model's prediction right (the model as it is now)."""
+        return (self.logits(batch).argmax(dim=-1) == batch["labels"]).double()
+
     def trainable(self) -> dict[str, nn.Parameter]:
         """The parameters a task vector covers (they vote and are fine-tuned)."""
         return {n: p for n, p in self.model.named_parameters() if n in self.tau_a}

@@ -213,6 +213,10 @@ def main() -> None:
     figures = out.parent / "results"
     table1 = [r for r in load(raw, "table1-") if "-target-" not in r["experiment"]]
     drift0 = load(raw, "table1-text-release-short-target-A")
+    for extra in load(raw, "autochoice-"):  # the CLI default's rows join their scenario's Table 1
+        for result in table1 + drift0:
+            if result["scenario"] == extra["scenario"]:
+                result["rows"] = result["rows"] + extra["rows"]
     parts = [INTRO, "## Table 1: transport of one task vector", ""]
     parts += [table1_section(r) + "\n" for r in table1]
     parts += ["## A transport never worse than naive addition or GradFix", "", default_section(table1), ""]

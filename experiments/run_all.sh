@@ -13,8 +13,11 @@ mkdir -p "$OUT" logs
 T1="$PY experiments/table1.py --threads 1 --out $OUT"
 ST="$PY experiments/studies.py --threads 1 --out $OUT"
 
+AC="$PY experiments/autochoice.py --threads 1 --out $OUT"
+
 lane_short() {
   $T1 --scenario text-release-short
+  $AC --scenario text-release-short
   $ST masks --scenario text-release-short
   $ST subsets --scenario text-release-short --k 2
   $ST agreement --scenario text-release-short
@@ -23,6 +26,7 @@ lane_short() {
 
 lane_long() {
   $T1 --scenario text-release-long
+  $AC --scenario text-release-long
   $ST multisource --scenario text-release-long
   $ST agreement --scenario text-release-long
   $ST multitask --scenario text-release-long
@@ -30,6 +34,7 @@ lane_long() {
 
 lane_vision() {
   $T1 --scenario vision-independent --ks 1 2 5 10 20
+  $AC --scenario vision-independent
   for study in masks agreement multitask; do $ST $study --scenario vision-independent; done
   $ST subsets --scenario vision-independent --k 2
   $PY experiments/crosswidth.py --out "$OUT"

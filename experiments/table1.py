@@ -183,13 +183,14 @@ def gate_rows(
         alphas=ALPHAS,
         folds=2,
         seed=seed,
+        rule="min",
     )
     chosen = (choice.threshold, choice.alpha)
     if chosen[0] not in cands.updates:
         cands.add(chosen[0], gated(env.tau_a, votes, chosen[0]))
     best_val = max(cands.val[(t, a)] for t in grid for a in ALPHAS)
     row(
-        method="adaptive (shots)",
+        method="adaptive (shots, min loss)",
         k=k,
         seed=seed,
         threshold=chosen[0],

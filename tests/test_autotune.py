@@ -281,3 +281,22 @@ def test_one_standard_error_rule_prefers_the_smallest_update_within_noise(target
         assert float(diff.mean()) <= float(diff.std()) / len(targets) ** 0.5
     with pytest.raises(ConfigError, match="rule"):
         choose_on_shots(model, tau, shots, labels, collate, _scalar_loss, rule="median", **kwargs)
+
+
+def test_accuracy_guard_never_chooses_a_candidate_less_accurate_than_b() -> None:
+    model = _Scalar()
+    shots = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 6.0, 6.0]  # the mean loss is lowest at α = 1.5
+    labels = [0, 1] * 4
+    tau = {"w": torch.ones(1, dtype=torch.float64)}
+
+    def collate(items):
+        return torch.tensor(list(items), dtype=torch.float64)
+
+    def correct(m: nn.Module, batch: Tensor) -> Tensor:  # "right" within 0.3 of the target
+        return ((m.w - batch).abs() < 0.3).double()
+
+    kwargs = dict(thresholds=(NAIVE,), alphas=(0.0, 0.5, 1.5), folds=2, seed=0, rule="min")
+    plain = choose_on_shots(model, tau, shots, labels, collate, _scalar_loss, **kwargs)
+    guarded = choose_on_shots(model, tau, shots, labels, collate, _scalar_loss, correct=correct, **kwargs)
+    assert plain.alpha == 1.5  # lowest loss, but right on none of the shots (B: 6 of 8)
+    assert guarded.alpha == 0.0

@@ -341,8 +341,18 @@ def test_default_method_is_adaptive_and_writes_the_gate_for_the_recorded_choice(
 
     # the choice and the model, recomputed through the Python API
     tau, model, recipe, drawn, votes = _library_inputs(models)
+    from gradfix.jobs.adaptive import correct_predictions
+
+    labels = [ex.label for ex in drawn]
     again = choose_on_shots(
-        model, tau, drawn, [ex.label for ex in drawn], recipe.collate, recipe.loss, unvoted="drop"
+        model,
+        tau,
+        drawn,
+        labels,
+        recipe.collate,
+        recipe.loss,
+        unvoted="drop",
+        correct=correct_predictions(recipe),
     )
     assert (again.threshold, again.alpha) == (choice["threshold"], choice["alpha"])
     assert again.scores == pytest.approx(choice["scores"], rel=1e-6)

@@ -24,14 +24,21 @@ def _rows() -> list[dict]:
         for seed, delta in ((0, 0.1), (1, 0.3)):
             rows += [
                 {"task": task, "method": "GradFix", "k": 2, "seed": seed, "test": zero + delta},
-                {"task": task, "method": "adaptive (validation)", "k": 2, "seed": seed, "test": zero + 0.25},
                 {
                     "task": task,
-                    "method": "adaptive (shots)",
+                    "method": "adaptive (validation)",
+                    "k": 2,
+                    "seed": seed,
+                    "test": zero + 0.25,
+                    "validation": 0.8,
+                },
+                {
+                    "task": task,
+                    "method": "adaptive (shots, 1-SE)",
                     "k": 2,
                     "seed": seed,
                     "test": zero + 0.15,
-                    "validation_regret": 0.005 if seed == 0 else 0.05,
+                    "validation": 0.795 if seed == 0 else 0.75,
                 },
             ]
     return rows
@@ -64,9 +71,11 @@ def test_default_section_compares_with_the_better_of_naive_and_gradfix() -> None
     text = default_section([result])
     line = next(li for li in text.splitlines() if li.startswith("| toy | 2 |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    # naive 75.0, GradFix 75.0, better 75.0; adaptive (validation) 80.0 ≥ 75 → yes; shots 70.0 → no
+    # naive 75.0, GradFix 75.0, better 75.0; adaptive (validation) 80.0 ≥ 75 → yes; 1-SE 70.0 → no
     assert cells[2:5] == ["75.0", "75.0", "75.0"]
-    assert cells[7:9] == ["80.0", "70.0"]
-    assert cells[9:] == ["yes", "**no**"]
-    assert "in 50 % of 4 runs" in text  # regrets 0.005, 0.05 per task: two of four within 1 point
+    assert cells[5:7] == ["n/a", "n/a"]  # no gate rows
+    assert cells[7:10] == ["80.0", "n/a", "70.0"]
+    assert cells[10:] == ["yes", "**no**"]
+    # validation 0.795 is within 1 point of 0.8 (seed 0), 0.75 is not (seed 1): 2 of 4 runs
+    assert "adaptive (shots, 1-SE): in 50 % of 4 runs" in text
     assert "-10.0 points" in text  # shots 0.15 vs validation 0.25 above zero-shot

@@ -122,7 +122,6 @@ def shot_folds(labels: Sequence[Any], folds: int, seed: int = 0) -> list[list[in
     return [sorted(f) for f in out]
 
 
-@torch.no_grad()
 def sample_losses(
     model: nn.Module,
     theta: Mapping[str, Tensor],
@@ -132,6 +131,19 @@ def sample_losses(
     loss_fn: Callable[[nn.Module, Any], Tensor],
 ) -> Tensor:
     """Per-sample losses ``[B]`` of ``θ + α · update`` on ``batch`` (eval mode; weights restored)."""
+    return evaluate(model, theta, update, alpha, batch, loss_fn)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    theta: Mapping[str, Tensor],
+    update: Mapping[str, Tensor],
+    alpha: float,
+    batch: Any,
+    fn: Callable[[nn.Module, Any], Tensor],
+) -> Tensor:
+    """``fn(model, batch)`` (per sample, as float64 ``[B]``) at ``θ + α · update`` (weights restored)."""
     params = dict(model.named_parameters())
     missing = [n for n in update if n not in params]
     if missing:
@@ -142,7 +154,7 @@ def sample_losses(
     try:
         for name, tau in update.items():
             params[name].copy_(theta[name] + alpha * tau.to(params[name].dtype))
-        return loss_fn(model, batch).detach().double().reshape(-1)
+        return fn(model, batch).detach().double().reshape(-1)
     finally:
         for name, value in saved.items():
             params[name].copy_(value)
@@ -178,6 +190,7 @@ def choose_on_shots(
     unvoted: str = "error",
     engine: str = "auto",
     rule: str = "one-se",
+    correct: Callable[[nn.Module, Any], Tensor] | None = None,
 ) -> Choice:
     """Choose ``(t, α)`` from the shots alone, by ``folds``-fold cross-validation of the loss.
 
@@ -193,6 +206,11 @@ def choose_on_shots(
       shots estimate ``L`` noisily; this keeps B unchanged (α = 0) or the update small unless the
       shots give clear evidence for more.
 
+    ``correct(model, batch)`` (optional, per-sample 1/0 for a right/wrong prediction) guards
+    against a loss that falls while accuracy falls too (e.g. less confident but more often wrong
+    predictions): a candidate whose held-out accuracy is below B's own (``α = 0``) is never chosen,
+    and ``c*`` is the minimiser among the others (B itself always qualifies).
+
     The model's weights are unchanged afterwards; only parameters with ``requires_grad`` vote.
     ``score`` in the result is ``−L`` of the chosen candidate (higher is better, as for validation).
     """
@@ -203,6 +221,8 @@ def choose_on_shots(
         raise ConfigError(f"{len(shots)} shots but {len(labels)} labels")
     theta = {n: p.detach().clone() for n, p in model.named_parameters() if n in tau}
     losses: dict[tuple[float, float], list[Tensor]] = {}
+    hits: dict[tuple[float, float], list[Tensor]] = {}
+    base_hits: list[Tensor] = []
     norms: dict[float, list[float]] = {}
     for held in shot_folds(labels, folds, seed):
         held_set = set(held)
@@ -214,17 +234,30 @@ def choose_on_shots(
             else None
         )
         batch = collate([shots[i] for i in held])
+        if correct is not None:
+            base_hits.append(evaluate(model, theta, {}, 0.0, batch, correct))
         for t in thresholds:
             update = gated(tau, votes, t, unvoted) if (votes is not None or t > 1) else TaskVector(dict(tau))
             norms.setdefault(t, []).append(_norm(update))
             for alpha in alphas:
                 values = sample_losses(model, theta, update, alpha, batch, loss_fn)
                 losses.setdefault((t, alpha), []).append(values)
+                if correct is not None:
+                    hits.setdefault((t, alpha), []).append(
+                        evaluate(model, theta, update, alpha, batch, correct)
+                    )
     per_sample = {key: torch.cat(parts) for key, parts in losses.items()}
     mean = {
         key: float(v.mean()) if bool(torch.isfinite(v).all()) else math.inf for key, v in per_sample.items()
     }
-    best = min(mean, key=mean.get)
+    allowed = list(mean)
+    if correct is not None:
+        accuracy = {key: float(torch.cat(parts).mean()) for key, parts in hits.items()}
+        floor = float(torch.cat(base_hits).mean())
+        allowed = [key for key in mean if accuracy[key] >= floor - 1e-12]
+        if not allowed:  # α = 0 not in the grid and every candidate below B: the least harmful
+            allowed = [max(accuracy, key=accuracy.get)]
+    best = min(allowed, key=mean.get)
     chosen = best
     if rule == "one-se" and math.isfinite(mean[best]):
         n = per_sample[best].numel()
@@ -238,7 +271,7 @@ def choose_on_shots(
         def size(key: tuple[float, float]) -> float:
             return abs(key[1]) * sum(norms[key[0]]) / len(norms[key[0]])
 
-        chosen = min((key for key in mean if within(key)), key=size)
+        chosen = min((key for key in allowed if within(key)), key=size)
     scores = {candidate_key(t, a): -v for (t, a), v in mean.items()}
     return Choice(chosen[0], chosen[1], -mean[chosen], scores, f"{folds}-fold shots, {rule} rule")
 

@@ -10,7 +10,8 @@ naive addition) and ``(t, α)`` chosen from a grid by :mod:`gradfix.autotune`:
 - otherwise by **2-fold cross-validation over the shots**
   (:func:`~gradfix.autotune.choose_on_shots`): votes on one fold, the loss on the other, and
   the one-standard-error rule (the smallest update within one standard error of the lowest
-  held-out loss); the final votes then use every shot.
+  held-out loss), never a candidate less accurate on the held-out shots than B itself (recipes
+  with class logits); the final votes then use every shot.
 
 ``alpha="auto"`` with ``method="gradfix"`` chooses only α (the threshold grid is ``[0]``: the
 agreement mask); a fixed α with ``method="adaptive"`` chooses only ``t``. Ties go to the earlier
@@ -243,6 +244,19 @@ def swapped_weights(model: nn.Module, update: Mapping[str, Tensor], alpha: float
                 params[name].copy_(value)
 
 
+def correct_predictions(recipe: Any) -> Any:
+    """``(model, batch) -> 1/0 per sample`` for a recipe with class logits (``None`` otherwise)."""
+    from gradfix.recipes.text import CausalLMRecipe
+
+    if isinstance(recipe, CausalLMRecipe) or not hasattr(recipe, "logits"):
+        return None
+
+    def correct(model: nn.Module, batch: Any) -> Tensor:
+        return (recipe.logits(model, batch).argmax(dim=-1) == batch["labels"]).double()
+
+    return correct
+
+
 def choose(
     plan: ChoicePlan,
     tau: Mapping[str, Tensor],
@@ -293,6 +307,7 @@ def choose(
             seed=settings.seed,
             unvoted=fold_unvoted,
             engine=settings.engine,
+            correct=correct_predictions(recipe),
         )
     if not math.isfinite(choice.score):
         raise GradfixError(
