@@ -69,6 +69,7 @@ def main() -> None:
                     folds=2,
                     seed=seed,
                     rule="one-se",
+                    correct=env.correct,
                 )
                 update = gated(env.tau_a, env.votes(shots), choice.threshold)
                 rec.add(
