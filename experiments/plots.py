@@ -18,7 +18,7 @@ DRIFT_METHODS = (
     "GradFix k=2",
     "GradFix k=5",
     "adaptive (validation) k=2",
-    "adaptive (shots) k=2",
+    "adaptive (shots, 1-SE) k=2",
     "oracle mask",
 )
 DRIFT_TASK = "headlines"
