@@ -28,7 +28,7 @@ from gradfix.jobs import MaskSettings, VoteSettings, transport_checkpoints
 settings = VoteSettings(data=str(data / "train.jsonl"), shots={k}, template=task["template"],
                         max_length=task["max_length"], batch_size={k} * len(task["labels"]), progress=False)
 masking = MaskSettings(alpha={alpha}, include=["encoder.*"])
-transport_checkpoints(view / "A", view / "A-ft/{task_name}", view / "B", out / "model", settings, masking,
+transport_checkpoints(view / "A", view / "A-ft/{task_name}", view / "B", out / "{method}", settings, masking,
                       method="{method}")
 """
 

@@ -22,6 +22,7 @@ lane_short() {
   $ST subsets --scenario text-release-short --k 2
   $ST agreement --scenario text-release-short
   $T1 --scenario text-release-short --target A --tasks headlines --ks 1 2 5 --no-fewshot --no-skill
+  $AC --scenario text-release-short --target A --tasks headlines
 }
 
 lane_long() {

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
 import torch
@@ -199,42 +199,49 @@ class _OutsideUse(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@contextmanager
-def outside_use(covered: Mapping[nn.Module, Mapping[str, str]]) -> Iterator[set[str]]:
+class outside_use:  # used like a function: ``with outside_use(covered) as found``
     """Within the block, collect the names of covered parameters used outside their module.
 
     The hook engine sees a parameter only through its own module's calls; a parameter that also
     enters a computation elsewhere (a tied or directly used weight) needs another engine. Every
     torch function called in the block is inspected (a :class:`~torch.overrides.TorchFunctionMode`)
     while forward pre/post hooks track which covered modules are running: a covered parameter
-    passed to a function while its module is not running is reported. The set is filled when the
-    block ends.
+    passed to a function while its module is not running is reported. ``found`` (also what
+    ``with`` gives) is filled when the block ends.
     """
-    params = {
-        id(p): (m, names[k])
-        for m, names in covered.items()
-        for k, p in m.named_parameters(recurse=False)
-        if k in names
-    }
-    active: dict[nn.Module, int] = {}
 
-    def enter(module: nn.Module, *_: Any) -> None:
-        active[module] = active.get(module, 0) + 1
+    def __init__(self, covered: Mapping[nn.Module, Mapping[str, str]]):
+        self.covered = covered
+        self.found: set[str] = set()
 
-    def leave(module: nn.Module, *_: Any) -> None:
-        active[module] -= 1
+    def __enter__(self) -> set[str]:
+        params = {
+            id(p): (m, names[k])
+            for m, names in self.covered.items()
+            for k, p in m.named_parameters(recurse=False)
+            if k in names
+        }
+        active: dict[nn.Module, int] = {}
 
-    handles = [m.register_forward_pre_hook(enter) for m in covered]
-    handles += [m.register_forward_hook(leave, always_call=True) for m in covered]
-    found: set[str] = set()
-    mode = _OutsideUse(params, active)
-    try:
-        with mode:
-            yield found
-    finally:
-        for h in handles:
-            h.remove()
-        found.update(mode.outside)
+        def enter(module: nn.Module, *_: Any) -> None:
+            active[module] = active.get(module, 0) + 1
+
+        def leave(module: nn.Module, *_: Any) -> None:
+            active[module] -= 1
+
+        self._handles = [m.register_forward_pre_hook(enter) for m in self.covered]
+        self._handles += [m.register_forward_hook(leave, always_call=True) for m in self.covered]
+        self._mode = _OutsideUse(params, active)
+        self._mode.__enter__()
+        return self.found
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._mode.__exit__(*exc)
+        finally:
+            for h in self._handles:
+                h.remove()
+            self.found.update(self._mode.outside)
 
 
 def hook_gradients(
@@ -245,8 +252,11 @@ def hook_gradients(
     sink: GradientSink,
     covered: Mapping[nn.Module, Mapping[str, str]],
     workspace: Workspace | None = None,
+    watch: AbstractContextManager[Any] | None = None,
 ) -> set[nn.Module]:
     """Per-sample gradients of the ``covered`` parameters from one batched forward and backward.
+
+    ``watch`` (e.g. :func:`outside_use`) is entered around the forward pass only.
 
     Returns the modules that could not be handled per sample because a call did not carry the
     sample axis first (e.g. position embeddings broadcast over the batch); the caller must
@@ -275,7 +285,8 @@ def hook_gradients(
     try:
         for p in params.values():
             p.requires_grad_(False)
-        losses = check_losses(loss_fn(model, batch), batch_size(batch))
+        with watch if watch is not None else nullcontext():
+            losses = check_losses(loss_fn(model, batch), batch_size(batch))
     finally:
         for h in handles:
             h.remove()

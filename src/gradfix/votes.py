@@ -318,9 +318,9 @@ class _Runner:
                 return
             self._hooks(batch)
 
-    def _hooks(self, batch: Any) -> None:
+    def _hooks(self, batch: Any, watch: Any = None) -> None:
         broadcast = hook_gradients(
-            self.model, self.params, batch, self.loss_fn, self.acc, self.covered, self.workspace
+            self.model, self.params, batch, self.loss_fn, self.acc, self.covered, self.workspace, watch
         )
         for module in broadcast:  # not per sample (shared over the batch): the loop computes them
             del self.covered[module]
@@ -336,8 +336,9 @@ class _Runner:
         on this batch are recomputed by the loop.
         """
         self.checked = True
-        with outside_use(self.covered) as wrong:
-            self._hooks(batch)  # the accumulator is empty before the first batch
+        watch = outside_use(self.covered)  # entered around the forward pass only
+        self._hooks(batch, watch)  # the accumulator is empty before the first batch
+        wrong = watch.found
         if not wrong:
             return
         log.info(
