@@ -147,7 +147,9 @@ def simple_section(results: Sequence[dict[str, Any]], group: Sequence[str], note
             body.append([*key, s.pct(), ", ".join(f"{a:g}" for a in alphas)])
         tasks = ", ".join(result.get("tasks", []))
         out += [
-            f"**{result.get('scenario') or result['rows'][0].get('scenario', '')}** ({tasks}; {note})",
+            f"**{result.get('scenario') or result['rows'][0].get('scenario', '')}** ({tasks}; {note}"
+            + (f"; k = {result['k']} per class" if result.get("k") else "")
+            + ")",
             "",
             md_table([*group, "test", "α chosen"], body),
             "",
