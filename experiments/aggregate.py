@@ -119,3 +119,10 @@ def gap(value: float, zero: float, top: float) -> float:
 def method_order(rows: Sequence[dict[str, Any]]) -> list[str]:
     """Method names in the order they first appear."""
     return list(dict.fromkeys(label(r) for r in rows))
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -19,12 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from envs import ALPHAS, make_env, relative_drift
+from envs import make_env, relative_drift
 from records import scenario_view, setup
 
-from gradfix.autotune import NAIVE, choose_on_shots, gated
-
-GRID = (0.0, 0.2, 0.4, NAIVE)
+from gradfix.autotune import gated
 
 
 def main() -> None:
@@ -56,21 +54,7 @@ def main() -> None:
             for seed in args.seeds:
                 start = time.perf_counter()
                 shots = env.shots(k, seed)
-                env.set_weights(None)
-                choice = choose_on_shots(
-                    env.model,
-                    env.tau_a,
-                    shots,
-                    [env.train_labels[i] for i in shots],
-                    env.collate,
-                    env.loss,
-                    thresholds=GRID,
-                    alphas=ALPHAS,
-                    folds=2,
-                    seed=seed,
-                    rule="one-se",
-                    correct=env.correct,
-                )
+                choice = env.choose_on_shots(shots, seed, rule="one-se", correct=env.correct)
                 update = gated(env.tau_a, env.votes(shots), choice.threshold)
                 rec.add(
                     scenario=label,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from aggregate import average, gap, label, load, stat, table1_rows
+from aggregate import average, by_task, gap, label, load, md_table, stat, table1_rows
 
 DEFAULT_KS = (1, 2, 5)
 
@@ -41,7 +41,7 @@ def default_section(results: Sequence[dict[str, Any]]) -> str:
         "validation ≥ better?",
         "1-SE ≥ better?",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table: list[list[str]] = []
     within: dict[str, list[bool]] = {rule: [] for rule in SHOT_RULES}
     diffs: dict[str, list[float]] = {rule: [] for rule in SHOT_RULES}
     for result in results:
@@ -57,20 +57,16 @@ def default_section(results: Sequence[dict[str, Any]]) -> str:
                 "yes" if c is not None and c >= better - 1e-9 else ("**no**" if c is not None else "n/a")
                 for c in (cells[2], cells[4])
             ]
-            lines.append(
-                "| "
-                + " | ".join(
-                    [
-                        result["scenario"],
-                        str(k),
-                        _pct(naive),
-                        _pct(gradfix),
-                        _pct(better),
-                        *(_pct(c) for c in cells),
-                        *verdicts,
-                    ]
-                )
-                + " |"
+            table.append(
+                [
+                    result["scenario"],
+                    str(k),
+                    _pct(naive),
+                    _pct(gradfix),
+                    _pct(better),
+                    *(_pct(c) for c in cells),
+                    *verdicts,
+                ]
             )
         rows = table1_rows(result)
         for row in rows:
@@ -97,7 +93,7 @@ def default_section(results: Sequence[dict[str, Any]]) -> str:
         "standard error of the lowest held-out loss, never less accurate on the held-out shots than "
         "B): what `gradfix transport` does without `--validation`.",
         "",
-        "\n".join(lines),
+        md_table(header, table),
         "",
     ]
     for rule in SHOT_RULES:
@@ -133,7 +129,7 @@ def claims_section(results: Sequence[dict[str, Any]], raw: Path) -> str:
         if ft1 is not None:
             rows = table1_rows(result)
             spread = {
-                m: statistics.fmean(s.std for s in _task_stats(rows, m).values())
+                m: statistics.fmean(s.std for s in by_task(rows, m).values())
                 for m in ("GradFix k=5", "few-shot FT, 1 step k=5")
             }
             out.append(
@@ -177,12 +173,6 @@ def claims_section(results: Sequence[dict[str, Any]], raw: Path) -> str:
                     f"{_verdict(masked.mean >= naive.mean)}."
                 )
     return "\n".join(out) if out else "(no results yet)"
-
-
-def _task_stats(rows: Sequence[dict[str, Any]], name: str) -> dict[str, Any]:
-    from aggregate import by_task
-
-    return by_task(rows, name)
 
 
 def _mask_claims(result: dict[str, Any]) -> list[str]:

@@ -20,12 +20,15 @@ import torch
 from torch import Tensor, nn
 
 from gradfix import SignVotes, TaskVector, estimate_signs
+from gradfix.autotune import NAIVE, Choice, choose_on_shots
 from gradfix.data import batched, load_examples
 from gradfix.recipes import load_recipe
 from gradfix.zoo import vision as zv
 
 ALPHAS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
 """The α grid of every sweep (0 is the target unchanged, as in the reference code's 0.0 … 2.0)."""
+GATE_GRID = (0.0, 0.2, 0.4, NAIVE)
+"""Gate thresholds of the adaptive choice: GradFix (0), two gates, naive addition."""
 TEXT_VALIDATION_CAP = 250
 """Validation examples per text task used to choose α (the first of a fixed shuffle)."""
 
@@ -141,6 +144,25 @@ class TaskEnv:
         for name, param in self.model.named_parameters():
             param.requires_grad_(name in params)
         return estimate_signs(self.model, [self.collate(indices)], self.loss, estimator, progress=False)
+
+    def choose_on_shots(self, shots: Sequence[int], seed: int, **options: Any) -> Choice:
+        """:func:`gradfix.autotune.choose_on_shots` on ``θ_B`` with these shots (2 folds, the α grid
+        :data:`ALPHAS`, gate thresholds :data:`GATE_GRID`); ``options`` (``rule``, ``correct``) go to it."""
+        self.set_weights(None)
+        labels = [self.train_labels[i] for i in shots]
+        return choose_on_shots(
+            self.model,
+            self.tau_a,
+            shots,
+            labels,
+            self.collate,
+            self.loss,
+            thresholds=GATE_GRID,
+            alphas=ALPHAS,
+            folds=2,
+            seed=seed,
+            **options,
+        )
 
     def finetune(
         self, indices: Sequence[int], steps: Sequence[int], lr: float, seed: int = 0

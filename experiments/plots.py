@@ -11,7 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from aggregate import average, gap, table1_rows
+from aggregate import average, gap, md_table, table1_rows
 
 DRIFT_METHODS = (
     "naive",
@@ -125,9 +125,7 @@ def drift_section(results: Sequence[dict[str, Any]], folder: Path) -> str:
         [scenario, f"{100 * d:.2f} %", *(f"{100 * s[m]:.0f} %" if m in s else "" for m in DRIFT_METHODS)]
         for d, scenario, s in levels
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
     return (
         f"Gap closed on the {DRIFT_TASK} task at each drift level (B = A is the no-drift level: "
-        f"τ_A is then B's own fine-tune). ![drift]({folder.name}/{name})\n\n" + "\n".join(lines)
+        f"τ_A is then B's own fine-tune). ![drift]({folder.name}/{name})\n\n" + md_table(header, body)
     )

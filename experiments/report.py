@@ -15,7 +15,18 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import plots
-from aggregate import average, by_task, gap, label, load, method_order, paper_gap, stat, table1_rows
+from aggregate import (
+    average,
+    by_task,
+    gap,
+    label,
+    load,
+    md_table,
+    method_order,
+    paper_gap,
+    stat,
+    table1_rows,
+)
 from claims import claims_section, default_section
 
 INTRO = """# Results
@@ -36,13 +47,6 @@ What is real and what was built here (details in [scenarios.md](scenarios.md)):
   two small CNNs pre-trained from different seeds on different halves of Fashion-MNIST; a narrower
   CNN for the cross-width study), every task split, every fine-tune and every head.
 """
-
-
-def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A Markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def table1_section(result: dict[str, Any]) -> str:

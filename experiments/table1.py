@@ -24,13 +24,13 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from envs import ALPHAS, TaskEnv, make_env, relative_drift
+from envs import ALPHAS, GATE_GRID, TaskEnv, make_env, relative_drift
 from records import Recorder, scenario_view, setup
 
 from gradfix import TaskVector, mask_task_vector, random_task_vector
-from gradfix.autotune import NAIVE, candidate_key, choose_on_shots, gated
+from gradfix.autotune import NAIVE, candidate_key, gated
 
-GATES = (0.2, 0.4)
+GATES = tuple(t for t in GATE_GRID if 0 < t <= 1)
 FEWSHOT_LR = {"text": 1e-4, "vision": 2e-3}
 
 
@@ -159,7 +159,7 @@ def gate_rows(
             test=cands.test_of(key),
             seconds=round(time.perf_counter() - start, 2),
         )
-    grid = (0.0, *GATES, NAIVE)
+    grid = GATE_GRID
     key = cands.best(grid)
     row(
         method="adaptive (validation)",
@@ -171,20 +171,7 @@ def gate_rows(
         test=cands.test_of(key),
     )
     start = time.perf_counter()
-    env.set_weights(None)
-    choice = choose_on_shots(
-        env.model,
-        env.tau_a,
-        shots,
-        [env.train_labels[i] for i in shots],
-        env.collate,
-        env.loss,
-        thresholds=grid,
-        alphas=ALPHAS,
-        folds=2,
-        seed=seed,
-        rule="min",
-    )
+    choice = env.choose_on_shots(shots, seed, rule="min")
     chosen = (choice.threshold, choice.alpha)
     if chosen[0] not in cands.updates:
         cands.add(chosen[0], gated(env.tau_a, votes, chosen[0]))

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from test_zoo_fakes import write_fake_bbc, write_fake_python
 from tiny_models import make_tiny_bert
 
@@ -18,14 +17,7 @@ from gradfix.zoo.scenario import build_scenario, scenario_status
 from gradfix.zoo.text_scenarios import TEXT_TASKS, TextConfig, text_scenario
 from gradfix.zoo.training import TrainSettings, cosine_with_warmup, seeded_batches
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> object:
-    """Tiny models train much faster on one thread (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _config(src: Path) -> TextConfig:

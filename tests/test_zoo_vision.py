@@ -28,14 +28,7 @@ from gradfix.zoo.vision import (
 )
 from gradfix.zoo.vision_data import load_sklearn_digits
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> object:
-    """Small CNNs train much faster on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

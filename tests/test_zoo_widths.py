@@ -21,13 +21,7 @@ from gradfix.zoo.vision_widths import vision_widths_scenario
 EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "crosswidth.py"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> object:
-    """Small CNNs train much faster on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _config(root: Path) -> VisionConfig:

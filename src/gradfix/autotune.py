@@ -122,18 +122,6 @@ def shot_folds(labels: Sequence[Any], folds: int, seed: int = 0) -> list[list[in
     return [sorted(f) for f in out]
 
 
-def sample_losses(
-    model: nn.Module,
-    theta: Mapping[str, Tensor],
-    update: Mapping[str, Tensor],
-    alpha: float,
-    batch: Any,
-    loss_fn: Callable[[nn.Module, Any], Tensor],
-) -> Tensor:
-    """Per-sample losses ``[B]`` of ``θ + α · update`` on ``batch`` (eval mode; weights restored)."""
-    return evaluate(model, theta, update, alpha, batch, loss_fn)
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -170,7 +158,7 @@ def mean_loss(
     loss_fn: Callable[[nn.Module, Any], Tensor],
 ) -> float:
     """Mean per-sample loss of ``θ + α · update`` on ``batch`` (weights restored afterwards)."""
-    return float(sample_losses(model, theta, update, alpha, batch, loss_fn).mean())
+    return float(evaluate(model, theta, update, alpha, batch, loss_fn).mean())
 
 
 RULES = ("one-se", "min")
@@ -240,7 +228,7 @@ def choose_on_shots(
             update = gated(tau, votes, t, unvoted) if (votes is not None or t > 1) else TaskVector(dict(tau))
             norms.setdefault(t, []).append(_norm(update))
             for alpha in alphas:
-                values = sample_losses(model, theta, update, alpha, batch, loss_fn)
+                values = evaluate(model, theta, update, alpha, batch, loss_fn)
                 losses.setdefault((t, alpha), []).append(values)
                 if correct is not None:
                     hits.setdefault((t, alpha), []).append(
