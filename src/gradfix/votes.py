@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from gradfix import native
 from gradfix.checks import check_same_architecture
 from gradfix.errors import CheckpointError, ConfigError, GradfixError
 from gradfix.ops.signs import count_dtype, majority_sign, mean_sign
@@ -22,13 +23,11 @@ from gradfix.per_sample import (
     Workspace,
     batch_size,
     check_losses,
-    hook_gradients,
-    hooked_parameters,
     loop_gradients,
-    outside_use,
     slice_batch,
     vmap_gradients,
 )
+from gradfix.per_sample_hooks import hook_gradients, hooked_parameters, outside_use
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +168,7 @@ class _Accumulator:
     """
 
     def __init__(self, params: Mapping[str, Tensor], with_counts: bool):
-        self.grad_sum = {n: torch.zeros_like(p, dtype=_sum_dtype(p)) for n, p in params.items()}
+        self.grad_sum = {n: torch.zeros(p.shape, dtype=_sum_dtype(p)) for n, p in params.items()}
         self.counts = (
             {n: torch.zeros(p.shape, dtype=torch.int16) for n, p in params.items()} if with_counts else {}
         )
@@ -177,17 +176,15 @@ class _Accumulator:
         self.n = 0
 
     def add_per_sample(self, name: str, grads: Tensor) -> None:
-        """Add the per-sample gradients of one tensor, shape ``[b, *shape]``."""
-        grads = grads.detach()
-        signs = torch.sign(grads)
-        self.grad_sum[name] += grads.sum(dim=0).to(self.grad_sum[name].dtype)
-        self.counts[name] -= signs.sum(dim=0).to(self.counts[name].dtype)  # Σ sign(−g) = −Σ sign(g), exact
-        self.hits[name] += int(signs.flatten(1).any(dim=1).sum())
-
-    def add_sums(self, name: str, sign_sum: Tensor, grad_sum: Tensor, hits: int) -> None:
-        """Add ``Σ_j sign(g^(j))`` and ``Σ_j g^(j)`` already summed over some samples."""
-        self.counts[name] -= sign_sum.to(self.counts[name].dtype)
-        self.grad_sum[name] += grad_sum.to(self.grad_sum[name].dtype)
+        """Add the per-sample gradients of one tensor, shape ``[b, *shape]`` (one pass in C if it can)."""
+        flat = grads.detach().reshape(grads.shape[0], -1)
+        grad_sum, counts = self.grad_sum[name], self.counts[name]
+        hits = native.add_votes(flat, grad_sum.view(-1), counts.view(-1))
+        if hits is None:
+            signs = torch.sign(flat)
+            grad_sum += flat.sum(dim=0).view(grad_sum.shape).to(grad_sum.dtype)
+            counts -= signs.sum(dim=0).view(counts.shape).to(counts.dtype)  # Σ sign(−g) = −Σ sign(g), exact
+            hits = int(signs.ne(0).any(dim=1).sum())
         self.hits[name] += hits
 
     def add_rows(self, name: str, rows: Tensor, grads: Tensor) -> None:
@@ -251,7 +248,7 @@ def estimate_signs(
     formed layer by layer; other parameters by the loop), ``vmap`` (``torch.func`` over chunks of
     ``chunk_size`` samples), ``loop`` (one backward pass per sample), or ``auto``: hooks, with the
     first batch watched for parameters used outside their module's call (a tied weight, a weight
-    used directly; see :func:`gradfix.per_sample.outside_use`): those move to the loop.
+    used directly; see :func:`gradfix.per_sample_hooks.outside_use`): those move to the loop.
     """
     if estimator not in ESTIMATORS:
         raise ConfigError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")

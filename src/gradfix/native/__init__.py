@@ -1,0 +1,191 @@
+"""A small C kernel for the vote counter, compiled at first use with the system's C compiler.
+
+What the vote needs from a chunk of per-sample gradients is their sum, the sum of their signs
+and which samples are non-zero. PyTorch computes those in several passes over the chunk (sum,
+sign, sum, cast, any); :func:`add_votes` does it in one (``vote_counts.c``), adding straight
+into the running sums and counters. The hook engine's per-sample products are memory-bound, so
+that one pass is what brings the votes close to the cost of one batched backward.
+
+The kernel is plain C (no Python headers), built once per machine with ``$CC`` (default ``cc``)
+into ``$GRADFIX_CACHE`` (default ``~/.cache/gradfix``), with OpenMP when the compiler has it,
+and loaded with :mod:`ctypes`. Without a compiler, or with ``GRADFIX_NATIVE=0``, it is not used
+and the engine falls back to PyTorch operations: the same votes, more slowly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("vote_counts.c")
+_VALUES = {torch.float32: ("f32", ctypes.c_float), torch.float64: ("f64", ctypes.c_double)}
+_COUNTS = {torch.int16: ("i16", ctypes.c_int16), torch.int32: ("i32", ctypes.c_int32)}
+_FLAG_SETS = (
+    ["-O3", "-march=native", "-fopenmp"],
+    ["-O3", "-fopenmp"],
+    ["-O3"],
+)
+
+
+def enabled() -> bool:
+    """False when ``GRADFIX_NATIVE`` is set to ``0``, ``false``, ``no`` or ``off``."""
+    return os.environ.get("GRADFIX_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: ``$GRADFIX_CACHE``, else ``$XDG_CACHE_HOME/gradfix``."""
+    if os.environ.get("GRADFIX_CACHE"):
+        return Path(os.environ["GRADFIX_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gradfix"
+
+
+def _cpu_signature() -> str:
+    """The CPU's feature flags (a kernel built with -march=native must not move to another CPU)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _build(cc: str, flags: list[str], target: Path) -> bool:
+    """Compile the kernel into ``target`` (written under a temporary name, then renamed)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    cmd = [cc, *flags, "-shared", "-fPIC", "-o", tmp, str(SOURCE)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            log.debug("%s failed: %s", " ".join(cmd), done.stderr[-2000:])
+            return False
+        os.replace(tmp, target)
+        return True
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.debug("%s failed: %s", " ".join(cmd), exc)
+        return False
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _open(path: Path) -> ctypes.CDLL | None:
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        log.debug("cannot load %s: %s", path, exc)
+        return None
+    for value, value_type in _VALUES.values():
+        for count, count_type in _COUNTS.values():
+            fn = getattr(lib, f"gradfix_vote_{value}_{count}")
+            values = ctypes.POINTER(value_type)
+            fn.argtypes = [
+                values,
+                ctypes.c_int64,
+                ctypes.c_int64,
+                values,
+                ctypes.POINTER(count_type),
+                ctypes.c_int32,
+            ]
+            fn.restype = ctypes.c_int64
+    return lib
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The built kernel, building it if this machine has none yet; None when it cannot be had."""
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        log.info("no C compiler (%s): per-sample votes use PyTorch operations only", cc)
+        return None
+    version = _compiler_version(cc)
+    source = SOURCE.read_bytes()
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(
+            b"\0".join(
+                x.encode() for x in (cc, version, " ".join(flags), platform.machine(), _cpu_signature())
+            )
+            + source
+        ).hexdigest()[:16]
+        target = cache_dir() / "native" / key / "vote_counts.so"
+        if not target.exists() and not _build(cc, flags, target):
+            continue
+        lib = _open(target)
+        if lib is not None:
+            return lib
+    log.info("could not build %s with %s: per-sample votes use PyTorch operations only", SOURCE.name, cc)
+    return None
+
+
+def available() -> bool:
+    """Whether :func:`add_votes` runs the C kernel here (building it if needed)."""
+    return enabled() and _library() is not None
+
+
+def add_votes(grads: Tensor, grad_sum: Tensor, counts: Tensor) -> int | None:
+    """Add one chunk of per-sample gradients to running vote sums, in one pass.
+
+    ``grad_sum += Σ_b g_b`` and ``counts −= Σ_b sign(g_b)`` (so that ``counts`` holds
+    ``Σ_b sign(−g_b)``, the anti-gradient votes of Eq. 9). ``grads`` is ``[samples, n]``,
+    ``grad_sum`` and ``counts`` are ``[n]``: contiguous CPU tensors, ``grads`` and ``grad_sum``
+    of one dtype (float32 or float64), ``counts`` int16 or int32 (the caller makes sure it cannot
+    overflow). Returns how many of the samples have a non-zero gradient, or None (changing
+    nothing) when the kernel cannot take these tensors or is not available: the caller then does
+    the same with PyTorch operations.
+    """
+    tensors = (grads, grad_sum, counts)
+    if (
+        grads.dtype not in _VALUES
+        or counts.dtype not in _COUNTS
+        or grad_sum.dtype != grads.dtype
+        or grads.dim() != 2
+        or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors)
+        or grad_sum.numel() != grads.shape[1]
+        or counts.numel() != grads.shape[1]
+        or not enabled()
+    ):
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    (value, value_type), (count, count_type) = _VALUES[grads.dtype], _COUNTS[counts.dtype]
+    samples, n = grads.shape
+
+    def ptr(t: Tensor, ctype: type) -> Any:
+        return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctype))
+
+    hits = getattr(lib, f"gradfix_vote_{value}_{count}")(
+        ptr(grads, value_type),
+        samples,
+        n,
+        ptr(grad_sum, value_type),
+        ptr(counts, count_type),
+        torch.get_num_threads(),
+    )
+    if hits < 0:
+        raise MemoryError("gradfix.native: out of memory in the vote kernel")
+    return int(hits)

@@ -1,0 +1,247 @@
+"""The ``hooks`` engine: per-sample gradients from one batched forward and backward.
+
+Forward hooks record each covered module's input and output; during the backward, a hook on each
+recorded output passes its gradient to :mod:`gradfix.layer_grads`, which forms that module's
+per-sample parameter gradients (``∂ℓ_b/∂W = Σ_t δ_{b,t} x_{b,t}ᵀ`` for a linear layer) and hands
+them to the sink, layer by layer, while the backward goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from gradfix.layer_grads import module_sums
+from gradfix.per_sample import GradientSink, LossFn, Workspace, batch_size, check_losses
+
+_HOOKED = (nn.Linear, nn.LayerNorm, nn.Embedding)
+
+
+# -- hooks --------------------------------------------------------------------------------------
+def hooked_parameters(model: nn.Module, params: Mapping[str, Tensor]) -> dict[nn.Module, dict[str, str]]:
+    """``{module: {"weight"/"bias": parameter name}}`` for the parameters the hook engine covers.
+
+    Covered: parameters owned by exactly one ``nn.Linear``, ``nn.LayerNorm`` (with an affine
+    ``weight``) or ``nn.Embedding`` (without ``max_norm``) and used by no other module.
+    """
+    name_of = {id(p): n for n, p in params.items()}
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for _, p in module.named_parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    covered: dict[nn.Module, dict[str, str]] = {}
+    for module in model.modules():
+        if not isinstance(module, _HOOKED) or type(module) not in _HOOKED:
+            continue
+        if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
+            continue
+        own = {
+            k: name_of[id(p)]
+            for k, p in module.named_parameters(recurse=False)
+            if id(p) in name_of and owners[id(p)] == 1 and k in ("weight", "bias")
+        }
+        if own:
+            covered[module] = own
+    return covered
+
+
+class _OutsideUse(TorchFunctionMode):
+    """Records covered parameters that a torch function receives outside their module's call."""
+
+    def __init__(self, owner: Mapping[int, tuple[nn.Module, str]], active: Mapping[nn.Module, int]):
+        super().__init__()
+        self.owner, self.active = owner, active
+        self.outside: set[str] = set()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        for leaf in tree_flatten((args, kwargs))[0]:
+            if isinstance(leaf, Tensor):
+                entry = self.owner.get(id(leaf))
+                if entry is not None and not self.active.get(entry[0]):
+                    self.outside.add(entry[1])
+        return func(*args, **kwargs)
+
+
+class outside_use:  # used like a function: ``with outside_use(covered) as found``
+    """Within the block, collect the names of covered parameters used outside their module.
+
+    The hook engine sees a parameter only through its own module's calls; a parameter that also
+    enters a computation elsewhere (a tied or directly used weight) needs another engine. Every
+    torch function called in the block is inspected (a :class:`~torch.overrides.TorchFunctionMode`)
+    while forward pre/post hooks track which covered modules are running: a covered parameter
+    passed to a function while its module is not running is reported. ``found`` (also what
+    ``with`` gives) is filled when the block ends.
+    """
+
+    def __init__(self, covered: Mapping[nn.Module, Mapping[str, str]]):
+        self.covered = covered
+        self.found: set[str] = set()
+
+    def __enter__(self) -> set[str]:
+        params = {
+            id(p): (m, names[k])
+            for m, names in self.covered.items()
+            for k, p in m.named_parameters(recurse=False)
+            if k in names
+        }
+        active: dict[nn.Module, int] = {}
+
+        def enter(module: nn.Module, *_: Any) -> None:
+            active[module] = active.get(module, 0) + 1
+
+        def leave(module: nn.Module, *_: Any) -> None:
+            active[module] -= 1
+
+        self._handles = [m.register_forward_pre_hook(enter) for m in self.covered]
+        self._handles += [m.register_forward_hook(leave, always_call=True) for m in self.covered]
+        self._mode = _OutsideUse(params, active)
+        self._mode.__enter__()
+        return self.found
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._mode.__exit__(*exc)
+        finally:
+            for h in self._handles:
+                h.remove()
+            self.found.update(self._mode.outside)
+
+
+def hook_gradients(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: Any,
+    loss_fn: LossFn,
+    sink: GradientSink,
+    covered: Mapping[nn.Module, Mapping[str, str]],
+    workspace: Workspace | None = None,
+    watch: AbstractContextManager[Any] | None = None,
+) -> set[nn.Module]:
+    """Per-sample gradients of the ``covered`` parameters from one batched forward and backward.
+
+    ``watch`` (e.g. :func:`outside_use`) is entered around the forward pass only.
+
+    Returns the modules that could not be handled per sample because a call did not carry the
+    sample axis first (e.g. position embeddings broadcast over the batch); the caller must
+    compute their parameters' gradients another way.
+    """
+    calls: list[tuple[nn.Module, Tensor, Tensor]] = []
+    size = batch_size(batch)
+
+    def record(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor | None:
+        x = inputs[0]
+        replaced = None
+        if isinstance(module, nn.Embedding) and x.dim() > 0 and x.shape[0] == 1 and size > 1:
+            # an embedding looked up once and broadcast over the batch (position ids): give each
+            # sample its own copy, so that each sample's output gradient stays separate
+            x = x.expand(size, *x.shape[1:])
+            replaced = output = output.expand(size, *output.shape[1:])
+            if not output.requires_grad:
+                replaced = output = output.clone()
+        if not output.requires_grad:
+            output.requires_grad_()
+        calls.append((module, x.detach(), output))
+        return replaced
+
+    flags = {n: p.requires_grad for n, p in params.items()}
+    handles = [m.register_forward_hook(record) for m in covered]
+    try:
+        for p in params.values():
+            p.requires_grad_(False)
+        with watch if watch is not None else nullcontext():
+            losses = check_losses(loss_fn(model, batch), batch_size(batch))
+    finally:
+        for h in handles:
+            h.remove()
+        for n, p in params.items():
+            p.requires_grad_(flags[n])
+    broadcast = {m for m, x, out in calls if x.dim() == 0 or x.shape[0] != size or out.shape[0] != size}
+    records = [r for r in calls if r[0] not in broadcast]
+    calls.clear()
+    if not records:
+        return broadcast
+    _backward_into(losses.sum(), records, covered, sink, workspace or Workspace())
+    return broadcast
+
+
+def _backward_into(
+    loss: Tensor,
+    records: list[tuple[nn.Module, Tensor, Tensor]],
+    covered: Mapping[nn.Module, Mapping[str, str]],
+    sink: GradientSink,
+    ws: Workspace,
+) -> None:
+    """Backward pass whose recorded output gradients are turned into per-sample sums as they come.
+
+    A hook on each recorded output hands its gradient to the module's sums as soon as the
+    backward has computed it (once all of a module's calls have theirs), so no output gradient is
+    kept past its layer: memory stays that of an ordinary backward, reused and warm in cache. The
+    backward is asked for the gradients of the recorded outputs that are leaves (modules whose
+    input needs no gradient, such as embeddings), which reaches every output the loss depends on
+    through them; outputs not reached that way are asked for in a second backward.
+    """
+    expected: dict[nn.Module, int] = {}
+    for module, _, _ in records:
+        expected[module] = expected.get(module, 0) + 1
+    pending: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {}
+    fired: set[int] = set()
+
+    def consume(index: int, g: Tensor) -> None:
+        if index in fired:  # reached again by the second backward
+            return
+        fired.add(index)
+        module, x, _ = records[index]
+        got = pending.setdefault(module, [])
+        got.append((x, g.detach()))
+        if len(got) == expected[module]:
+            del pending[module]
+            module_sums(module, got, covered[module], sink, ws)
+
+    roots = [out for _, _, out in records if out.grad_fn is None]
+    missing = _off_root_paths(loss, [out for _, _, out in records], roots)
+    handles = [out.register_hook(partial(consume, i)) for i, (_, _, out) in enumerate(records)]
+    try:
+        if roots:
+            torch.autograd.grad(loss, roots, allow_unused=True, retain_graph=bool(missing))
+        if missing:
+            torch.autograd.grad(loss, [records[i][2] for i in missing], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    for module, got in pending.items():  # calls whose output the loss does not depend on
+        module_sums(module, got, covered[module], sink, ws)
+
+
+def _off_root_paths(loss: Tensor, outputs: list[Tensor], roots: list[Tensor]) -> list[int]:
+    """Indices of the non-leaf ``outputs`` that the loss depends on but not through any of ``roots``.
+
+    A backward asked for the gradients of ``roots`` runs exactly the graph nodes that lead from
+    the loss to them, so these outputs would get no gradient from it (a walk of the graph, no
+    arithmetic).
+    """
+    if loss.grad_fn is None:
+        return []
+    root_ids = {id(t) for t in roots}
+    leads: dict[Any, bool] = {}  # node -> it leads to a root
+    stack: list[tuple[Any, bool]] = [(loss.grad_fn, False)]
+    while stack:
+        node, expanded = stack.pop()
+        children = [n for n, _ in node.next_functions if n is not None]
+        if expanded:
+            variable = getattr(node, "variable", None)
+            leads[node] = (variable is not None and id(variable) in root_ids) or any(
+                leads[n] for n in children
+            )
+        elif node not in leads:
+            leads[node] = False  # in progress (a graph has no cycle: never read before it is set)
+            stack.append((node, True))
+            stack.extend((n, False) for n in children if n not in leads)
+    return [i for i, out in enumerate(outputs) if out.grad_fn is not None and leads.get(out.grad_fn) is False]
