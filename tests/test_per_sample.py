@@ -137,3 +137,39 @@ def test_outside_use_names_only_parameters_used_outside_their_module() -> None:
     with outside_use(hooked_parameters(plain, dict(plain.named_parameters()))) as found:
         plain(x)
     assert found == set()
+
+
+class _TwoBranches(nn.Module):
+    """An embedding branch and a branch from an input that needs its own gradient (no embedding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(10, 4)
+        self.side = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.out(torch.tanh(self.embed(batch["ids"]).mean(dim=1) + self.side(batch["x"])))
+
+
+def test_outputs_off_the_embedding_paths_get_their_votes_from_a_second_backward() -> None:
+    model = _TwoBranches().double()
+    g = torch.Generator().manual_seed(1)
+    # an input that needs its gradient makes ``side``'s output reachable without the embedding
+    x = torch.randn(9, 4, generator=g, dtype=torch.float64).requires_grad_()
+    batch = {
+        "ids": torch.randint(0, 10, (9, 5), generator=g),
+        "x": x,
+        "y": torch.randint(0, 3, (9,), generator=g),
+    }
+
+    def loss(m: nn.Module, b: dict) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(b), b["y"], reduction="none")
+
+    expected = _brute_force_counts(model, batch, loss)
+    votes = estimate_signs(model, [batch], loss, engine="hooks", progress=False)
+    assert set(expected) == {"embed.weight", "side.weight", "side.bias", "out.weight", "out.bias"}
+    for name, counts in expected.items():
+        assert torch.equal(votes.counts[name].long(), counts), name
+    assert x.grad is None  # the engine's backward leaves the user's tensors alone
