@@ -44,17 +44,21 @@ def module_sums(
 
 
 def _linear_weight_sums(name: str, x: Tensor, g: Tensor, sink: GradientSink, ws: Workspace) -> None:
-    """Per-sample gradients of a linear weight, ``G_b = δ_bᵀ x_b``, handed over a chunk at a time.
+    """Per-sample gradients of a linear weight, ``G_b = δ_bᵀ x_b``, to the sink.
 
-    The ``G_b`` of a chunk of samples (about ``ws.chunk_bytes``) are formed in the workspace and
-    passed to ``sink.add_per_sample``, which reduces them (votes and sums) before the next chunk
-    overwrites them. Summing the products there is cheaper than a separate batched product
-    ``δᵀ x`` for ``Σ_b G_b`` (measured on MiniLM: about 30 ms against 190 ms).
+    A sink that forms them itself (``add_linear``: the C kernel counts them tile by tile, never
+    storing them) gets ``x`` and ``δ``. Otherwise the ``G_b`` of a chunk of samples (about
+    ``ws.chunk_bytes``) are formed in the workspace and passed to ``sink.add_per_sample``, which
+    reduces them (votes and sums) before the next chunk overwrites them. Summing the products
+    there is cheaper than a separate batched product ``δᵀ x`` for ``Σ_b G_b`` (measured on
+    MiniLM: about 30 ms against 190 ms).
     """
     b, out_dim, in_dim = g.shape[0], g.shape[-1], x.shape[-1]
+    g3, x2 = g.reshape(b, -1, out_dim), x.reshape(b, -1, in_dim).to(g.dtype)
+    if sink.add_linear(name, x2, g3):
+        return
     size = out_dim * in_dim
-    g_t = g.reshape(b, -1, out_dim).transpose(1, 2)
-    x2 = x.reshape(b, -1, in_dim).to(g.dtype)
+    g_t = g3.transpose(1, 2)
     chunk = max(1, min(b, ws.chunk_bytes // (size * g.element_size())))
     scratch = ws.take(chunk * size, g.dtype)
     for start in range(0, b, chunk):

@@ -39,6 +39,12 @@ class GradientSink(Protocol):
 
     def add_rows(self, name: str, rows: Tensor, grads: Tensor) -> None: ...
 
+    def add_linear(self, name: str, x: Tensor, grad_out: Tensor) -> bool:
+        """Take a linear weight's per-sample gradients as ``δ_bᵀ x_b`` from ``x`` ``[b, tokens, in]``
+        and ``grad_out`` ``[b, tokens, out]``; False if the sink cannot (they are then formed and
+        passed to :meth:`add_per_sample`)."""
+        ...
+
 
 class Workspace:
     """Scratch memory reused across layers and batches.

@@ -187,6 +187,14 @@ class _Accumulator:
             hits = int(signs.ne(0).any(dim=1).sum())
         self.hits[name] += hits
 
+    def add_linear(self, name: str, x: Tensor, grad_out: Tensor) -> bool:
+        """Add a linear weight's per-sample gradients ``δ_bᵀ x_b`` with the C kernel, if it can."""
+        hits = native.add_linear_votes(x.detach(), grad_out.detach(), self.grad_sum[name], self.counts[name])
+        if hits is None:
+            return False
+        self.hits[name] += hits
+        return True
+
     def add_rows(self, name: str, rows: Tensor, grads: Tensor) -> None:
         """Add one sample's gradient given only on some rows (an embedding): the others are 0."""
         grads = grads.detach()

@@ -99,19 +99,20 @@ def _open(path: Path) -> ctypes.CDLL | None:
     except OSError as exc:
         log.debug("cannot load %s: %s", path, exc)
         return None
-    for value, value_type in _VALUES.values():
-        for count, count_type in _COUNTS.values():
-            fn = getattr(lib, f"gradfix_vote_{value}_{count}")
-            values = ctypes.POINTER(value_type)
-            fn.argtypes = [
-                values,
-                ctypes.c_int64,
-                ctypes.c_int64,
-                values,
-                ctypes.POINTER(count_type),
-                ctypes.c_int32,
-            ]
-            fn.restype = ctypes.c_int64
+    i64, i32 = ctypes.c_int64, ctypes.c_int32
+    try:
+        for value, value_type in _VALUES.values():
+            for count, count_type in _COUNTS.values():
+                values, counts = ctypes.POINTER(value_type), ctypes.POINTER(count_type)
+                vote = getattr(lib, f"gradfix_vote_{value}_{count}")
+                vote.argtypes = [values, i64, i64, values, counts, i32]
+                vote.restype = i64
+                linear = getattr(lib, f"gradfix_linear_{value}_{count}")
+                linear.argtypes = [values, values, i64, i64, i64, i64, values, counts, i32]
+                linear.restype = i64
+    except AttributeError as exc:  # a library built from another version of the source
+        log.debug("%s lacks a function: %s", path, exc)
+        return None
     return lib
 
 
@@ -157,16 +158,14 @@ def add_votes(grads: Tensor, grad_sum: Tensor, counts: Tensor) -> int | None:
     nothing) when the kernel cannot take these tensors or is not available: the caller then does
     the same with PyTorch operations.
     """
-    tensors = (grads, grad_sum, counts)
     if (
         grads.dtype not in _VALUES
         or counts.dtype not in _COUNTS
         or grad_sum.dtype != grads.dtype
         or grads.dim() != 2
-        or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors)
+        or not _usable(grads, grad_sum, counts)
         or grad_sum.numel() != grads.shape[1]
         or counts.numel() != grads.shape[1]
-        or not enabled()
     ):
         return None
     lib = _library()
@@ -174,18 +173,72 @@ def add_votes(grads: Tensor, grad_sum: Tensor, counts: Tensor) -> int | None:
         return None
     (value, value_type), (count, count_type) = _VALUES[grads.dtype], _COUNTS[counts.dtype]
     samples, n = grads.shape
-
-    def ptr(t: Tensor, ctype: type) -> Any:
-        return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctype))
-
     hits = getattr(lib, f"gradfix_vote_{value}_{count}")(
-        ptr(grads, value_type),
+        _ptr(grads, value_type),
         samples,
         n,
-        ptr(grad_sum, value_type),
-        ptr(counts, count_type),
+        _ptr(grad_sum, value_type),
+        _ptr(counts, count_type),
         torch.get_num_threads(),
     )
+    return _checked(hits)
+
+
+def add_linear_votes(x: Tensor, grad_out: Tensor, grad_sum: Tensor, counts: Tensor) -> int | None:
+    """Add the votes of a linear weight's per-sample gradients ``G_b = δ_bᵀ x_b``, never storing them.
+
+    ``x`` is the layer's input ``[samples, tokens, in]`` and ``grad_out`` the gradient of its
+    output ``[samples, tokens, out]``; ``grad_sum`` and ``counts`` are ``[out, in]``. Adds
+    ``Σ_b G_b`` to ``grad_sum`` and subtracts ``Σ_b sign(G_b)`` from ``counts``; each ``G_b`` is
+    formed a register tile at a time and counted there (the products never reach memory, which
+    is what keeps the vote close to the cost of a batched backward). Same dtypes, return value
+    and None as :func:`add_votes`.
+    """
+    if (
+        x.dim() != 3
+        or grad_out.dim() != 3
+        or x.shape[:2] != grad_out.shape[:2]
+        or x.dtype not in _VALUES
+        or grad_out.dtype != x.dtype
+        or grad_sum.dtype != x.dtype
+        or counts.dtype not in _COUNTS
+        or grad_sum.shape != (grad_out.shape[2], x.shape[2])
+        or counts.shape != grad_sum.shape
+        or x.device.type != "cpu"
+        or grad_out.device.type != "cpu"
+        or not _usable(grad_sum, counts)
+    ):
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    (value, value_type), (count, count_type) = _VALUES[x.dtype], _COUNTS[counts.dtype]
+    samples, tokens, in_dim = x.shape
+    out_dim = grad_out.shape[2]
+    x, grad_out = x.contiguous(), grad_out.contiguous()
+    hits = getattr(lib, f"gradfix_linear_{value}_{count}")(
+        _ptr(grad_out, value_type),
+        _ptr(x, value_type),
+        samples,
+        tokens,
+        out_dim,
+        in_dim,
+        _ptr(grad_sum, value_type),
+        _ptr(counts, count_type),
+        torch.get_num_threads(),
+    )
+    return _checked(hits)
+
+
+def _usable(*tensors: Tensor) -> bool:
+    return enabled() and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def _ptr(t: Tensor, ctype: type) -> Any:
+    return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctype))
+
+
+def _checked(hits: int) -> int:
     if hits < 0:
         raise MemoryError("gradfix.native: out of memory in the vote kernel")
     return int(hits)

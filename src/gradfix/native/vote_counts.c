@@ -1,16 +1,24 @@
-/* Vote counting in one pass over per-sample gradients (gradfix.native builds and loads this file;
- * it has no Python API and is called through ctypes).
+/* Vote counting over per-sample gradients (gradfix.native builds and loads this file; it has no
+ * Python API and is called through ctypes).  Every function adds to running sums
  *
- *   grad_sum[j] += sum_b g[b, j]
- *   counts[j]   -= sum_b sign(g[b, j])        (the votes of the anti-gradient, sign(-g))
- *   returns how many samples b have some g[b, j] != 0
+ *   grad_sum[j] += sum_b g_b[j]
+ *   counts[j]   -= sum_b sign(g_b[j])        (the votes of the anti-gradient, sign(-g))
  *
- * g is row-major [samples, n].  Columns are split into blocks shared among the threads; a block
- * is visited sample by sample with its running sums in a local array, so that each value of g is
- * read once and the running sums stay in the first-level cache.
+ * and returns how many samples b have some g_b[j] != 0 (-1 when out of memory).
+ *
+ * gradfix_vote_*: the per-sample gradients are given, row-major [samples, n].  Columns are split
+ * into blocks shared among the threads; a block is visited sample by sample with its running sums
+ * in a local array, so that each value of g is read once and the running sums stay in cache.
+ *
+ * gradfix_linear_*: the per-sample gradients of a linear weight, g_b = d_b^T x_b, are formed here
+ * from the layer's output gradients d ([samples, tokens, out]) and inputs x ([samples, tokens,
+ * in]), one register tile of R x W coordinates at a time, and counted while
+ * still in registers: they are never written to memory.  Each thread takes whole tiles; a tile's
+ * running sums stay local for all samples and are written once.
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define BLOCK 1024
 
@@ -62,3 +70,110 @@ VOTE(gradfix_vote_f32_i16, float, int16_t)
 VOTE(gradfix_vote_f32_i32, float, int32_t)
 VOTE(gradfix_vote_f64_i16, double, int16_t)
 VOTE(gradfix_vote_f64_i32, double, int32_t)
+
+/* Register tiles: R rows x W columns of accumulators (AVX-512: 32 vector registers). */
+#if defined(__AVX512F__)
+#define R32 12
+#define W32 32
+#define R64 12
+#define W64 16
+#else
+#define R32 6
+#define W32 16
+#define R64 6
+#define W64 8
+#endif
+
+#define LINEAR(NAME, T, C, R, W)                                                                \
+  int64_t NAME(const T *dg, const T *x, int64_t samples, int64_t tokens, int64_t out, int64_t in, \
+               T *grad_sum, C *counts, int32_t threads) {                                        \
+    int32_t *nonzero = (int32_t *)calloc(samples > 0 ? samples : 1, sizeof(int32_t));           \
+    if (!nonzero) return -1;                                                                    \
+    int64_t iblocks = (in + W - 1) / W, oblocks = (out + R - 1) / R;                            \
+    int failed = 0;                                                                             \
+    _Pragma("omp parallel for collapse(2) schedule(static) num_threads(threads)")              \
+    for (int64_t ib = 0; ib < iblocks; ++ib) {                                                  \
+      for (int64_t ob = 0; ob < oblocks; ++ob) {                                                \
+        int64_t i0 = ib * W, o0 = ob * R;                                                       \
+        int64_t rows = out - o0 < R ? out - o0 : R, cols = in - i0 < W ? in - i0 : W;          \
+        int edge = rows < R || cols < W;                                                        \
+        T *pad = NULL; /* an edge tile is computed on zero-padded copies of its panels */       \
+        if (edge) {                                                                             \
+          pad = (T *)calloc((size_t)tokens * (R + W), sizeof(T));                               \
+          if (!pad) {                                                                           \
+            _Pragma("omp atomic write")                                                         \
+            failed = 1;                                                                         \
+            continue;                                                                           \
+          }                                                                                     \
+        }                                                                                       \
+        T gs[R][W];                                                                             \
+        int32_t vt[R][W];                                                                       \
+        for (int r = 0; r < R; ++r)                                                             \
+          for (int w = 0; w < W; ++w) {                                                         \
+            gs[r][w] = r < rows && w < cols ? grad_sum[(o0 + r) * in + i0 + w] : 0;             \
+            vt[r][w] = 0;                                                                       \
+          }                                                                                     \
+        for (int64_t b = 0; b < samples; ++b) {                                                 \
+          const T *d = dg + b * tokens * out + o0, *xb = x + b * tokens * in + i0;              \
+          int64_t dstride = out, xstride = in;                                                  \
+          if (edge) {                                                                           \
+            T *dp = pad, *xp = pad + (size_t)tokens * R;                                        \
+            for (int64_t t = 0; t < tokens; ++t) {                                              \
+              memcpy(dp + t * R, d + t * out, sizeof(T) * (size_t)rows);                        \
+              memcpy(xp + t * W, xb + t * in, sizeof(T) * (size_t)cols);                        \
+            }                                                                                   \
+            d = dp;                                                                             \
+            xb = xp;                                                                            \
+            dstride = R;                                                                        \
+            xstride = W;                                                                        \
+          }                                                                                     \
+          T acc[R][W];                                                                          \
+          for (int r = 0; r < R; ++r)                                                           \
+            for (int w = 0; w < W; ++w) acc[r][w] = 0;                                          \
+          for (int64_t t = 0; t < tokens; ++t) {                                                \
+            const T *xr = xb + t * xstride, *dr = d + t * dstride;                              \
+            for (int r = 0; r < R; ++r) {                                                       \
+              T a = dr[r];                                                                      \
+              _Pragma("omp simd")                                                               \
+              for (int w = 0; w < W; ++w) acc[r][w] += a * xr[w];                               \
+            }                                                                                   \
+          }                                                                                     \
+          int32_t any = 0;                                                                      \
+          for (int r = 0; r < R; ++r) {                                                         \
+            _Pragma("omp simd reduction(|:any)")                                                \
+            for (int w = 0; w < W; ++w) {                                                       \
+              T v = acc[r][w];                                                                  \
+              gs[r][w] += v;                                                                    \
+              vt[r][w] += (v > 0) - (v < 0);                                                    \
+              any |= v != 0;                                                                    \
+            }                                                                                   \
+          }                                                                                     \
+          if (any) {                                                                            \
+            int32_t seen;                                                                       \
+            _Pragma("omp atomic read")                                                          \
+            seen = nonzero[b];                                                                  \
+            if (!seen) {                                                                        \
+              _Pragma("omp atomic write")                                                       \
+              nonzero[b] = 1;                                                                   \
+            }                                                                                   \
+          }                                                                                     \
+        }                                                                                       \
+        for (int64_t r = 0; r < rows; ++r)                                                      \
+          for (int64_t w = 0; w < cols; ++w) {                                                  \
+            int64_t j = (o0 + r) * in + i0 + w;                                                 \
+            grad_sum[j] = gs[r][w];                                                             \
+            counts[j] = (C)(counts[j] - vt[r][w]);                                              \
+          }                                                                                     \
+        free(pad);                                                                              \
+      }                                                                                         \
+    }                                                                                           \
+    int64_t hits = 0;                                                                           \
+    for (int64_t b = 0; b < samples; ++b) hits += nonzero[b] != 0;                              \
+    free(nonzero);                                                                              \
+    return failed ? -1 : hits;                                                                  \
+  }
+
+LINEAR(gradfix_linear_f32_i16, float, int16_t, R32, W32)
+LINEAR(gradfix_linear_f32_i32, float, int32_t, R32, W32)
+LINEAR(gradfix_linear_f64_i16, double, int16_t, R64, W64)
+LINEAR(gradfix_linear_f64_i32, double, int32_t, R64, W64)
