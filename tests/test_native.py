@@ -112,3 +112,37 @@ def test_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path) -> None:
         assert built[0].stat().st_mtime_ns == stamp
     finally:
         native._library.cache_clear()
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("count_dtype", [torch.int16, torch.int32])
+@pytest.mark.parametrize(("tokens", "out_dim", "in_dim"), [(5, 37, 50), (1, 24, 64), (48, 13, 3)])
+def test_linear_kernel_equals_per_sample_products(dtype, count_dtype, tokens, out_dim, in_dim) -> None:
+    """Tiles at the edges (sizes not multiples of the tile), one token, narrow inputs."""
+    g = torch.Generator().manual_seed(tokens + out_dim)
+    x = torch.randn(6, tokens, in_dim, generator=g, dtype=dtype)
+    grad_out = torch.randn(6, tokens, out_dim, generator=g, dtype=dtype)
+    grad_out[3] = 0.0  # a sample with no gradient
+    x[:, :, 1] = 0.0  # an input column no sample uses: exact zeros, no vote
+    start_sum = torch.randn(out_dim, in_dim, generator=g, dtype=dtype)
+    start_counts = torch.randint(-9, 9, (out_dim, in_dim), generator=g).to(count_dtype)
+    sums, counts = start_sum.clone(), start_counts.clone()
+    hits = native.add_linear_votes(x, grad_out, sums, counts)
+    products = torch.bmm(grad_out.transpose(1, 2), x)  # [b, out, in]
+    expected_sums, expected_counts = start_sum.clone(), start_counts.clone()
+    expected_hits = _torch_votes(products.reshape(6, -1), expected_sums.view(-1), expected_counts.view(-1))
+    assert hits == expected_hits == 5
+    assert torch.equal(counts, expected_counts)
+    assert torch.allclose(sums, expected_sums, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_linear_kernel_declines_what_it_cannot_take() -> None:
+    x, grad_out = torch.randn(2, 3, 4), torch.randn(2, 3, 5)
+    sums, counts = torch.zeros(5, 4), torch.zeros(5, 4, dtype=torch.int16)
+    assert native.add_linear_votes(x, grad_out, sums.t().contiguous(), counts) is None  # shape
+    assert native.add_linear_votes(x, grad_out[:, :2], sums, counts) is None  # tokens differ
+    assert native.add_linear_votes(x.bfloat16(), grad_out.bfloat16(), sums, counts) is None  # dtype
+    assert native.add_linear_votes(x, grad_out, sums.t().contiguous().t(), counts) is None  # layout
+    assert native.add_linear_votes(x, grad_out, sums, counts) == 2  # and takes what it can
