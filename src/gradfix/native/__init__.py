@@ -142,6 +142,27 @@ def _library() -> ctypes.CDLL | None:
     return None
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def keep_freed_memory(mmap_bytes: int = 32 * 2**20, trim_bytes: int = 2**30) -> bool:
+    """Ask glibc's malloc to keep freed memory in the process for reuse (process-wide).
+
+    By default glibc hands large freed blocks back to the system (``munmap``, heap trimming),
+    so the next pass's tensors of that size are page-faulted in again: measured on MiniLM, 25 to
+    80 thousand faults and about 0.1 s of system time per vote of 32 samples. This sets
+    ``M_MMAP_THRESHOLD`` (blocks up to ``mmap_bytes`` come from the heap) and
+    ``M_TRIM_THRESHOLD`` (up to ``trim_bytes`` of free heap are kept). The ``gradfix`` command
+    calls it at start. Returns False where the C library has no ``mallopt`` (not glibc).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_bytes)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_bytes))
+
+
 def available() -> bool:
     """Whether :func:`add_votes` runs the C kernel here (building it if needed)."""
     return enabled() and _library() is not None
