@@ -142,6 +142,9 @@ def _library() -> ctypes.CDLL | None:
     return None
 
 
+LINEAR_CHUNK_BYTES = 8 * 2**20
+"""Inputs and output gradients of about this many bytes go to the linear kernel per call."""
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
@@ -237,18 +240,27 @@ def add_linear_votes(x: Tensor, grad_out: Tensor, grad_sum: Tensor, counts: Tens
     samples, tokens, in_dim = x.shape
     out_dim = grad_out.shape[2]
     x, grad_out = x.contiguous(), grad_out.contiguous()
-    hits = getattr(lib, f"gradfix_linear_{value}_{count}")(
-        _ptr(grad_out, value_type),
-        _ptr(x, value_type),
-        samples,
-        tokens,
-        out_dim,
-        in_dim,
-        _ptr(grad_sum, value_type),
-        _ptr(counts, count_type),
-        torch.get_num_threads(),
-    )
-    return _checked(hits)
+    # every tile reads all samples' inputs and output gradients: a few samples at a time, so that
+    # they stay in the shared cache while the tiles go over them
+    step = max(1, LINEAR_CHUNK_BYTES // (tokens * (in_dim + out_dim) * x.element_size()))
+    kernel = getattr(lib, f"gradfix_linear_{value}_{count}")
+    hits = 0
+    for start in range(0, samples, step):
+        stop = min(samples, start + step)
+        hits += _checked(
+            kernel(
+                _ptr(grad_out[start:stop], value_type),
+                _ptr(x[start:stop], value_type),
+                stop - start,
+                tokens,
+                out_dim,
+                in_dim,
+                _ptr(grad_sum, value_type),
+                _ptr(counts, count_type),
+                torch.get_num_threads(),
+            )
+        )
+    return hits
 
 
 def _usable(*tensors: Tensor) -> bool:
