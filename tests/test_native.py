@@ -146,3 +146,9 @@ def test_linear_kernel_declines_what_it_cannot_take() -> None:
     assert native.add_linear_votes(x.bfloat16(), grad_out.bfloat16(), sums, counts) is None  # dtype
     assert native.add_linear_votes(x, grad_out, sums.t().contiguous().t(), counts) is None  # layout
     assert native.add_linear_votes(x, grad_out, sums, counts) == 2  # and takes what it can
+
+
+def test_keep_freed_memory_takes_effect_where_malloc_is_glibc() -> None:
+    import platform
+
+    assert native.keep_freed_memory() is (platform.libc_ver()[0] == "glibc")

@@ -1,15 +1,20 @@
 """A small C kernel for the vote counter, compiled at first use with the system's C compiler.
 
-What the vote needs from a chunk of per-sample gradients is their sum, the sum of their signs
-and which samples are non-zero. PyTorch computes those in several passes over the chunk (sum,
-sign, sum, cast, any); :func:`add_votes` does it in one (``vote_counts.c``), adding straight
-into the running sums and counters. The hook engine's per-sample products are memory-bound, so
-that one pass is what brings the votes close to the cost of one batched backward.
+What the vote needs from per-sample gradients is their sum, the sum of their signs and how many
+samples are non-zero. PyTorch computes those in several passes over memory (form the products,
+sum, sign, sum, cast, any). ``vote_counts.c`` does it in one:
+
+- :func:`add_linear_votes` forms a linear weight's per-sample gradients ``δ_bᵀ x_b`` from the
+  layer's inputs and output gradients a register tile at a time and counts them there, so the
+  ``samples × parameters`` products never reach memory: what keeps the hook engine's votes close
+  to the cost of one batched backward;
+- :func:`add_votes` counts per-sample gradients given in memory (other layers, other engines).
 
 The kernel is plain C (no Python headers), built once per machine with ``$CC`` (default ``cc``)
-into ``$GRADFIX_CACHE`` (default ``~/.cache/gradfix``), with OpenMP when the compiler has it,
-and loaded with :mod:`ctypes`. Without a compiler, or with ``GRADFIX_NATIVE=0``, it is not used
-and the engine falls back to PyTorch operations: the same votes, more slowly.
+into ``native/`` under gradfix's cache (``$GRADFIX_CACHE``, default ``~/.cache/gradfix``), with
+OpenMP when the compiler has it, and loaded with :mod:`ctypes`. Without a compiler, or with
+``GRADFIX_NATIVE=0``, it is not used and the engine falls back to PyTorch operations: the same
+votes, more slowly.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradfix.cache_paths import cache_root
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("vote_counts.c")
@@ -47,11 +54,8 @@ def enabled() -> bool:
 
 
 def cache_dir() -> Path:
-    """Where built kernels are kept: ``$GRADFIX_CACHE``, else ``$XDG_CACHE_HOME/gradfix``."""
-    if os.environ.get("GRADFIX_CACHE"):
-        return Path(os.environ["GRADFIX_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "gradfix"
+    """Where built kernels are kept: ``native/`` under gradfix's cache (``$GRADFIX_CACHE``, ...)."""
+    return cache_root() / "native"
 
 
 def _cpu_signature() -> str:
@@ -132,7 +136,7 @@ def _library() -> ctypes.CDLL | None:
             )
             + source
         ).hexdigest()[:16]
-        target = cache_dir() / "native" / key / "vote_counts.so"
+        target = cache_dir() / key / "vote_counts.so"
         if not target.exists() and not _build(cc, flags, target):
             continue
         lib = _open(target)

@@ -29,10 +29,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from gradfix.cache_paths import ENV_VAR as ENV_VAR  # re-exported: the zoo's public names
+from gradfix.cache_paths import cache_root as cache_root
 from gradfix.errors import ConfigError
 from gradfix.io import atomic_output_dir
 
-ENV_VAR = "GRADFIX_CACHE"
 RECORD_FILE = "gradfix.json"  # like every folder gradfix writes; never copied into derived models
 ARTIFACTS = "artifacts"
 _PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "scikit-learn", "tqdm")
@@ -40,17 +41,6 @@ _PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "sci
 BuildFn = Callable[[Path, Mapping[str, Path], bool], Mapping[str, Any]]
 """``build(folder, dependency folders by role, progress) -> details``: fills ``folder`` and returns
 what to record about the build (counts, losses); ``progress`` shows progress bars."""
-
-
-def cache_root(override: str | Path | None = None) -> Path:
-    """The cache folder: ``override``, else ``$GRADFIX_CACHE``, else the user cache folder."""
-    if override:
-        return Path(override).expanduser()
-    env = os.environ.get(ENV_VAR)
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "gradfix"
 
 
 def package_versions() -> dict[str, str]:
