@@ -8,6 +8,7 @@ embeddings frozen (10.8 M trainable parameters), 32 BBC News sentences truncated
 - ``hooks``: gradfix's default engine without its first-batch check (``engine="hooks"``);
 - ``auto``: the default engine, whose first batch also watches every torch call for parameters
   used outside their module (no extra pass);
+- ``hooks, no C``: the same without the C vote kernel (``GRADFIX_NATIVE=0``: PyTorch operations);
 - ``vmap``: ``torch.func.vmap(grad)`` in chunks of 4;
 - ``loop``: one batch-1 forward and backward per sample (once);
 - ``reference``: one batched forward, then ``autograd.grad(loss_i, retain_graph=True)`` per
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.resources
+import os
 import random
 import statistics
 import time
@@ -154,7 +156,17 @@ def main() -> None:
         "vote kernel: "
         + (f"C, built in {native.cache_dir()}" if native.available() else "PyTorch operations (no C kernel)")
     )
+
+    def without_kernel() -> None:
+        os.environ["GRADFIX_NATIVE"] = "0"
+        try:
+            engine("hooks")()
+        finally:
+            del os.environ["GRADFIX_NATIVE"]
+
     fns = {"batched": batched, **{name: engine(name) for name in ("hooks", "auto", "vmap")}}
+    if native.available():
+        fns["hooks, no C"] = without_kernel
     times = rounds(fns, args.repeat)
     once = {} if args.skip_slow else {"loop": timed(engine("loop")), "reference": timed(reference)}
     print_table(times, once)

@@ -152,3 +152,20 @@ def test_keep_freed_memory_takes_effect_where_malloc_is_glibc() -> None:
     import platform
 
     assert native.keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
+
+
+@needs_compiler
+def test_a_cache_it_cannot_write_gives_a_private_build(monkeypatch, tmp_path) -> None:
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("")
+    monkeypatch.setenv("GRADFIX_CACHE", str(blocked))
+    native._library.cache_clear()
+    try:
+        assert native.available()
+        grads = torch.tensor([[1.0, -2.0], [3.0, 0.0]])
+        sums, counts = torch.zeros(2), torch.zeros(2, dtype=torch.int16)
+        assert native.add_votes(grads, sums, counts) == 2
+        assert counts.tolist() == [-2, 1]
+    finally:
+        native._library.cache_clear()
+    assert blocked.read_text() == ""

@@ -19,6 +19,7 @@ votes, more slowly.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import hashlib
@@ -78,9 +79,13 @@ def _compiler_version(cc: str) -> str:
 
 def _build(cc: str, flags: list[str], target: Path) -> bool:
     """Compile the kernel into ``target`` (written under a temporary name, then renamed)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+    except OSError as exc:
+        log.debug("cannot write into %s: %s", target.parent, exc)
+        return False
     cmd = [cc, *flags, "-shared", "-fPIC", "-o", tmp, str(SOURCE)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -121,6 +126,14 @@ def _open(path: Path) -> ctypes.CDLL | None:
 
 
 @functools.cache
+def _private_dir() -> Path:
+    """A temporary folder for this process, removed at exit (the library stays mapped)."""
+    folder = Path(tempfile.mkdtemp(prefix="gradfix-native-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+@functools.cache
 def _library() -> ctypes.CDLL | None:
     """The built kernel, building it if this machine has none yet; None when it cannot be had."""
     cc = os.environ.get("CC", "cc")
@@ -136,12 +149,13 @@ def _library() -> ctypes.CDLL | None:
             )
             + source
         ).hexdigest()[:16]
-        target = cache_dir() / key / "vote_counts.so"
-        if not target.exists() and not _build(cc, flags, target):
-            continue
-        lib = _open(target)
-        if lib is not None:
-            return lib
+        for folder in (cache_dir(), _private_dir()):  # a cache we cannot write: a folder of our own
+            target = folder / key / "vote_counts.so"
+            if target.exists() or _build(cc, flags, target):
+                lib = _open(target)
+                if lib is not None:
+                    return lib
+                break
     log.info("could not build %s with %s: per-sample votes use PyTorch operations only", SOURCE.name, cc)
     return None
 
