@@ -92,14 +92,36 @@ def _per_sample_affine(module: nn.Module, calls: list[tuple[Tensor, Tensor]]) ->
 def _embedding_rows(
     module: nn.Embedding, calls: list[tuple[Tensor, Tensor]], name: str, sink: GradientSink
 ) -> None:
-    """Per-sample embedding gradients as (rows used, gradient of those rows), sample by sample."""
+    """Per-sample embedding gradients as (sample, row used, gradient of that row), for the batch.
+
+    Each token of each call gets the key ``sample · num_embeddings + id`` (padding ids dropped:
+    ``F.embedding`` gives that row no gradient); one ``torch.unique`` numbers the (sample, row)
+    pairs and one ``index_add_`` sums the gradients of each pair, which go to the sink in one call.
+    """
     dim = calls[0][1].shape[-1]
-    for i in range(calls[0][1].shape[0]):
-        ids = torch.cat([idx[i].reshape(-1) for idx, _ in calls])
-        grads = torch.cat([g[i].reshape(-1, dim) for _, g in calls])
-        if module.padding_idx is not None:  # F.embedding gives the padding row no gradient
-            keep = ids != module.padding_idx
-            ids, grads = ids[keep], grads[keep]
-        rows, inverse = torch.unique(ids, return_inverse=True)
-        summed = torch.zeros(len(rows), dim, dtype=grads.dtype).index_add_(0, inverse, grads)
-        sink.add_rows(name, rows, summed)
+    ids, grads = _embedding_keys_and_grads(calls, module.num_embeddings)
+    if module.padding_idx is not None:  # F.embedding gives the padding row no gradient
+        keep = ids % module.num_embeddings != module.padding_idx
+        ids, grads = ids[keep], grads[keep]
+    keys, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+    summed = torch.zeros(len(keys), dim, dtype=grads.dtype, device=grads.device).index_add_(0, inverse, grads)
+    samples = torch.div(keys, module.num_embeddings, rounding_mode="floor")
+    rows = keys - samples * module.num_embeddings
+    sink.add_rows(name, rows, summed, samples)
+
+
+def _embedding_keys_and_grads(
+    calls: list[tuple[Tensor, Tensor]], num_embeddings: int
+) -> tuple[Tensor, Tensor]:
+    """Keys ``sample · num_embeddings + id`` of every token of every call, and their output gradients.
+
+    Calls come one after another, each sample-major (``[b, tokens]`` flattened), so the tokens of
+    one sample keep their order (calls in order, tokens in order).
+    """
+    b, dim = calls[0][1].shape[0], calls[0][1].shape[-1]
+    offsets = torch.arange(b, device=calls[0][0].device, dtype=torch.int64).mul_(num_embeddings).unsqueeze(1)
+    keys = [(idx.reshape(b, -1).to(torch.int64) + offsets).reshape(-1) for idx, _ in calls]
+    grads = [g.reshape(-1, dim) for _, g in calls]
+    if len(calls) == 1:
+        return keys[0], grads[0]
+    return torch.cat(keys), torch.cat(grads)

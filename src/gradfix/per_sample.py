@@ -29,7 +29,8 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 
 
 class GradientSink(Protocol):
-    """Receives per-sample gradients: dense ``[b, *shape]`` or per-sample embedding rows.
+    """Receives per-sample gradients: dense ``[b, *shape]``, per-sample embedding rows, or a linear
+    layer's inputs and output gradients.
 
     ``grads`` may live in scratch memory that is overwritten after the call: a sink reduces them
     (or copies them) and keeps no reference.
@@ -37,7 +38,9 @@ class GradientSink(Protocol):
 
     def add_per_sample(self, name: str, grads: Tensor) -> None: ...
 
-    def add_rows(self, name: str, rows: Tensor, grads: Tensor) -> None: ...
+    def add_rows(self, name: str, rows: Tensor, grads: Tensor, samples: Tensor) -> None:
+        """Gradients of an embedding's used rows: entry ``k`` is row ``rows[k]`` of sample ``samples[k]``."""
+        ...
 
     def add_linear(self, name: str, x: Tensor, grad_out: Tensor) -> bool:
         """Take a linear weight's per-sample gradients as ``δ_bᵀ x_b`` from ``x`` ``[b, tokens, in]``

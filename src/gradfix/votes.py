@@ -195,12 +195,15 @@ class _Accumulator:
         self.hits[name] += hits
         return True
 
-    def add_rows(self, name: str, rows: Tensor, grads: Tensor) -> None:
-        """Add one sample's gradient given only on some rows (an embedding): the others are 0."""
+    def add_rows(self, name: str, rows: Tensor, grads: Tensor, samples: Tensor) -> None:
+        """Add per-sample gradients given only on some rows (an embedding): the others are 0.
+
+        Entry ``k`` is the gradient of row ``rows[k]`` for sample ``samples[k]`` (each pair once).
+        """
         grads = grads.detach()
         self.grad_sum[name].index_add_(0, rows, grads.to(self.grad_sum[name].dtype))
         self.counts[name].index_add_(0, rows, -torch.sign(grads).to(self.counts[name].dtype))
-        self.hits[name] += int(bool(grads.ne(0).any()))
+        self.hits[name] += int(torch.unique(samples[grads.flatten(1).ne(0).any(dim=1)]).numel())
 
     def widen_for(self, incoming: int) -> None:
         """Before a batch: switch the counters to int32 if ``n`` plus its samples could overflow int16."""
