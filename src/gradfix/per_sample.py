@@ -52,8 +52,9 @@ class GradientSink(Protocol):
 class Workspace:
     """Scratch memory reused across layers and batches.
 
-    Per-sample products are written into it a chunk of samples at a time (about ``chunk_bytes``),
-    so they stay in cache and no large tensor is allocated (and page-faulted) per layer.
+    Per-sample products of a linear layer, when the sink does not form them itself (no C kernel,
+    other dtypes), are written into it a chunk of samples at a time (about ``chunk_bytes``), so
+    they stay in cache and no large tensor is allocated (and page-faulted) per layer.
     """
 
     def __init__(self, chunk_bytes: int = 4 * 2**20):

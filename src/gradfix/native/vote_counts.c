@@ -22,6 +22,25 @@
 
 #define BLOCK 1024
 
+/* Flag sample b as having a non-zero gradient (threads may flag the same sample). */
+static inline void mark(int32_t *nonzero, int64_t b) {
+  int32_t seen;
+#pragma omp atomic read
+  seen = nonzero[b];
+  if (!seen) {
+#pragma omp atomic write
+    nonzero[b] = 1;
+  }
+}
+
+/* How many samples are flagged; frees the flags. */
+static int64_t count_and_free(int32_t *nonzero, int64_t samples) {
+  int64_t hits = 0;
+  for (int64_t b = 0; b < samples; ++b) hits += nonzero[b] != 0;
+  free(nonzero);
+  return hits;
+}
+
 #define VOTE(NAME, T, C)                                                                        \
   int64_t NAME(const T *g, int64_t samples, int64_t n, T *grad_sum, C *counts, int32_t threads) { \
     int32_t *nonzero = (int32_t *)calloc(samples > 0 ? samples : 1, sizeof(int32_t));           \
@@ -45,25 +64,14 @@
           vote[j] += (x > 0) - (x < 0);                                                         \
           any |= x != 0;                                                                        \
         }                                                                                       \
-        if (any) {                                                                              \
-          int32_t seen;                                                                         \
-          _Pragma("omp atomic read")                                                            \
-          seen = nonzero[b];                                                                    \
-          if (!seen) {                                                                          \
-            _Pragma("omp atomic write")                                                         \
-            nonzero[b] = 1;                                                                     \
-          }                                                                                     \
-        }                                                                                       \
+        if (any) mark(nonzero, b);                                                              \
       }                                                                                         \
       for (int64_t j = 0; j < width; ++j) {                                                     \
         grad_sum[j0 + j] = sum[j];                                                              \
         counts[j0 + j] = (C)(counts[j0 + j] - vote[j]);                                         \
       }                                                                                         \
     }                                                                                           \
-    int64_t hits = 0;                                                                           \
-    for (int64_t b = 0; b < samples; ++b) hits += nonzero[b] != 0;                              \
-    free(nonzero);                                                                              \
-    return hits;                                                                                \
+    return count_and_free(nonzero, samples);                                                    \
   }
 
 VOTE(gradfix_vote_f32_i16, float, int16_t)
@@ -148,15 +156,7 @@ VOTE(gradfix_vote_f64_i32, double, int32_t)
               any |= v != 0;                                                                    \
             }                                                                                   \
           }                                                                                     \
-          if (any) {                                                                            \
-            int32_t seen;                                                                       \
-            _Pragma("omp atomic read")                                                          \
-            seen = nonzero[b];                                                                  \
-            if (!seen) {                                                                        \
-              _Pragma("omp atomic write")                                                       \
-              nonzero[b] = 1;                                                                   \
-            }                                                                                   \
-          }                                                                                     \
+          if (any) mark(nonzero, b);                                                            \
         }                                                                                       \
         for (int64_t r = 0; r < rows; ++r)                                                      \
           for (int64_t w = 0; w < cols; ++w) {                                                  \
@@ -167,9 +167,7 @@ VOTE(gradfix_vote_f64_i32, double, int32_t)
         free(pad);                                                                              \
       }                                                                                         \
     }                                                                                           \
-    int64_t hits = 0;                                                                           \
-    for (int64_t b = 0; b < samples; ++b) hits += nonzero[b] != 0;                              \
-    free(nonzero);                                                                              \
+    int64_t hits = count_and_free(nonzero, samples);                                            \
     return failed ? -1 : hits;                                                                  \
   }
 
