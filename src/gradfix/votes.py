@@ -168,10 +168,8 @@ class _Accumulator:
     """
 
     def __init__(self, params: Mapping[str, Tensor], with_counts: bool):
-        self.grad_sum = {n: torch.zeros(p.shape, dtype=_sum_dtype(p)) for n, p in params.items()}
-        self.counts = (
-            {n: torch.zeros(p.shape, dtype=torch.int16) for n, p in params.items()} if with_counts else {}
-        )
+        self.grad_sum = _Zeros({n: (p.shape, _sum_dtype(p)) for n, p in params.items()})
+        self.counts = _Zeros({n: (p.shape, torch.int16) for n, p in params.items()} if with_counts else {})
         self.hits = dict.fromkeys(params, 0)
         self.n = 0
 
@@ -207,15 +205,13 @@ class _Accumulator:
 
     def widen_for(self, incoming: int) -> None:
         """Before a batch: switch the counters to int32 if ``n`` plus its samples could overflow int16."""
-        if self.counts and self.n + incoming > torch.iinfo(torch.int16).max:
-            for name, c in self.counts.items():
-                if c.dtype == torch.int16:
-                    self.counts[name] = c.to(torch.int32)
+        if self.counts.shapes and self.n + incoming > torch.iinfo(torch.int16).max:
+            self.counts.cast(torch.int32)
 
     def reset(self, name: str) -> None:
         """Forget everything added for ``name`` (its votes are recomputed)."""
         self.grad_sum[name].zero_()
-        if self.counts:
+        if self.counts.shapes:
             self.counts[name].zero_()
         self.hits[name] = 0
 
@@ -227,8 +223,35 @@ class _Accumulator:
 
     def result(self, estimator: str) -> SignVotes:
         dtype = count_dtype(self.n)
-        counts = {k: v.to(dtype) for k, v in self.counts.items()}
-        return SignVotes(counts, self.grad_sum, self.n, estimator, self.hits)
+        counts = {k: v.to(dtype) for k, v in self.counts.all().items()}
+        return SignVotes(counts, self.grad_sum.all(), self.n, estimator, self.hits)
+
+
+class _Zeros(dict):
+    """``{name: tensor of zeros}``, each made when first asked for.
+
+    The running sums are thus allocated during the first backward, as a gradient would be, rather
+    than before the forward pass: the allocator then reuses the memory the forward pass freed.
+    """
+
+    def __init__(self, shapes: Mapping[str, tuple[torch.Size, torch.dtype]]):
+        super().__init__()
+        self.shapes = dict(shapes)
+
+    def __missing__(self, name: str) -> Tensor:
+        shape, dtype = self.shapes[name]
+        made = self[name] = torch.zeros(shape, dtype=dtype)
+        return made
+
+    def all(self) -> dict[str, Tensor]:
+        """Every tensor, in the order of the names given (made now if never asked for)."""
+        return {name: self[name] for name in self.shapes}
+
+    def cast(self, dtype: torch.dtype) -> None:
+        """Switch every tensor, made or to be made, to ``dtype``."""
+        self.shapes = {name: (shape, dtype) for name, (shape, _) in self.shapes.items()}
+        for name, tensor in self.items():
+            self[name] = tensor.to(dtype)
 
 
 def _sum_dtype(p: Tensor) -> torch.dtype:
