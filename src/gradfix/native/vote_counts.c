@@ -79,8 +79,17 @@ VOTE(gradfix_vote_f32_i32, float, int32_t)
 VOTE(gradfix_vote_f64_i16, double, int16_t)
 VOTE(gradfix_vote_f64_i32, double, int32_t)
 
+/* Tiles are visited GROUP column blocks at a time for each row block: the inputs of those columns
+ * (all samples) stay in the core's cache while the row blocks go by, and the output gradients are
+ * read in/(W * GROUP) times instead of in/W. */
+#ifndef GROUP
+#define GROUP 4
+#endif
+
 /* Register tiles: R rows x W columns of accumulators (AVX-512: 32 vector registers). */
-#if defined(__AVX512F__)
+#if defined(R32)
+/* set by the compiler's command line (tuning experiments) */
+#elif defined(__AVX512F__)
 #define R32 12
 #define W32 32
 #define R64 12
@@ -98,10 +107,12 @@ VOTE(gradfix_vote_f64_i32, double, int32_t)
     int32_t *nonzero = (int32_t *)calloc(samples > 0 ? samples : 1, sizeof(int32_t));           \
     if (!nonzero) return -1;                                                                    \
     int64_t iblocks = (in + W - 1) / W, oblocks = (out + R - 1) / R;                            \
+    int64_t groups = (iblocks + GROUP - 1) / GROUP;                                             \
     int failed = 0;                                                                             \
-    _Pragma("omp parallel for collapse(2) schedule(static) num_threads(threads)")              \
-    for (int64_t ib = 0; ib < iblocks; ++ib) {                                                  \
-      for (int64_t ob = 0; ob < oblocks; ++ob) {                                                \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                           \
+    for (int64_t k = 0; k < groups * oblocks; ++k) {                                            \
+      int64_t ob = k % oblocks, ib_end = (k / oblocks + 1) * GROUP;                             \
+      for (int64_t ib = (k / oblocks) * GROUP; ib < (ib_end < iblocks ? ib_end : iblocks); ++ib) { \
         int64_t i0 = ib * W, o0 = ob * R;                                                       \
         int64_t rows = out - o0 < R ? out - o0 : R, cols = in - i0 < W ? in - i0 : W;          \
         int edge = rows < R || cols < W;                                                        \
