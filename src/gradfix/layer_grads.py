@@ -60,7 +60,7 @@ def _linear_weight_sums(name: str, x: Tensor, g: Tensor, sink: GradientSink, ws:
     size = out_dim * in_dim
     g_t = g3.transpose(1, 2)
     chunk = max(1, min(b, ws.chunk_bytes // (size * g.element_size())))
-    scratch = ws.take(chunk * size, g.dtype)
+    scratch = ws.take(chunk * size, g.dtype, g.device)
     for start in range(0, b, chunk):
         stop = min(b, start + chunk)
         products = scratch[: (stop - start) * size].view(stop - start, out_dim, in_dim)

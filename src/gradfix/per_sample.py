@@ -61,11 +61,11 @@ class Workspace:
         self.chunk_bytes = chunk_bytes
         self._buffer: Tensor | None = None
 
-    def take(self, numel: int, dtype: torch.dtype) -> Tensor:
+    def take(self, numel: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> Tensor:
         """A flat scratch tensor of at least ``numel`` values (its content is undefined)."""
         buf = self._buffer
-        if buf is None or buf.dtype != dtype or buf.numel() < numel:
-            buf = self._buffer = torch.empty(numel, dtype=dtype)
+        if buf is None or buf.dtype != dtype or buf.device != torch.device(device) or buf.numel() < numel:
+            buf = self._buffer = torch.empty(numel, dtype=dtype, device=device)
         return buf[:numel]
 
 

@@ -168,8 +168,10 @@ class _Accumulator:
     """
 
     def __init__(self, params: Mapping[str, Tensor], with_counts: bool):
-        self.grad_sum = _Zeros({n: (p.shape, _sum_dtype(p)) for n, p in params.items()})
-        self.counts = _Zeros({n: (p.shape, torch.int16) for n, p in params.items()} if with_counts else {})
+        self.grad_sum = _Zeros({n: (p.shape, _sum_dtype(p), p.device) for n, p in params.items()})
+        self.counts = _Zeros(
+            {n: (p.shape, torch.int16, p.device) for n, p in params.items()} if with_counts else {}
+        )
         self.hits = dict.fromkeys(params, 0)
         self.n = 0
 
@@ -223,8 +225,9 @@ class _Accumulator:
 
     def result(self, estimator: str) -> SignVotes:
         dtype = count_dtype(self.n)
-        counts = {k: v.to(dtype) for k, v in self.counts.all().items()}
-        return SignVotes(counts, self.grad_sum.all(), self.n, estimator, self.hits)
+        counts = {k: v.to(device="cpu", dtype=dtype) for k, v in self.counts.all().items()}
+        grad_sum = {k: v.cpu() for k, v in self.grad_sum.all().items()}
+        return SignVotes(counts, grad_sum, self.n, estimator, self.hits)
 
 
 class _Zeros(dict):
@@ -234,13 +237,13 @@ class _Zeros(dict):
     than before the forward pass: the allocator then reuses the memory the forward pass freed.
     """
 
-    def __init__(self, shapes: Mapping[str, tuple[torch.Size, torch.dtype]]):
+    def __init__(self, shapes: Mapping[str, tuple[torch.Size, torch.dtype, torch.device]]):
         super().__init__()
         self.shapes = dict(shapes)
 
     def __missing__(self, name: str) -> Tensor:
-        shape, dtype = self.shapes[name]
-        made = self[name] = torch.zeros(shape, dtype=dtype)
+        shape, dtype, device = self.shapes[name]
+        made = self[name] = torch.zeros(shape, dtype=dtype, device=device)
         return made
 
     def all(self) -> dict[str, Tensor]:
@@ -249,7 +252,7 @@ class _Zeros(dict):
 
     def cast(self, dtype: torch.dtype) -> None:
         """Switch every tensor, made or to be made, to ``dtype``."""
-        self.shapes = {name: (shape, dtype) for name, (shape, _) in self.shapes.items()}
+        self.shapes = {name: (shape, dtype, device) for name, (shape, _, device) in self.shapes.items()}
         for name, tensor in self.items():
             self[name] = tensor.to(dtype)
 
