@@ -173,3 +173,16 @@ def test_outputs_off_the_embedding_paths_get_their_votes_from_a_second_backward(
     for name, counts in expected.items():
         assert torch.equal(votes.counts[name].long(), counts), name
     assert x.grad is None  # the engine's backward leaves the user's tensors alone
+
+
+def test_a_loss_that_ignores_the_covered_modules_casts_no_vote() -> None:
+    model = nn.Sequential(nn.Linear(3, 2))
+    batch = {"x": torch.randn(4, 3)}
+
+    def loss(m: nn.Module, b: dict) -> torch.Tensor:
+        m(b["x"])  # the layer runs, but the loss does not use it
+        return b["x"].sum(dim=1) * 0
+
+    votes = estimate_signs(model, [batch], loss, engine="hooks", progress=False)
+    assert all(int(c.abs().sum()) == 0 for c in votes.counts.values())
+    assert votes.untouched() == ["0.weight", "0.bias"]

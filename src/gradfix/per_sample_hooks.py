@@ -188,6 +188,8 @@ def _backward_into(
     input needs no gradient, such as embeddings), which reaches every output the loss depends on
     through them; outputs not reached that way are asked for in a second backward.
     """
+    if loss.grad_fn is None:  # the loss depends on no recorded output: no gradient, no vote
+        return
     expected: dict[nn.Module, int] = {}
     for module, _, _ in records:
         expected[module] = expected.get(module, 0) + 1
