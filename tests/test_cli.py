@@ -84,14 +84,7 @@ def test_transport_writes_a_loadable_model_equal_to_the_library_result(models, t
     assert "pooler.dense.weight" not in record["kept_fraction"]
 
     # the same job through the Python API gives the same weights
-    examples = load_examples(models["few"])
-    labels = label_set(examples)
-    model, recipe = load_recipe("text-zero-shot", models["B"], labels)
-    tau = TaskVector.from_checkpoints(models["A"], models["A-ft"], exclude="pooler.*")
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in tau)
-    shots = sample_shots(examples, 2, 0, labels)
-    votes = estimate_signs(model, [recipe.collate(b) for b in batched(shots, 8)], recipe.loss, progress=False)
+    tau, _, _, _, votes = _library_inputs(models)
     expected = mask_task_vector(tau, votes).apply_to(load_state_dict(models["B"]), 0.7)
     written = load_state_dict(out)
     assert set(written) == set(expected)

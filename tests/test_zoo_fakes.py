@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 from tiny_models import topic_examples
 
+from gradfix.zoo.training import TrainSettings
+from gradfix.zoo.vision import VisionConfig
+
 FAKE_TOPICS = ("business", "sports", "tech")
 
 
@@ -71,6 +74,19 @@ def write_fake_fashion(root: Path, per_class: int = 12, seed: int = 0) -> Path:
         (root / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(images)))
         (root / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx(labels)))
     return root
+
+
+def tiny_vision_config(root: Path) -> VisionConfig:
+    """A vision scenario small enough for a test: fake Fashion-MNIST, width-4 CNNs, 3 steps."""
+    return VisionConfig(
+        fashion=str(write_fake_fashion(root / "fashion", per_class=12)),
+        prototypes_per_class=2,
+        sizes={"fashion-new": {"train": 40, "validation": 10, "test": 10}},
+        width=4,
+        dim=8,
+        pretrain=TrainSettings(steps=3, lr=1e-3, batch_size=16, seed=3),
+        finetune=TrainSettings(steps=3, lr=1e-3, batch_size=8, seed=2),
+    )
 
 
 def test_fake_fashion_reads_back(tmp_path: Path) -> None:

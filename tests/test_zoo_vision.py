@@ -7,16 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_zoo_fakes import write_fake_fashion
+from test_zoo_fakes import tiny_vision_config
 
 from gradfix import TaskVector, estimate_signs, mask_task_vector
 from gradfix.io import load_state_dict
 from gradfix.zoo import MANIFEST
 from gradfix.zoo.scenario import build_scenario
-from gradfix.zoo.training import TrainSettings
 from gradfix.zoo.vision import (
     SmallCNN,
-    VisionConfig,
     accuracy,
     as_float,
     head_loss,
@@ -34,15 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 @pytest.fixture(scope="module")
 def view(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("vision")
-    config = VisionConfig(
-        fashion=str(write_fake_fashion(root / "fashion", per_class=12)),
-        prototypes_per_class=2,
-        sizes={"fashion-new": {"train": 40, "validation": 10, "test": 10}},
-        width=4,
-        dim=8,
-        pretrain=TrainSettings(steps=3, lr=1e-3, batch_size=16, seed=3),
-        finetune=TrainSettings(steps=3, lr=1e-3, batch_size=8, seed=2),
-    )
+    config = tiny_vision_config(root)
     return build_scenario(
         vision_scenario("tiny-vision", config), root / "cache", log=lambda m: None, progress=False
     )

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_zoo_fakes import write_fake_fashion
+from test_zoo_fakes import tiny_vision_config
 
 from gradfix import ConfigError, TaskVector
 from gradfix.io import load_state_dict
 from gradfix.zoo import MANIFEST, get_scenario, scenario_names
 from gradfix.zoo.scenario import build_scenario
-from gradfix.zoo.training import TrainSettings
 from gradfix.zoo.vision import VisionConfig, load_backbone, vision_scenario
 from gradfix.zoo.vision_widths import vision_widths_scenario
 
@@ -24,22 +23,10 @@ EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "crosswidth.p
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def _config(root: Path) -> VisionConfig:
-    return VisionConfig(
-        fashion=str(write_fake_fashion(root / "fashion", per_class=12)),
-        prototypes_per_class=2,
-        sizes={"fashion-new": {"train": 40, "validation": 10, "test": 10}},
-        width=4,
-        dim=8,
-        pretrain=TrainSettings(steps=3, lr=1e-3, batch_size=16, seed=3),
-        finetune=TrainSettings(steps=3, lr=1e-3, batch_size=8, seed=2),
-    )
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, VisionConfig]:
     root = tmp_path_factory.mktemp("widths")
-    config = _config(root)
+    config = tiny_vision_config(root)
     scenario = vision_widths_scenario("tiny-widths", config, width_b=2)
     view = build_scenario(scenario, root / "cache", log=lambda m: None, progress=False)
     return view, root / "cache", config
