@@ -125,12 +125,19 @@ def _open(path: Path) -> ctypes.CDLL | None:
     return lib
 
 
-@functools.cache
-def _private_dir() -> Path:
-    """A temporary folder for this process, removed at exit (the library stays mapped)."""
-    folder = Path(tempfile.mkdtemp(prefix="gradfix-native-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    return folder
+def _writable_cache() -> Path:
+    """Where to build: the cache, or, if it cannot be written, a temporary folder of this process
+    (removed at exit; a loaded library stays mapped)."""
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder
+    except OSError as exc:
+        log.debug("cannot write into %s: %s", folder, exc)
+    private = Path(tempfile.mkdtemp(prefix="gradfix-native-"))
+    atexit.register(shutil.rmtree, private, ignore_errors=True)
+    return private
 
 
 @functools.cache
@@ -142,6 +149,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     version = _compiler_version(cc)
     source = SOURCE.read_bytes()
+    build_in: Path | None = None  # chosen when a build is needed
     for flags in _FLAG_SETS:
         key = hashlib.sha256(
             b"\0".join(
@@ -149,13 +157,15 @@ def _library() -> ctypes.CDLL | None:
             )
             + source
         ).hexdigest()[:16]
-        for folder in (cache_dir(), _private_dir()):  # a cache we cannot write: a folder of our own
-            target = folder / key / "vote_counts.so"
-            if target.exists() or _build(cc, flags, target):
-                lib = _open(target)
-                if lib is not None:
-                    return lib
-                break
+        target = cache_dir() / key / "vote_counts.so"
+        if not target.exists():
+            build_in = build_in or _writable_cache()
+            target = build_in / key / "vote_counts.so"
+            if not target.exists() and not _build(cc, flags, target):
+                continue
+        lib = _open(target)
+        if lib is not None:
+            return lib
     log.info("could not build %s with %s: per-sample votes use PyTorch operations only", SOURCE.name, cc)
     return None
 
