@@ -17,7 +17,7 @@ embeddings frozen (10.8 M trainable parameters), 32 BBC News sentences truncated
 The first four are timed in interleaved rounds (each round runs each once, in a shuffled
 order), so that a slow spell of a shared machine hits all of them alike; a ratio is the median
 over rounds of ``time / batched time`` within the round. Then glibc's malloc is asked to keep
-freed memory for reuse (:func:`gradfix.native.keep_freed_memory`, what the ``gradfix`` command
+freed memory for reuse (:func:`gradfix.votes.native.keep_freed_memory`, what the ``gradfix`` command
 does): without it, memory handed back to the system between passes is page-faulted in again,
 which the engine pays more than the batched pass (its backward keeps no weight gradients at the
 top of the heap). With it: ``hooks`` against ``batched`` again, and both as the number of samples
@@ -41,9 +41,10 @@ from pathlib import Path
 
 import torch
 
-from gradfix import estimate_signs, native
+from gradfix import estimate_signs
 from gradfix.data import Example
 from gradfix.recipes import load_recipe
+from gradfix.votes import native
 
 LABELS = ["business", "entertainment", "politics", "sports", "tech"]
 

@@ -32,11 +32,11 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from gradfix import TaskVector, estimate_signs, mask_task_vector
-from gradfix.autotune import choose_on_shots, gated
 from gradfix.data import Example, load_examples, sample_shots
 from gradfix.io import load_state_dict
 from gradfix.jobs import MaskSettings, VoteSettings, transport_checkpoints
 from gradfix.jobs.adaptive import correct_predictions
+from gradfix.methods.autotune import choose_on_shots, gated
 from gradfix.recipes import load_recipe
 from gradfix.zoo import DEMO_SCENARIO, DEMO_TASK, build_scenario, get_scenario
 

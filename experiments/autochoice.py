@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from envs import make_env, relative_drift
 from records import scenario_view, setup
 
-from gradfix.autotune import gated
+from gradfix.methods.autotune import gated
 
 
 def main() -> None:

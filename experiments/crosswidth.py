@@ -50,8 +50,8 @@ from torch import Tensor
 
 from gradfix import TaskVector, estimate_signs, mask_task_vector
 from gradfix.io import load_state_dict
-from gradfix.rebasin import spec_for_module
-from gradfix.theseus import theseus_data_free_task_vector, theseus_from_models
+from gradfix.methods.theseus import theseus_data_free_task_vector, theseus_from_models
+from gradfix.methods.transfusion import spec_for_module
 from gradfix.zoo import build_scenario, get_scenario
 from gradfix.zoo.vision import accuracy, as_float, head_loss, load_backbone, load_split, task_head
 

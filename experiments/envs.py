@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from gradfix import SignVotes, TaskVector, estimate_signs
-from gradfix.autotune import NAIVE, Choice, choose_on_shots
 from gradfix.data import batched, load_examples
+from gradfix.methods.autotune import NAIVE, Choice, choose_on_shots
 from gradfix.recipes import load_recipe
 from gradfix.zoo import vision as zv
 
@@ -146,7 +146,7 @@ class TaskEnv:
         return estimate_signs(self.model, [self.collate(indices)], self.loss, estimator, progress=False)
 
     def choose_on_shots(self, shots: Sequence[int], seed: int, **options: Any) -> Choice:
-        """:func:`gradfix.autotune.choose_on_shots` on ``θ_B`` with these shots (2 folds, the α grid
+        """:func:`gradfix.methods.autotune.choose_on_shots` on ``θ_B`` with these shots (2 folds, the α grid
         :data:`ALPHAS`, gate thresholds :data:`GATE_GRID`); ``options`` (``rule``, ``correct``) go to it."""
         self.set_weights(None)
         labels = [self.train_labels[i] for i in shots]

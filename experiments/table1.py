@@ -28,7 +28,7 @@ from envs import ALPHAS, GATE_GRID, TaskEnv, make_env, relative_drift
 from records import Recorder, scenario_view, setup
 
 from gradfix import TaskVector, mask_task_vector, random_task_vector
-from gradfix.autotune import NAIVE, candidate_key, gated
+from gradfix.methods.autotune import NAIVE, candidate_key, gated
 
 GATES = tuple(t for t in GATE_GRID if 0 < t <= 1)
 FEWSHOT_LR = {"text": 1e-4, "vision": 2e-3}
@@ -38,7 +38,12 @@ def transfusion_vectors(view: Path, envs: Sequence[TaskEnv], family: str) -> dic
     """TransFusion's ``P(τ_A)`` per task (one weight matching of A onto B), or why it cannot run."""
     from gradfix.errors import GradfixError
     from gradfix.io import load_state_dict
-    from gradfix.rebasin import apply_permutations, match_permutations, spec_for_module, spec_for_state_dict
+    from gradfix.methods.transfusion import (
+        apply_permutations,
+        match_permutations,
+        spec_for_module,
+        spec_for_state_dict,
+    )
 
     source = {n: t for n, t in load_state_dict(view / "A").items() if t.is_floating_point()}
     target = {n: t for n, t in load_state_dict(view / "B").items() if t.is_floating_point()}

@@ -1,4 +1,4 @@
-"""Choosing the gate threshold t and α (gradfix.autotune), checked by hand on small problems."""
+"""Choosing the gate threshold t and α (gradfix.methods.autotune), checked by hand on small problems."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from gradfix import SignVotes
-from gradfix.autotune import (
+from gradfix.errors import ConfigError
+from gradfix.methods.autotune import (
     NAIVE,
     candidate_key,
     choose_on_shots,
@@ -19,7 +20,6 @@ from gradfix.autotune import (
     mean_loss,
     shot_folds,
 )
-from gradfix.errors import ConfigError
 
 TAU = {"w": torch.tensor([0.5, -0.2, 0.3, 0.1])}
 # vote margins v/n = [0.6, 0.2, −0.2, −1.0]; opposition −sign(τ)·μ = [−0.6, 0.2, 0.2, 1.0]

@@ -318,7 +318,13 @@ def _assert_written(out: Path, expected: dict[str, torch.Tensor]) -> None:
 def test_default_method_is_adaptive_and_writes_the_gate_for_the_recorded_choice(
     models, tmp_path, capsys
 ) -> None:
-    from gradfix.autotune import DEFAULT_ALPHAS, DEFAULT_THRESHOLDS, candidate_key, choose_on_shots, gated
+    from gradfix.methods.autotune import (
+        DEFAULT_ALPHAS,
+        DEFAULT_THRESHOLDS,
+        candidate_key,
+        choose_on_shots,
+        gated,
+    )
 
     out = tmp_path / "adaptive"
     assert main(_without_alpha(_transport_args(models, out))) == 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from gradfix import SignVotes, estimate_signs
-from gradfix.distributed import all_reduce_votes, shard
+from gradfix.votes.distributed import all_reduce_votes, shard
 
 WORKER = Path(__file__).parent / "workers" / "distributed_vote.py"
 

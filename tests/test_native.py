@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from gradfix import estimate_signs, native
+from gradfix import estimate_signs
+from gradfix.votes import native
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
 

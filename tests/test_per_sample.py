@@ -8,8 +8,8 @@ from tiny_models import make_tiny_bert, make_tiny_gpt2, topic_examples
 from torch import nn
 
 from gradfix import estimate_signs
-from gradfix.per_sample_hooks import hooked_parameters, outside_use
 from gradfix.recipes import load_recipe
+from gradfix.votes.hooks import hooked_parameters, outside_use
 
 NOISE = 1e-12
 

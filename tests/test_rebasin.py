@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from gradfix import ConfigError, MismatchError, TaskVector
-from gradfix.rebasin import (
+from gradfix.methods.transfusion import (
     HeadSet,
     PermutationSpec,
     alignment,

@@ -7,9 +7,8 @@ import torch
 from torch import nn
 
 from gradfix import ConfigError, MismatchError, TaskVector
-from gradfix.activations import CrossStats, Site, channels_last, cross_statistics, record_activations
-from gradfix.rebasin import PermutationSpec, spec_for_module, spec_for_state_dict
-from gradfix.theseus import (
+from gradfix.methods.activations import CrossStats, Site, channels_last, cross_statistics, record_activations
+from gradfix.methods.theseus import (
     apply_transforms,
     data_free_transforms,
     inverse_power,
@@ -22,6 +21,7 @@ from gradfix.theseus import (
     theseus_transforms,
     whitened_cross,
 )
+from gradfix.methods.transfusion import PermutationSpec, spec_for_module, spec_for_state_dict
 from gradfix.zoo.vision import SmallCNN
 
 

@@ -12,8 +12,8 @@ per-sample gradients on a few labelled examples: ``θ_B + α · (m ⊙ τ_A)``.
 
 from gradfix.diagnostics import DescentReport, descent_report, sign_agreement
 from gradfix.errors import CheckpointError, ConfigError, DataError, GradfixError, MismatchError
+from gradfix.masking import mask_task_vector, reference_signs, transport
 from gradfix.task_vector import TaskVector, random_task_vector
-from gradfix.transport import mask_task_vector, reference_signs, transport
 from gradfix.votes import SignVotes, estimate_signs
 
 __version__ = "0.1.0"

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from gradfix.checks import check_same_architecture
 from gradfix.errors import ConfigError, MismatchError
+from gradfix.masking import MASK_CHOICES, Reference, mask_task_vector, reference_signs
 from gradfix.ops.merging import (
     ELECT_METHODS,
     check_density,
@@ -27,7 +28,6 @@ from gradfix.ops.merging import (
 )
 from gradfix.ops.signs import consensus_sign
 from gradfix.task_vector import TaskVector
-from gradfix.transport import MASK_CHOICES, Reference, mask_task_vector, reference_signs
 from gradfix.votes import SignVotes
 
 MERGE_METHODS: dict[str, str] = {
@@ -101,7 +101,7 @@ def mask_then_merge(
 ) -> TaskVector:
     """Transport each task vector with its own reference, then merge: ``merge_t(m^t ⊙ τ^t)``.
 
-    ``m^t`` is the ``mask`` of :func:`gradfix.transport.mask_task_vector` against
+    ``m^t`` is the ``mask`` of :func:`gradfix.masking.mask_task_vector` against
     ``references[t]`` (the target's sign votes ``ŝ^t`` for task t, an oracle task vector, or a
     ``{name: sign}`` mapping). ``mask_options`` (``gamma``, ``seed``, ``unvoted``) go to the mask;
     task t uses ``seed + t``, so random-sign ablations differ across tasks. ``merge_options``
@@ -154,7 +154,7 @@ def merge_then_mask(
     ``ŝ_i = sign(Σ_t ŝ_i^t)`` of the per-task reference signs (the most frequent sign, 0 on a
     tie). A tensor that no reference covers (absent, or never voted on) is left out of the
     consensus and handled by ``mask_options["unvoted"]`` as in
-    :func:`gradfix.transport.mask_task_vector`. Masks: ``agreement``, ``forcing``, ``random`` and
+    :func:`gradfix.masking.mask_task_vector`. Masks: ``agreement``, ``forcing``, ``random`` and
     ``none``; ``magnitude`` needs a real-valued reference that a consensus sign does not give.
     ``merge_options`` go to :func:`merge_task_vectors`.
     """

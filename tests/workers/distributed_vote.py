@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from gradfix import estimate_signs
-from gradfix.distributed import all_reduce_votes, init_from_environment, shard, world
+from gradfix.votes.distributed import all_reduce_votes, init_from_environment, shard, world
 
 
 def build() -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:

@@ -89,8 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args, config, _DEFAULTS.get(args.command, {"json": False}), args.config or "config", extra
         )
         if args.command in ("transport", "merge"):
-            from gradfix.distributed import init_from_environment
-            from gradfix.native import keep_freed_memory
+            from gradfix.votes.distributed import init_from_environment
+            from gradfix.votes.native import keep_freed_memory
 
             keep_freed_memory()  # freed tensors are reused, not page-faulted in again
             init_from_environment()  # under torchrun: each process votes on its share

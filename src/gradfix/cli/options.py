@@ -14,8 +14,8 @@ import argparse
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from gradfix.autotune import DEFAULT_ALPHAS, DEFAULT_THRESHOLDS
 from gradfix.errors import ConfigError
+from gradfix.methods.autotune import DEFAULT_ALPHAS, DEFAULT_THRESHOLDS
 
 Handler = Callable[[argparse.Namespace], Any]
 

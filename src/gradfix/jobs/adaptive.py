@@ -2,13 +2,13 @@
 
 ``method="adaptive"`` transports ``θ_B + α · (m_t ⊙ τ_A)`` with ``m_t`` the vote-margin gate
 (:func:`gradfix.ops.masks.vote_margin_gate`: ``t = 0`` is GradFix's agreement mask, ``t > 1``
-naive addition) and ``(t, α)`` chosen from a grid by :mod:`gradfix.autotune`:
+naive addition) and ``(t, α)`` chosen from a grid by :mod:`gradfix.methods.autotune`:
 
 - with a **validation file**: the candidate with the best accuracy of ``θ_B + α · (m_t ⊙ τ_A)``
-  on it (:func:`~gradfix.autotune.choose_on_validation`; B's loaded model, weights swapped in
+  on it (:func:`~gradfix.methods.autotune.choose_on_validation`; B's loaded model, weights swapped in
   memory), ``m_t`` from the votes on every shot;
 - otherwise by **2-fold cross-validation over the shots**
-  (:func:`~gradfix.autotune.choose_on_shots`): votes on one fold, the loss on the other, and
+  (:func:`~gradfix.methods.autotune.choose_on_shots`): votes on one fold, the loss on the other, and
   the one-standard-error rule (the smallest update within one standard error of the lowest
   held-out loss), never a candidate less accurate on the held-out shots than B itself (recipes
   with class logits); the final votes then use every shot.
@@ -32,7 +32,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradfix.autotune import (
+from gradfix.data import Example, check_known_labels, load_examples
+from gradfix.errors import ConfigError, DataError, GradfixError
+from gradfix.jobs.common import MaskSettings, Shots, VoteSettings, rename_votes
+from gradfix.jobs.inputs import target_label_set
+from gradfix.methods.autotune import (
     DEFAULT_ALPHAS,
     DEFAULT_THRESHOLDS,
     NAIVE,
@@ -40,10 +44,6 @@ from gradfix.autotune import (
     choose_on_shots,
     choose_on_validation,
 )
-from gradfix.data import Example, check_known_labels, load_examples
-from gradfix.errors import ConfigError, DataError, GradfixError
-from gradfix.jobs.common import MaskSettings, Shots, VoteSettings, rename_votes
-from gradfix.jobs.inputs import target_label_set
 from gradfix.task_vector import apply_tensor
 from gradfix.votes import SignVotes
 
@@ -317,7 +317,7 @@ def choose(
 
 
 def output_mask(threshold: float) -> str:
-    """The streamed mask that writes ``m_t ⊙ τ_A`` as :func:`gradfix.autotune.gated` computes it.
+    """The streamed mask that writes ``m_t ⊙ τ_A`` as :func:`gradfix.methods.autotune.gated` computes it.
 
     ``t = 0``: the agreement mask; ``t > 0``: the gate (above 1 it keeps every voted coordinate).
     Tensors without votes follow the unvoted policy, as they did in the choice.

@@ -44,11 +44,11 @@ def aligned_task_vector(
     target_sd = {n: t for n, t in load_state_dict(target_base).items() if t.is_floating_point()}
     heads = num_heads_of(source_base)
     if method == "transfusion":
-        from gradfix.rebasin import transfusion_task_vector
+        from gradfix.methods.transfusion import transfusion_task_vector
 
         return transfusion_task_vector(tau_a, source_sd, target_sd, num_heads=heads, seed=seed)
     if method == "theseus":
-        from gradfix.theseus import theseus_data_free_task_vector
+        from gradfix.methods.theseus import theseus_data_free_task_vector
 
         return theseus_data_free_task_vector(
             tau_a, source_sd, target_sd, num_heads=heads, target_num_heads=num_heads_of(target_base)

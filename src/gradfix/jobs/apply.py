@@ -24,10 +24,10 @@ from gradfix.errors import CheckpointError, ConfigError, GradfixError
 from gradfix.io import CheckpointReader, open_checkpoint
 from gradfix.io.streaming import StreamingShardedWriter, TensorPlan
 from gradfix.jobs.common import raise_if_overflow
+from gradfix.masking import seeded_generator
 from gradfix.ops.masks import apply_mask
 from gradfix.ops.signs import majority_sign, mean_sign
 from gradfix.task_vector import apply_tensor
-from gradfix.transport import seeded_generator
 from gradfix.votes import SignVotes
 
 SLICE_BYTES = 4 * 2**20

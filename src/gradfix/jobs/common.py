@@ -27,7 +27,6 @@ from gradfix.data import (
     parse_shots,
     sample_shots,
 )
-from gradfix.distributed import all_reduce_votes, world
 from gradfix.errors import ConfigError, NonFiniteError, OutputError
 from gradfix.io import (
     atomic_output_file,
@@ -41,6 +40,7 @@ from gradfix.jobs.inputs import HEAD_FILE, input_record, target_label_set
 from gradfix.recipes import load_recipe
 from gradfix.task_vector import apply_tensor
 from gradfix.votes import SignVotes, estimate_signs
+from gradfix.votes.distributed import all_reduce_votes, world
 
 DEFAULT_SHARD_BYTES = 2 * 2**30
 
@@ -84,8 +84,8 @@ class MaskSettings:
     """How ``τ_A`` is masked and scaled.
 
     ``alpha="auto"`` chooses α (see :mod:`gradfix.jobs.adaptive`); ``thresholds`` and ``alphas``
-    are the candidate grids of that choice (``None``: :data:`gradfix.autotune.DEFAULT_THRESHOLDS`
-    and :data:`~gradfix.autotune.DEFAULT_ALPHAS`), ``validation`` a labelled data file to score
+    are the candidate grids of that choice (``None``: :data:`gradfix.methods.autotune.DEFAULT_THRESHOLDS`
+    and :data:`~gradfix.methods.autotune.DEFAULT_ALPHAS`), ``validation`` a labelled data file to score
     the candidates on (otherwise they are cross-validated on the shots).
     """
 

@@ -19,7 +19,6 @@ from torch import Tensor
 
 from gradfix.data import parse_shots
 from gradfix.diagnostics import DescentReport, TensorDescent, descent_report
-from gradfix.distributed import world
 from gradfix.errors import ConfigError
 from gradfix.io import CheckpointReader, atomic_output_dir, open_checkpoint
 from gradfix.jobs.adaptive import fixed_alpha, is_auto
@@ -37,6 +36,7 @@ from gradfix.jobs.inputs import check_checkpoints, check_outputs, input_record, 
 from gradfix.merge import mask_then_merge, merge_task_vectors, merge_then_mask
 from gradfix.task_vector import TaskVector, float_names
 from gradfix.votes import SignVotes
+from gradfix.votes.distributed import world
 
 PIPELINES = ("plain", "mask-then-merge", "merge-then-mask")
 

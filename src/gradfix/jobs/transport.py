@@ -9,7 +9,6 @@ from typing import Any
 
 from gradfix.data import label_set, parse_shots
 from gradfix.diagnostics import descent_report
-from gradfix.distributed import world
 from gradfix.errors import ConfigError
 from gradfix.io import CheckpointReader, atomic_output_dir, open_checkpoint
 from gradfix.jobs.adaptive import (
@@ -54,9 +53,10 @@ from gradfix.jobs.inputs import (
     raise_zero_task_vector,
     validate_votes_files,
 )
+from gradfix.masking import mask_task_vector
 from gradfix.task_vector import TaskVector, float_names
-from gradfix.transport import mask_task_vector
 from gradfix.votes import SignVotes
+from gradfix.votes.distributed import world
 
 
 def transport_checkpoints(

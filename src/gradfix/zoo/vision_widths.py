@@ -1,7 +1,7 @@
 """The cross-width vision scenario: A is vision-independent's CNN (width 32), B a narrower one (width 16).
 
 Transport across widths: ``τ_A`` has other shapes than B's parameters, so it cannot be added to B
-as it is; Theseus (:mod:`gradfix.theseus`) maps it onto B's channels.
+as it is; Theseus (:mod:`gradfix.methods.theseus`) maps it onto B's channels.
 
 - A, its fine-tunes and the task data are *the same artifacts* as in ``vision-independent``
   (:func:`~gradfix.zoo.vision.vision_scenario`): same keys, so a cache that holds that scenario

@@ -20,7 +20,7 @@ import torch
 
 from gradfix.errors import GradfixError
 from gradfix.ops.signs import count_dtype
-from gradfix.votes import SignVotes
+from gradfix.votes.estimate import SignVotes
 
 T = TypeVar("T")
 

@@ -14,11 +14,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from gradfix import native
 from gradfix.checks import check_same_architecture
 from gradfix.errors import CheckpointError, ConfigError, GradfixError
 from gradfix.ops.signs import count_dtype, majority_sign, mean_sign
-from gradfix.per_sample import (
+from gradfix.votes import native
+from gradfix.votes.hooks import hook_gradients, hooked_parameters, outside_use
+from gradfix.votes.per_sample import (
     LossFn,
     Workspace,
     batch_size,
@@ -27,7 +28,6 @@ from gradfix.per_sample import (
     slice_batch,
     vmap_gradients,
 )
-from gradfix.per_sample_hooks import hook_gradients, hooked_parameters, outside_use
 
 log = logging.getLogger(__name__)
 
@@ -281,11 +281,11 @@ def estimate_signs(
     - ``mean``: ``ŝ_i = sign(−Σ_j g_i^(j))``, from one ordinary backward pass per batch.
 
     ``engine`` picks how per-sample gradients are computed for the majority vote (see
-    :mod:`gradfix.per_sample`): ``hooks`` (one batched forward and backward, per-sample gradients
+    :mod:`gradfix.votes.per_sample`): ``hooks`` (one batched forward and backward, per-sample gradients
     formed layer by layer; other parameters by the loop), ``vmap`` (``torch.func`` over chunks of
     ``chunk_size`` samples), ``loop`` (one backward pass per sample), or ``auto``: hooks, with the
     first batch watched for parameters used outside their module's call (a tied weight, a weight
-    used directly; see :func:`gradfix.per_sample_hooks.outside_use`): those move to the loop.
+    used directly; see :func:`gradfix.votes.hooks.outside_use`): those move to the loop.
     """
     if estimator not in ESTIMATORS:
         raise ConfigError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")

@@ -13,7 +13,7 @@ P_g = argmax_P  Σ_{(W, axis) ∈ g} ⟨P(W_A), W_B⟩        (other groups' per
 
 A permutation is stored as a ``LongTensor p``: source unit ``p[j]`` goes to target position ``j``
 (``W' = W.index_select(axis, p)``). The same spec describes the spaces of Theseus
-(:mod:`gradfix.theseus`), where a group is a space and ``P`` becomes an orthogonal map.
+(:mod:`gradfix.methods.theseus`), where a group is a space and ``P`` becomes an orthogonal map.
 """
 
 from __future__ import annotations

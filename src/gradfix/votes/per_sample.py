@@ -3,10 +3,10 @@
 Three engines, all exact (they compute the same per-sample gradients, up to float rounding, as
 one backward pass per sample):
 
-- ``hooks`` (:mod:`gradfix.per_sample_hooks`): one batched forward and one backward to the
+- ``hooks`` (:mod:`gradfix.votes.hooks`): one batched forward and one backward to the
   *outputs* of the ``nn.Linear``, ``nn.LayerNorm`` and ``nn.Embedding`` modules; each per-sample
   weight gradient is formed from that module's inputs and output gradients
-  (:mod:`gradfix.layer_grads`) during the backward, module by module, so per-sample gradients of
+  (:mod:`gradfix.votes.layers`) during the backward, module by module, so per-sample gradients of
   the whole model are never held at once. Parameters of other modules (or shared between
   modules) fall back to the loop;
 - ``vmap``: ``torch.func.vmap(grad)`` over chunks of samples;

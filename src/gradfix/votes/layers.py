@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from gradfix.per_sample import GradientSink, Workspace
+from gradfix.votes.per_sample import GradientSink, Workspace
 
 
 def module_sums(

@@ -1,6 +1,6 @@
 """Theseus: transport a task vector across models of different widths by orthogonal Procrustes.
 
-Every group of a :class:`~gradfix.rebasin.PermutationSpec` is a *space* (the hidden units between
+Every group of a :class:`~gradfix.methods.transfusion.PermutationSpec` is a *space* (the hidden units between
 two layers of an MLP, a transformer's residual stream, one layer's FFN units, its query/key and
 value/output head spaces). Each space ``s`` gets one (semi-)orthogonal map ``T_s`` (``d_A × d_B``)
 from the cross-covariance of A's and B's activations in that space on the same inputs:
@@ -14,7 +14,7 @@ C_s' = U Σ Vᵀ  →  T_s = U Vᵀ                  (argmin over semi-orthogona
 Optional mean-centring (``center=True``): every site's activations are centred by that site's own
 means ``μ`` (over all recorded tokens) before they are pooled into its space,
 ``C_s = Σ_sites Σ_tokens (x_A − μ_A)ᵀ (x_B − μ_B)`` and ``G`` likewise, computed exactly from
-float64 sums (:meth:`~gradfix.activations.CrossStats.centered`). Without it, large channel means
+float64 sums (:meth:`~gradfix.methods.activations.CrossStats.centered`). Without it, large channel means
 (e.g. after GELU) can dominate ``C_s``.
 
 Every axis of ``τ_A`` in space ``s`` is contracted with ``T_s``; a weight ``W (out × in)`` becomes
@@ -40,9 +40,16 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from gradfix.activations import CrossStats, ForwardFn, Site, TokenMask, attention_mask_of, cross_statistics
 from gradfix.errors import ConfigError, MismatchError
-from gradfix.rebasin import PermutationSpec, present_spec, spec_for_module, spec_for_state_dict
+from gradfix.methods.activations import (
+    CrossStats,
+    ForwardFn,
+    Site,
+    TokenMask,
+    attention_mask_of,
+    cross_statistics,
+)
+from gradfix.methods.transfusion import PermutationSpec, present_spec, spec_for_module, spec_for_state_dict
 from gradfix.task_vector import TaskVector
 
 
@@ -299,7 +306,7 @@ def theseus_from_models(
 ) -> TaskVector:
     """Theseus in one call: record ``C_s`` of A and B on ``batches``, then ``τ_B = T(τ_A)``.
 
-    ``spec`` defaults to :func:`~gradfix.rebasin.spec_for_module` of A; B's head count is read
+    ``spec`` defaults to :func:`~gradfix.methods.transfusion.spec_for_module` of A; B's head count is read
     from ``model_b.config.num_attention_heads`` when it has one. ``center=True`` mean-centres the
     statistics (:func:`space_statistics`).
     """
@@ -401,7 +408,7 @@ def theseus_data_free_task_vector(
 ) -> TaskVector:
     """Data-free Theseus: ``τ_B = T(τ_A)`` with ``T`` from :func:`data_free_transforms` of the two bases.
 
-    ``spec`` defaults to :func:`~gradfix.rebasin.spec_for_state_dict` of the source base
+    ``spec`` defaults to :func:`~gradfix.methods.transfusion.spec_for_state_dict` of the source base
     (``num_heads`` for BERT-like models).
     """
     if spec is None:

@@ -1,7 +1,7 @@
 """The ``hooks`` engine: per-sample gradients from one batched forward and backward.
 
 Forward hooks record each covered module's input and output; during the backward, a hook on each
-recorded output passes its gradient to :mod:`gradfix.layer_grads`, which forms that module's
+recorded output passes its gradient to :mod:`gradfix.votes.layers`, which forms that module's
 per-sample parameter gradients (``∂ℓ_b/∂W = Σ_t δ_{b,t} x_{b,t}ᵀ`` for a linear layer) and hands
 them to the sink, layer by layer, while the backward goes on.
 """
@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from gradfix.layer_grads import module_sums
-from gradfix.per_sample import GradientSink, LossFn, Workspace, batch_size, check_losses
+from gradfix.votes.layers import module_sums
+from gradfix.votes.per_sample import GradientSink, LossFn, Workspace, batch_size, check_losses
 
 _HOOKED = (nn.Linear, nn.LayerNorm, nn.Embedding)
 

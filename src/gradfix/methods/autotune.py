@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from gradfix.errors import ConfigError
+from gradfix.masking import mask_task_vector
 from gradfix.task_vector import TaskVector
-from gradfix.transport import mask_task_vector
 from gradfix.votes import SignVotes, estimate_signs
 
 NAIVE = 2.0

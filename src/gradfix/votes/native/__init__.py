@@ -301,5 +301,5 @@ def _ptr(t: Tensor, ctype: type) -> Any:
 
 def _checked(hits: int) -> int:
     if hits < 0:
-        raise MemoryError("gradfix.native: out of memory in the vote kernel")
+        raise MemoryError("gradfix.votes.native: out of memory in the vote kernel")
     return int(hits)

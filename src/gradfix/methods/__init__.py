@@ -1,0 +1,1 @@
+"""Transport methods: naive addition, GradFix, the adaptive choice, TransFusion and Theseus."""

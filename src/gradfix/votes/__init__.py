@@ -1,0 +1,12 @@
+"""Per-sample gradient sign votes of the target (GradFix step 1).
+
+- :mod:`~gradfix.votes.estimate`: :class:`SignVotes` and :func:`estimate_signs`;
+- engines: :mod:`~gradfix.votes.per_sample` (loop, vmap), :mod:`~gradfix.votes.hooks` (one
+  batched backward with per-layer rules from :mod:`~gradfix.votes.layers`);
+- :mod:`~gradfix.votes.native`: the C vote kernel;
+- :mod:`~gradfix.votes.distributed`: votes summed over processes.
+"""
+
+from gradfix.votes.estimate import ENGINES, ESTIMATORS, SignVotes, estimate_signs
+
+__all__ = ["ENGINES", "ESTIMATORS", "SignVotes", "estimate_signs"]
