@@ -21,11 +21,18 @@ class TensorDescent:
     kept: int
     flipped: int
     inner: float
+    nonzero: int = -1
+    """Non-zero coordinates of ``τ_A`` (``-1``: not counted, then every coordinate counts)."""
+
+    @property
+    def base_count(self) -> int:
+        """What the shares are of: ``τ_A``'s non-zero coordinates (all coordinates if not counted)."""
+        return self.nonzero if self.nonzero >= 0 else self.numel
 
     @property
     def kept_fraction(self) -> float:
-        """Share of coordinates whose update keeps ``τ_A``'s sign."""
-        return self.kept / self.numel if self.numel else 0.0
+        """Share of ``τ_A``'s non-zero coordinates that the update keeps with their sign."""
+        return self.kept / self.base_count if self.base_count else 0.0
 
 
 @dataclass(frozen=True)
@@ -46,15 +53,15 @@ class DescentReport:
 
     @property
     def kept_fraction(self) -> float:
-        """Share of all coordinates kept with ``τ_A``'s sign."""
-        numel = sum(t.numel for t in self.tensors)
-        return sum(t.kept for t in self.tensors) / numel if numel else 0.0
+        """Share of ``τ_A``'s non-zero coordinates that the update keeps with their sign."""
+        total = sum(t.base_count for t in self.tensors)
+        return sum(t.kept for t in self.tensors) / total if total else 0.0
 
     @property
     def flipped_fraction(self) -> float:
-        """Share of all coordinates whose sign was flipped (sign forcing, random signs)."""
-        numel = sum(t.numel for t in self.tensors)
-        return sum(t.flipped for t in self.tensors) / numel if numel else 0.0
+        """Share of ``τ_A``'s non-zero coordinates whose sign was flipped (sign forcing, random signs)."""
+        total = sum(t.base_count for t in self.tensors)
+        return sum(t.flipped for t in self.tensors) / total if total else 0.0
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready form (``gradfix.json``)."""
@@ -91,7 +98,8 @@ def descent_report(
     voting samples (from :class:`SignVotes`, or a given gradient mapping). ``update`` is the masked
     task vector before scaling by ``α``. A coordinate is *kept* where the update has ``τ_A``'s
     sign and *flipped* where it has the opposite sign (``source`` is ``τ_A``; without it, every
-    non-zero coordinate counts as kept). Tensors without a gradient contribute no inner product.
+    non-zero coordinate counts as kept); shares are of ``τ_A``'s non-zero coordinates. Tensors
+    without a gradient contribute no inner product.
     """
     grads = gradient.mean_gradient() if isinstance(gradient, SignVotes) else dict(gradient)
     rows = []
@@ -100,7 +108,8 @@ def descent_report(
         same = torch.sign(delta) * torch.sign(ref)
         g = grads.get(name)
         inner = float((g.double() * delta.double()).sum()) * alpha if g is not None else 0.0
-        rows.append(TensorDescent(name, delta.numel(), int((same > 0).sum()), int((same < 0).sum()), inner))
+        kept, flipped, nonzero = int((same > 0).sum()), int((same < 0).sum()), int(ref.ne(0).sum())
+        rows.append(TensorDescent(name, delta.numel(), kept, flipped, inner, nonzero))
     return DescentReport(rows, alpha)
 
 

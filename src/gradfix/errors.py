@@ -27,7 +27,7 @@ class DataError(GradfixError):
     """A data file is missing, empty or malformed, or a label is unknown."""
 
 
-class ConfigError(GradfixError):
+class ConfigError(GradfixError, ValueError):
     """A command-line option or configuration value is missing or invalid."""
 
 

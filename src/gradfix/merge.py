@@ -18,7 +18,7 @@ from torch import Tensor
 
 from gradfix.checks import check_same_architecture
 from gradfix.errors import ConfigError, MismatchError
-from gradfix.masking import MASK_CHOICES, Reference, mask_task_vector, reference_signs
+from gradfix.masking import MASK_CHOICES, ReferenceLike, mask_task_vector, reference_signs
 from gradfix.ops.merging import (
     ELECT_METHODS,
     check_density,
@@ -92,7 +92,7 @@ def merge_task_vectors(
 
 def mask_then_merge(
     task_vectors: Sequence[Mapping[str, Tensor]],
-    references: Sequence[Reference],
+    references: Sequence[ReferenceLike],
     *,
     mask: str = "agreement",
     method: str = "ties",
@@ -120,7 +120,7 @@ def mask_then_merge(
 
 def multi_source_merge(
     task_vectors: Sequence[Mapping[str, Tensor]],
-    reference: Reference,
+    reference: ReferenceLike,
     *,
     mask: str = "agreement",
     method: str = "ties",
@@ -141,7 +141,7 @@ def multi_source_merge(
 
 def merge_then_mask(
     task_vectors: Sequence[Mapping[str, Tensor]],
-    references: Sequence[Reference],
+    references: Sequence[ReferenceLike],
     *,
     mask: str = "agreement",
     method: str = "ties",
@@ -172,7 +172,7 @@ def merge_then_mask(
 
 
 def consensus_signs(
-    references: Sequence[Reference], shapes: Mapping[str, tuple[int, ...]] | None = None
+    references: Sequence[ReferenceLike], shapes: Mapping[str, tuple[int, ...]] | None = None
 ) -> dict[str, Tensor]:
     """Consensus reference ``ŝ_i = sign(Σ_t ŝ_i^t)`` per tensor, as int8 in {−1, 0, 1}.
 
@@ -251,7 +251,7 @@ def _check_merge_options(
 
 def _check_pipeline(
     task_vectors: Sequence[Mapping[str, Tensor]],
-    references: Sequence[Reference],
+    references: Sequence[ReferenceLike],
     mask: str,
     method: str,
     mask_options: Mapping[str, Any] | None,

@@ -15,7 +15,8 @@ without touching tensor data. PyTorch files are only ever loaded with
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -239,3 +240,28 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             # PyTorch files are memory-mapped and may share storage between tensors.
             result[name] = tensor.clone() if isinstance(shard, _TorchShard) else tensor
         return result
+
+
+SLICE_BYTES = 4 * 2**20
+"""Bytes of one row slice: what the streaming jobs hold of a tensor at a time."""
+
+
+def row_slices(
+    shape: Sequence[int], itemsize: int = 4, budget: int | None = SLICE_BYTES
+) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` row ranges of about ``budget`` bytes (a 0-d tensor is one slice).
+
+    ``budget=None`` gives the whole tensor as one slice (the in-memory paths).
+    """
+    if not shape:
+        yield 0, 1
+        return
+    if budget is None:
+        yield 0, shape[0]
+        return
+    row = max(1, math.prod(shape[1:]) * itemsize)
+    step = max(1, budget // row)
+    for start in range(0, shape[0], step):
+        yield start, min(shape[0], start + step)
+    if shape[0] == 0:
+        yield 0, 0

@@ -1,0 +1,172 @@
+"""What a mask compares ``τ_A`` against, read tensor by tensor in row slices.
+
+A reference is the target's sign votes (GradFix: in memory, in saved votes files, or both, added
+up) or a mapping of tensors (the oracle ``τ_B``, or plain sign tensors). Both give, for any rows
+of a tensor, a :class:`~gradfix.ops.masks.ReferenceRows` (sign, real values, vote margins) and,
+for votes, the mean gradient ``ḡ`` of those rows (the descent report's).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from gradfix.checks import FiniteCheck, check_same_architecture
+from gradfix.errors import CheckpointError, ConfigError
+from gradfix.io import CheckpointReader, open_checkpoint
+from gradfix.ops.masks import ReferenceRows
+from gradfix.ops.signs import majority_sign, mean_sign
+from gradfix.votes import SignVotes
+
+
+def _rows(t: Tensor, start: int, stop: int) -> Tensor:
+    return t if t.dim() == 0 else t[start:stop]
+
+
+def _as_sum(g: Tensor) -> Tensor:
+    """A gradient sum in float32 or float64 (half-precision sums are widened)."""
+    return g if g.dtype in (torch.float32, torch.float64) else g.float()
+
+
+class Reference(Protocol):
+    """Rows of a reference, tensor by tensor."""
+
+    def covers(self, name: str) -> bool:
+        """Whether the reference has ``name`` (for votes: and a sample gave it a gradient)."""
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor ``name``."""
+
+    def rows(self, name: str, start: int, stop: int) -> tuple[ReferenceRows, Tensor | None]:
+        """The reference of rows ``start:stop`` and their mean gradient ``ḡ`` (``None`` if not votes)."""
+
+
+class TensorReference:
+    """A mapping of tensors as a reference: the oracle ``τ_B`` or ``{name: sign tensor}``.
+
+    ``sign = sign(t)``, ``value = t`` (as float), ``margin = sign`` (a unanimous vote).
+    """
+
+    def __init__(self, tensors: Mapping[str, Tensor]):
+        self.tensors = tensors
+
+    def covers(self, name: str) -> bool:
+        """Whether ``name`` is in the mapping."""
+        return name in self.tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor ``name``."""
+        return tuple(self.tensors[name].shape)
+
+    def rows(self, name: str, start: int, stop: int) -> tuple[ReferenceRows, Tensor | None]:
+        """Sign, values and margins of rows ``start:stop``; no gradient."""
+        t = _rows(self.tensors[name], start, stop)
+        sign = torch.sign(t).to(torch.int8)
+        value = t if t.is_floating_point() else t.to(torch.float32)
+        return ReferenceRows(sign, value, sign.to(torch.float32)), None
+
+
+class VoteReference:
+    """Votes in memory and in saved votes files, added up, readable in row slices.
+
+    Files are read lazily (headers only until a slice is asked for). Every source must hold the
+    same tensors with the same shapes; ``estimator`` decides how a slice becomes a sign:
+    ``majority`` (the sign of the vote sums, Eq. 9) or ``mean`` (the sign of ``−Σ g``).
+    """
+
+    def __init__(
+        self, votes: Sequence[SignVotes], files: Sequence[str | Path] = (), estimator: str | None = None
+    ):
+        self.votes = list(votes)
+        self.readers: list[CheckpointReader] = []
+        self.estimator = estimator or (self.votes[0].estimator if self.votes else "majority")
+        self.num_samples = sum(v.num_samples for v in self.votes)
+        self.hits: dict[str, int] = {}
+        self.has_counts = all(bool(v.counts) for v in self.votes)
+        shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+        for i, v in enumerate(self.votes):
+            shapes[f"votes {i + 1}"] = {n: tuple(g.shape) for n, g in v.grad_sum.items()}
+            for n, h in v.hits.items():
+                self.hits[n] = self.hits.get(n, 0) + h
+        for path in files:
+            shapes[str(path)] = self._open(path)
+        if not shapes:
+            raise ConfigError("no votes were given")
+        check_same_architecture(shapes)
+        self.shapes = next(iter(shapes.values()))
+        if self.estimator == "majority" and not self.has_counts:
+            raise ConfigError("the majority estimator needs vote counts; these votes were taken with 'mean'")
+        self._finite = FiniteCheck()
+
+    def _open(self, path: str | Path) -> dict[str, tuple[int, ...]]:
+        reader = open_checkpoint(path)
+        self.readers.append(reader)
+        meta = reader.metadata()
+        if meta.get("gradfix_kind") != "gradfix.sign_votes":
+            raise CheckpointError(f"{path}: not a gradfix votes file (no gradfix_kind header)")
+        try:
+            self.num_samples += int(meta["num_samples"])
+            for n, h in json.loads(meta.get("hits", "{}")).items():
+                self.hits[n] = self.hits.get(n, 0) + int(h)
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{path}: votes header is malformed ({exc!r})") from exc
+        file_shapes = reader.shapes()
+        self.has_counts = self.has_counts and any(k.startswith("counts/") for k in file_shapes)
+        return {k[len("grad_sum/") :]: s for k, s in file_shapes.items() if k.startswith("grad_sum/")}
+
+    def covers(self, name: str) -> bool:
+        """Whether ``name`` was voted on and received a gradient from at least one sample."""
+        return name in self.shapes and self.hits.get(name, 0) > 0
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor ``name``."""
+        return self.shapes[name]
+
+    def sums(self, name: str, start: int, stop: int) -> tuple[Tensor | None, Tensor]:
+        """Summed vote counts (int32; ``None`` without counts) and gradient sums (float32) of some rows."""
+        counts: Tensor | None = None
+        grad: Tensor | None = None
+        for v in self.votes:
+            g = _as_sum(_rows(v.grad_sum[name], start, stop))
+            grad = g if grad is None else grad + g
+            if self.has_counts:
+                c = _rows(v.counts[name], start, stop).int()
+                counts = c if counts is None else counts + c
+        for reader in self.readers:
+            g = reader.rows(f"grad_sum/{name}", start, stop)
+            if not self._finite.check(reader.path, f"grad_sum/{name}", g):
+                self._finite.raise_if_any("the votes file is corrupted")
+            grad = _as_sum(g) if grad is None else grad + _as_sum(g)
+            if self.has_counts:
+                c = reader.rows(f"counts/{name}", start, stop).int()
+                counts = c if counts is None else counts + c
+        assert grad is not None
+        return counts, grad
+
+    def rows(self, name: str, start: int, stop: int) -> tuple[ReferenceRows, Tensor | None]:
+        """The estimate ``ŝ``, ``−ḡ``, the margins ``v / n`` of rows ``start:stop``, and ``ḡ``."""
+        counts, grad_sum = self.sums(name, start, stop)
+        gradient = grad_sum / max(self.num_samples, 1)
+        use_counts = self.estimator == "majority" and counts is not None
+        sign = majority_sign(counts) if use_counts else mean_sign(grad_sum)
+        margin = counts.float() / self.num_samples if counts is not None and self.num_samples else None
+        return ReferenceRows(sign, -gradient, margin), gradient
+
+    def close(self) -> None:
+        """Release the votes files."""
+        for reader in self.readers:
+            reader.close()
+
+
+def as_reference(reference: SignVotes | Mapping[str, Tensor] | Reference) -> Reference:
+    """A :class:`SignVotes` or a mapping of tensors as a :class:`Reference` (others pass through)."""
+    if isinstance(reference, SignVotes):
+        return VoteReference([reference], estimator=reference.estimator)
+    if isinstance(reference, Mapping):
+        return TensorReference(reference)
+    return reference

@@ -1,0 +1,91 @@
+"""Every setting of a job and its default, in one place.
+
+The Python API (:mod:`gradfix.jobs`) takes these dataclasses; the command line builds its options,
+help texts and defaults from them and validates the command line and ``--config`` YAML against
+their field types (:mod:`gradfix.cli.config`), so the two cannot disagree. Closed sets are
+``Literal`` types; the names of transport methods and masks are the keys of their registries
+(:mod:`gradfix.methods`, :mod:`gradfix.ops.masks`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Estimator = Literal["majority", "mean"]
+"""How votes become a sign: the majority vote (Eq. 9) or the sign of the mean gradient."""
+Engine = Literal["auto", "hooks", "vmap", "loop"]
+"""Per-sample gradient engines of :func:`gradfix.votes.estimate_signs`."""
+Unvoted = Literal["error", "drop", "keep"]
+"""What happens to a tensor of ``τ_A`` that received no vote."""
+Pipeline = Literal["plain", "mask-then-merge", "merge-then-mask"]
+"""How a merge combines GradFix masks with merging."""
+MergeMethod = Literal["ties", "task_arithmetic"]
+Elect = Literal["mass", "count"]
+TrimScope = Literal["tensor", "model"]
+Shots = int | Literal["all"]
+Alpha = float | Literal["auto"]
+
+DEFAULT_RECIPE = "text-zero-shot"
+DEFAULT_SHARD_BYTES = 2 * 2**30
+"""Largest weight file of an output (2 GiB), for the API, the command line and the writer."""
+DEFAULT_SHARD_SIZE = "2GiB"
+""":data:`DEFAULT_SHARD_BYTES` as the command line writes it."""
+DEFAULT_GAMMA = 1.0
+DEFAULT_THRESHOLD = 0.3
+"""Threshold of ``--mask gate`` when none is given."""
+DEFAULT_ALPHA = 1.0
+"""α of the methods that do not choose it."""
+DEFAULT_METHOD = "adaptive"
+"""The transport method of the command line and of :func:`gradfix.jobs.transport_checkpoints`."""
+
+
+@dataclass
+class VoteSettings:
+    """How the target votes: recipe, data, shots and estimator."""
+
+    recipe: str = DEFAULT_RECIPE
+    data: str | None = None
+    shots: Shots = 2  # or "all": every example of the file, in file order
+    seed: int = 0
+    estimator: Estimator = "majority"
+    engine: Engine = "auto"
+    template: str | None = None
+    batch_size: int = 8
+    max_length: int = 128
+    progress: bool = True
+
+
+@dataclass
+class MaskSettings:
+    """How ``τ_A`` is masked and scaled.
+
+    ``mask`` and ``alpha`` left as ``None`` take the method's defaults (see
+    :mod:`gradfix.methods`); ``alpha="auto"`` chooses α. ``thresholds`` and ``alphas`` are the
+    candidate grids of that choice (``None``: :data:`gradfix.methods.autotune.DEFAULT_THRESHOLDS`
+    and :data:`~gradfix.methods.autotune.DEFAULT_ALPHAS`), ``validation`` a labelled data file to
+    score the candidates on (otherwise they are cross-validated on the shots).
+    """
+
+    mask: str | None = None
+    alpha: Alpha | None = None
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    unvoted: Unvoted = "error"
+    gamma: float = DEFAULT_GAMMA
+    threshold: float | None = None
+    thresholds: list[float | str] | None = None
+    alphas: list[float] | None = None
+    validation: str | None = None
+
+
+@dataclass
+class MergeSettings:
+    """How task vectors are merged (``gradfix merge``)."""
+
+    method: MergeMethod = "ties"
+    pipeline: Pipeline = "plain"
+    density: float = 0.2
+    elect: Elect = "mass"
+    trim_scope: TrimScope = "tensor"
+    weights: list[float] | None = None
