@@ -15,7 +15,6 @@ from safetensors.torch import save_file
 from gradfix.errors import CheckpointError, ConfigError
 from gradfix.io import (
     CheckpointReader,
-    ShardedWriter,
     atomic_output_dir,
     check_output_not_input,
     copy_model_files,
@@ -107,33 +106,6 @@ def test_sharded_writer_round_trip(tmp_path: Path) -> None:
     _assert_same(load_state_dict(tmp_path), sd)
     # The index file itself is also accepted.
     _assert_same(load_state_dict(tmp_path / "model.safetensors.index.json"), sd)
-
-
-def test_writer_oversized_tensor_gets_own_shard(tmp_path: Path) -> None:
-    with ShardedWriter(tmp_path, max_shard_bytes=100) as writer:
-        writer.add("small1", torch.zeros(5))
-        writer.add("big", torch.zeros(100))
-        writer.add("small2", torch.zeros(5))
-    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    shards = index["weight_map"]
-    assert shards["big"] not in (shards["small1"], shards["small2"])
-    assert len(writer.close()) == 3
-
-
-def test_writer_duplicates_views_and_shared_storage(tmp_path: Path) -> None:
-    base = torch.arange(20, dtype=torch.float32).reshape(4, 5).requires_grad_()
-    writer = ShardedWriter(tmp_path)
-    writer.add("w", base)
-    writer.add("tied", base)  # same storage as "w"
-    writer.add("rows", base[1:3])  # view into a larger storage
-    writer.add("t", base.t())  # not contiguous
-    with pytest.raises(ValueError, match="'w'"):
-        writer.add("w", torch.zeros(1))
-    writer.close()
-    loaded = load_state_dict(tmp_path)
-    assert torch.equal(loaded["tied"], base.detach())
-    assert torch.equal(loaded["rows"], base.detach()[1:3])
-    assert torch.equal(loaded["t"], base.detach().t())
 
 
 def test_torch_bin_file_and_folder(tmp_path: Path) -> None:
@@ -393,13 +365,12 @@ def test_atomic_output_dir_existing_dest(tmp_path: Path) -> None:
 
 def test_atomic_output_dir_with_sharded_writer(tmp_path: Path) -> None:
     dest = tmp_path / "model"
-    with pytest.raises(KeyError), atomic_output_dir(dest) as tmp, ShardedWriter(tmp, 8) as writer:
-        writer.add("a", torch.ones(4))
+    with pytest.raises(KeyError), atomic_output_dir(dest) as tmp:
+        save_state_dict({"a": torch.ones(4), "b": torch.ones(4)}, tmp, max_shard_bytes=8)
         raise KeyError("stop")
     assert list(tmp_path.iterdir()) == []
-    with atomic_output_dir(dest) as tmp, ShardedWriter(tmp, 8) as writer:
-        writer.add("a", torch.ones(4))
-        writer.add("b", torch.ones(4))
+    with atomic_output_dir(dest) as tmp:
+        save_state_dict({"a": torch.ones(4), "b": torch.ones(4)}, tmp, max_shard_bytes=8)
     assert load_state_dict(dest).keys() == {"a", "b"}
 
 

@@ -1,6 +1,12 @@
 """Safetensors written as a stream: header first (from the known names, dtypes and shapes), then
 each tensor's bytes in order, possibly in row chunks, so that memory never holds a whole shard,
 nor even a whole tensor.
+
+This is gradfix's one safetensors writer: :func:`plan_shards` splits the tensors into shards,
+:func:`shard_file_names` names them the Hugging Face way, :class:`StreamingSafetensorsFile`
+writes one file (header metadata sorted by key) and :class:`StreamingShardedWriter` writes the
+shards and ``model.safetensors.index.json``. :func:`gradfix.io.save_state_dict` feeds it a
+state dict held in memory.
 """
 
 from __future__ import annotations
@@ -16,6 +22,12 @@ from typing import BinaryIO
 import torch
 
 from gradfix.errors import OutputError
+from gradfix.settings import DEFAULT_SHARD_BYTES
+
+SINGLE_FILE_NAME = "model.safetensors"
+"""The weight file of an output that fits in one shard."""
+INDEX_FILE_NAME = "model.safetensors.index.json"
+"""The index of a sharded output (``weight_map``: tensor name → shard file)."""
 
 _DTYPES = {
     torch.float64: "F64",
@@ -32,6 +44,15 @@ _DTYPES = {
 if hasattr(torch, "float8_e4m3fn"):
     _DTYPES[torch.float8_e4m3fn] = "F8_E4M3"
     _DTYPES[torch.float8_e5m2] = "F8_E5M2"
+_ELEMENT_SIZES: dict[torch.dtype, int] = {}
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    """Bytes per element of ``dtype`` (looked up once per dtype)."""
+    size = _ELEMENT_SIZES.get(dtype)
+    if size is None:
+        size = _ELEMENT_SIZES[dtype] = torch.empty((), dtype=dtype).element_size()
+    return size
 
 
 @dataclass(frozen=True)
@@ -45,7 +66,7 @@ class TensorPlan:
     @property
     def nbytes(self) -> int:
         """Size of its data in bytes."""
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * _element_size(self.dtype)
 
 
 def plan_shards(tensors: Sequence[TensorPlan], max_shard_bytes: int) -> list[list[TensorPlan]]:
@@ -53,12 +74,33 @@ def plan_shards(tensors: Sequence[TensorPlan], max_shard_bytes: int) -> list[lis
     shards: list[list[TensorPlan]] = [[]]
     size = 0
     for t in tensors:
-        if shards[-1] and size + t.nbytes > max_shard_bytes:
+        nbytes = t.nbytes
+        if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(t)
-        size += t.nbytes
+        size += nbytes
     return shards if shards[0] else []
+
+
+def shard_file_names(count: int) -> list[str]:
+    """File names of ``count`` shards: ``model.safetensors`` alone, else ``model-0000i-of-0000n``."""
+    if count == 1:
+        return [SINGLE_FILE_NAME]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def check_plan(tensors: Sequence[TensorPlan]) -> None:
+    """Raise ``ValueError`` for an empty or repeated tensor name or a dtype safetensors cannot hold."""
+    seen: set[str] = set()
+    for t in tensors:
+        if not isinstance(t.name, str) or not t.name:
+            raise ValueError(f"tensor name must be a non-empty string, got {t.name!r}")
+        if t.name in seen:
+            raise ValueError(f"tensor '{t.name}' is planned twice")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{t.name}: dtype {t.dtype} cannot be written to safetensors")
+        seen.add(t.name)
 
 
 class StreamingSafetensorsFile:
@@ -66,22 +108,30 @@ class StreamingSafetensorsFile:
 
     Call :meth:`write` with each tensor's data in plan order; a tensor may come in several
     row-major chunks. :meth:`close` checks that every byte announced in the header was written.
+    The header's ``__metadata__`` is ``{"format": "pt", **metadata}`` with its keys sorted, so the
+    same tensors and metadata always give the same bytes.
     """
 
     def __init__(self, path: Path, tensors: Sequence[TensorPlan], metadata: Mapping[str, str] | None = None):
+        """Create ``path`` and write its header; the data of ``tensors`` follows through :meth:`write`."""
         self.path = Path(path)
         self.tensors = list(tensors)
-        header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+        meta = {"format": "pt", **(metadata or {})}
+        header: dict[str, object] = {"__metadata__": dict(sorted(meta.items()))}
+        self._sizes: list[int] = []
         offset = 0
         for t in self.tensors:
             if t.dtype not in _DTYPES:
                 raise ValueError(f"{t.name}: dtype {t.dtype} cannot be written to safetensors")
+            nbytes = t.nbytes
             header[t.name] = {
                 "dtype": _DTYPES[t.dtype],
                 "shape": list(t.shape),
-                "data_offsets": [offset, offset + t.nbytes],
+                "data_offsets": [offset, offset + nbytes],
             }
-            offset += t.nbytes
+            self._sizes.append(nbytes)
+            offset += nbytes
+        self._names = frozenset(t.name for t in self.tensors)
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self._file: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed in close()
@@ -93,7 +143,7 @@ class StreamingSafetensorsFile:
 
     def write(self, name: str, data: torch.Tensor) -> None:
         """Append (part of) tensor ``name``'s data, in row-major order, in its planned dtype."""
-        if data.numel() == 0 and any(t.name == name for t in self.tensors):
+        if data.numel() == 0 and name in self._names:
             return  # nothing to write (empty tensors, or an empty chunk)
         if self._index >= len(self.tensors):
             raise ValueError(f"{self.path}: {name} was not planned for this file")
@@ -106,15 +156,17 @@ class StreamingSafetensorsFile:
         if chunk.numel():
             self._file.write(chunk.view(torch.uint8).numpy().tobytes())
         self._written += chunk.numel() * chunk.element_size()
-        if self._written > current.nbytes:
+        size = self._sizes[self._index]
+        if self._written > size:
             raise ValueError(f"{name}: more data than its shape {list(current.shape)} holds")
-        if self._written == current.nbytes:
+        if self._written == size:
             self._index += 1
             self._written = 0
             self._skip_empty()
 
     def _skip_empty(self) -> None:
-        while self._index < len(self.tensors) and self.tensors[self._index].nbytes == 0:
+        """Move past the zero-size tensors that come next (each is passed over once)."""
+        while self._index < len(self._sizes) and self._sizes[self._index] == 0:
             self._index += 1
 
     @property
@@ -134,23 +186,33 @@ class StreamingSafetensorsFile:
 
 
 class StreamingShardedWriter:
-    """Sharded safetensors output from a plan: ``model.safetensors`` or HF-named shards + index."""
+    """Sharded safetensors output from a plan: ``model.safetensors`` or HF-named shards + index.
+
+    The plan is split by :func:`plan_shards` into shards of at most ``max_shard_bytes`` (a larger
+    tensor gets a shard of its own); :meth:`write` takes each tensor's data in plan order, whole
+    or in row chunks, and :meth:`close` finishes the files. Every file's header metadata is
+    ``{"format": "pt", **metadata}``, sorted by key.
+    """
 
     def __init__(
         self,
-        out_dir: Path,
+        out_dir: str | Path,
         tensors: Sequence[TensorPlan],
-        max_shard_bytes: int,
+        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
         metadata: Mapping[str, str] | None = None,
     ):
+        """Plan the shards of ``tensors`` in ``out_dir`` (an existing folder); nothing is written yet."""
+        if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int):
+            raise TypeError(f"max_shard_bytes must be an int, got {type(max_shard_bytes).__name__}")
+        if max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        for key, value in (metadata or {}).items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise TypeError(f"metadata must map str to str; got {key!r}: {value!r}")
+        check_plan(tensors)
         self.out_dir = Path(out_dir)
         self.shards = plan_shards(tensors, max_shard_bytes) or [[]]
-        count = len(self.shards)
-        self.names = (
-            ["model.safetensors"]
-            if count == 1
-            else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-        )
+        self.names = shard_file_names(len(self.shards))
         self._shard_of = {t.name: i for i, shard in enumerate(self.shards) for t in shard}
         self.metadata = metadata
         self._open: StreamingSafetensorsFile | None = None
@@ -186,6 +248,7 @@ class StreamingShardedWriter:
             raise OutputError(f"cannot finish the weight files ({exc.strerror or exc})") from exc
 
     def _finish(self) -> list[Path]:
+        """Close the open shard, write the shards never opened (all-empty ones) and the index."""
         for index in range(max(self._open_index, 0), len(self.shards)):
             if index == self._open_index and self._open is not None:
                 self._open.close()
@@ -198,7 +261,7 @@ class StreamingShardedWriter:
         if len(self.shards) > 1:
             weight_map = {t.name: self.names[i] for i, shard in enumerate(self.shards) for t in shard}
             total = sum(t.nbytes for shard in self.shards for t in shard)
-            index_file = self.out_dir / "model.safetensors.index.json"
+            index_file = self.out_dir / INDEX_FILE_NAME
             index_file.write_text(
                 json.dumps(
                     {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True

@@ -1,4 +1,9 @@
-"""Writing checkpoints: sharded safetensors output with sorted headers, hashing, copying model files."""
+"""Writing checkpoints: in-memory state dicts to sharded safetensors, hashing, copying model files.
+
+:func:`save_state_dict` is a thin front to :class:`gradfix.io.streaming.StreamingShardedWriter`,
+which alone plans, names and indexes the shards. :func:`sort_safetensors_metadata` puts in order
+the header of a file written by ``safetensors`` itself (votes files, zero-shot heads).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,10 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from types import TracebackType
 
 import torch
-from safetensors.torch import save_file
 
 try:
     from safetensors import SafetensorError
@@ -20,12 +23,11 @@ except ImportError:  # older safetensors releases
     from safetensors._safetensors_rust import SafetensorError
 
 from gradfix.errors import CheckpointError, ConfigError, OutputError
+from gradfix.io.streaming import StreamingShardedWriter, TensorPlan
+from gradfix.settings import DEFAULT_SHARD_BYTES
 
-DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
 WRITE_ERRORS = (OSError, SafetensorError)
 """Exception types a failed write can raise (``save_file`` reports a full disk as SafetensorError)."""
-SINGLE_FILE_NAME = "model.safetensors"
-INDEX_FILE_NAME = "model.safetensors.index.json"
 
 # Files that copy_model_files leaves behind: weights in any common format, shard indexes and
 # gradfix's own provenance record.
@@ -60,169 +62,58 @@ def sort_safetensors_metadata(path: str | Path) -> None:
         handle.write(text + b" " * (length - len(text)))
 
 
-class ShardedWriter:
-    """Stream tensors into safetensors shards, holding at most one shard in memory.
+_CHUNK_BYTES = 64 * 2**20
+"""Largest slice of a tensor that :func:`save_state_dict` copies (to the CPU, to bytes) at a time."""
 
-    Tensors are buffered until adding the next one would push the buffer past
-    ``max_shard_bytes``; the buffer is then written out as one shard. A tensor larger than
-    the limit gets a shard of its own. ``close`` names the result the way Hugging Face does:
-    ``model.safetensors`` for a single shard, otherwise ``model-0000i-of-0000n.safetensors``
-    plus ``model.safetensors.index.json``. Every file's header metadata is
-    ``{"format": "pt", **metadata}``.
-    """
 
-    def __init__(
-        self,
-        out_dir: str | Path,
-        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-        metadata: Mapping[str, str] | None = None,
-    ) -> None:
-        """Prepare to write into ``out_dir`` (created if missing)."""
-        if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int):
-            raise TypeError(f"max_shard_bytes must be an int, got {type(max_shard_bytes).__name__}")
-        if max_shard_bytes <= 0:
-            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-        for key, value in (metadata or {}).items():
-            if not isinstance(key, str) or not isinstance(value, str):
-                raise TypeError(f"metadata must map str to str; got {key!r}: {value!r}")
-        self.out_dir = Path(out_dir)
-        self.max_shard_bytes = max_shard_bytes
-        self.metadata: dict[str, str] = {"format": "pt", **(metadata or {})}
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
-        self._buffer_storages: set[int] = set()
-        self._shard_of: dict[str, int] = {}
-        self._parts: list[Path] = []
-        self._total_bytes = 0
-        self._closed = False
-        self._result: list[Path] = []
-
-    def __len__(self) -> int:
-        """Number of tensors added so far."""
-        return len(self._shard_of) + len(self._buffer)
-
-    def _prepare(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Detached, contiguous CPU tensor that shares no storage with the buffer."""
-        if tensor.layout != torch.strided:
-            raise ValueError(f"tensor '{name}': only dense tensors can be saved ({tensor.layout})")
-        out = tensor.detach()
-        if out.device.type != "cpu":
-            return out.to("cpu").contiguous()
-        if not out.is_contiguous():
-            return out.contiguous()
-        storage = out.untyped_storage()
-        nbytes = out.numel() * out.element_size()
-        shared = storage.data_ptr() in self._buffer_storages
-        if shared or out.storage_offset() != 0 or storage.nbytes() != nbytes:
-            out = out.clone()
-        return out
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor for writing; may write a shard to disk. Duplicate name: ValueError."""
-        if self._closed:
-            raise ValueError(f"{self.out_dir}: writer is already closed")
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"tensor name must be a non-empty string, got {name!r}")
-        if not isinstance(tensor, torch.Tensor):
-            kind = type(tensor).__name__
-            raise TypeError(f"tensor '{name}': expected a torch.Tensor, got {kind}")
-        if name in self._buffer or name in self._shard_of:
-            raise ValueError(f"tensor '{name}' was added twice")
-        prepared = self._prepare(name, tensor)
-        nbytes = prepared.numel() * prepared.element_size()
-        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._buffer[name] = prepared
-        self._buffer_bytes += nbytes
-        if nbytes:
-            self._buffer_storages.add(prepared.untyped_storage().data_ptr())
-        if self._buffer_bytes >= self.max_shard_bytes:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._buffer:
-            return
-        index = len(self._parts)
-        part = self.out_dir / f".shard-{index + 1:05d}.safetensors.partial"
-        try:
-            save_file(self._buffer, str(part), metadata=self.metadata)
-            sort_safetensors_metadata(part)
-        except WRITE_ERRORS as exc:
-            raise OutputError(f"cannot write weight shard {index + 1} ({os_reason(exc)})") from exc
-        self._parts.append(part)
-        for name in self._buffer:
-            self._shard_of[name] = index
-        self._total_bytes += self._buffer_bytes
-        self._buffer = {}
-        self._buffer_bytes = 0
-        self._buffer_storages = set()
-
-    def close(self) -> list[Path]:
-        """Write what is buffered, give the shards their final names and return their paths.
-
-        With no shard written yet (nothing added), an empty ``model.safetensors`` is written.
-        Calling ``close`` again returns the same list.
-        """
-        if self._closed:
-            return list(self._result)
-        try:
-            self._finish()
-        except WRITE_ERRORS as exc:
-            raise OutputError(f"cannot finish the weight files ({os_reason(exc)})") from exc
-        self._closed = True
-        return list(self._result)
-
-    def _finish(self) -> None:
-        """Flush the buffer and give the shards their final names (and an index if several)."""
-        self._flush()
-        if not self._parts:
-            save_file({}, str(self.out_dir / SINGLE_FILE_NAME), metadata=self.metadata)
-            sort_safetensors_metadata(self.out_dir / SINGLE_FILE_NAME)
-            self._result = [self.out_dir / SINGLE_FILE_NAME]
-        elif len(self._parts) == 1:
-            final = self.out_dir / SINGLE_FILE_NAME
-            os.replace(self._parts[0], final)
-            self._result = [final]
-        else:
-            count = len(self._parts)
-            finals = [self.out_dir / f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-            for part, final in zip(self._parts, finals, strict=True):
-                os.replace(part, final)
-            weight_map = {name: finals[i].name for name, i in sorted(self._shard_of.items())}
-            index = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
-            text = json.dumps(index, indent=2) + "\n"
-            (self.out_dir / INDEX_FILE_NAME).write_text(text, encoding="utf-8")
-            self._result = finals
-
-    def __enter__(self) -> ShardedWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            # Leave partial files for the caller's atomic output folder to discard.
-            self._buffer = {}
-            self._buffer_storages = set()
-            self._closed = True
+def _row_chunks(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Detached CPU slices of ``tensor`` along its first dimension, about ``_CHUNK_BYTES`` each."""
+    data = tensor.detach()
+    if data.dim() == 0 or data.numel() == 0:
+        yield data.to("cpu")
+        return
+    row_bytes = max(1, data[0].numel() * data.element_size())
+    step = max(1, _CHUNK_BYTES // row_bytes)
+    for start in range(0, data.shape[0], step):
+        yield data[start : start + step].to("cpu")
 
 
 def save_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     out_dir: str | Path,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     metadata: Mapping[str, str] | None = None,
 ) -> list[Path]:
-    """Write ``state_dict`` into ``out_dir`` as (possibly sharded) safetensors files."""
-    writer = ShardedWriter(out_dir, max_shard_bytes=max_shard_bytes, metadata=metadata)
+    """Write ``state_dict`` into ``out_dir`` (created if missing) as Hugging Face safetensors.
+
+    The tensors, in the mapping's order, go through :class:`StreamingShardedWriter`: shards of at
+    most ``max_shard_bytes`` (a larger tensor alone), named ``model.safetensors`` when there is
+    one and ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json`` otherwise;
+    every header's metadata is ``{"format": "pt", **metadata}``, sorted. The files are
+    byte-identical to what the streaming writer gives for the same plan and data. Tensors may live
+    on any device, be views, non-contiguous or share storage; each is copied to the CPU in
+    slices of at most 64 MiB. Returns the weight files in shard order.
+    """
+    plan = []
     for name, tensor in state_dict.items():
-        writer.add(name, tensor)
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"tensor '{name}': expected a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.layout != torch.strided:
+            raise ValueError(f"tensor '{name}': only dense tensors can be saved ({tensor.layout})")
+        plan.append(TensorPlan(name, tensor.dtype, tuple(tensor.shape)))
+    out = Path(out_dir)
+    writer = StreamingShardedWriter(out, plan, max_shard_bytes, metadata)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot create the output folder ({os_reason(exc)})") from exc
+    try:
+        for name, tensor in state_dict.items():
+            for chunk in _row_chunks(tensor):
+                writer.write(name, chunk)
+    except BaseException:
+        writer.abort()  # partial files are left for the caller's atomic output folder to discard
+        raise
     return writer.close()
 
 
