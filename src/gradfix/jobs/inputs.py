@@ -4,7 +4,7 @@
   unless ``overwrite``;
 - checkpoints: the tensors of ``τ`` must exist with the same shapes in every model (one error lists
   every difference), and ``τ`` must not be all zeros;
-- votes files: present, readable, finite and of one architecture;
+- votes files: present, readable, finite and of one architecture (:mod:`gradfix.votes.file`);
 - labels: the data's labels must be known to the target when it has a fixed label set (a saved
   zero-shot head, or a classifier config with named labels);
 - provenance: ``input_record`` gives the sha256 of every file an input contributes.
@@ -20,8 +20,8 @@ from typing import Any
 
 from torch import Tensor
 
-from gradfix.checks import FiniteCheck, check_same_architecture
-from gradfix.errors import CheckpointError, ConfigError, GradfixError, MismatchError
+from gradfix.checks import check_same_architecture
+from gradfix.errors import CheckpointError, ConfigError, MismatchError
 from gradfix.io import (
     check_output_free,
     check_output_not_input,
@@ -29,7 +29,9 @@ from gradfix.io import (
     open_checkpoint,
     sha256_file,
 )
-from gradfix.votes import SignVotes
+from gradfix.votes.file import check_votes_files as check_votes_files  # re-exported
+from gradfix.votes.file import load_votes as load_votes
+from gradfix.votes.file import validate_votes_files as validate_votes_files
 
 HEAD_FILE = "zero_shot_head.safetensors"
 _GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
@@ -115,92 +117,6 @@ def check_checkpoints(models: Mapping[str, Any], names: Sequence[str], selected_
         raise MismatchError(
             f"{len(problems)} tensor(s) of the task vector are not floating point: "
             f"{'; '.join(problems[:10])}{more}; exclude them with --exclude"
-        )
-
-
-def _shapes(tensors: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
-    return {n: tuple(t.shape) for n, t in tensors.items()}
-
-
-def check_votes_files(paths: Sequence[str | Path]) -> None:
-    """Raise if a votes file is missing, or given twice (its votes would count double)."""
-    seen: set[Path] = set()
-    for given in paths:
-        path = Path(given)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: votes file not found")
-        if path.resolve() in seen:
-            raise ConfigError(f"{path}: votes file given twice (--votes-in); its votes would count double")
-        seen.add(path.resolve())
-
-
-def load_votes(paths: Sequence[str | Path], tau_shapes: Mapping[str, tuple[int, ...]]) -> list[SignVotes]:
-    """Read saved votes files, each checked for NaN/Inf and against ``τ``'s tensor shapes.
-
-    Every file must be present and readable, hold finite gradient sums, and cover the same
-    tensors with the same shapes as the others and as ``τ`` (one error lists every difference).
-    """
-    check_votes_files(paths)
-    loaded: dict[str, SignVotes] = {}
-    finite = FiniteCheck()
-    for given in paths:
-        path = Path(given)
-        try:
-            votes = SignVotes.load(path)
-        except GradfixError:
-            raise
-        except (KeyError, ValueError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{path}: not a valid gradfix votes file ({exc!r})") from exc
-        for name, tensor in votes.grad_sum.items():
-            finite.check(path, name, tensor)
-        loaded[str(path)] = votes
-    finite.raise_if_any("the votes file is corrupted")
-    if loaded:
-        models = {label: _shapes(v.grad_sum) for label, v in loaded.items()}
-        check_same_architecture(models)
-        first = next(iter(models.values()))
-        shared = [n for n in first if n in tau_shapes]
-        check_same_architecture(
-            {"votes files": {n: first[n] for n in shared}, "task vector": dict(tau_shapes)}, shared
-        )
-    return list(loaded.values())
-
-
-def validate_votes_files(paths: Sequence[str | Path], tau_shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """Check saved votes files without loading them: headers, shapes, and finite gradient sums.
-
-    The same checks as :func:`load_votes` (one error per kind of problem, naming the file and the
-    tensors), reading the gradient sums slice by slice so that memory stays bounded.
-    """
-    from gradfix.jobs.apply import row_slices
-
-    check_votes_files(paths)
-    finite = FiniteCheck()
-    models: dict[str, dict[str, tuple[int, ...]]] = {}
-    for given in paths:
-        path = Path(given)
-        with open_checkpoint(path) as reader:
-            meta = reader.metadata()
-            try:
-                if meta.get("gradfix_kind") != "gradfix.sign_votes":
-                    raise ValueError("no gradfix_kind header")
-                int(meta["num_samples"])
-                json.loads(meta.get("hits", "{}")).items()
-            except (KeyError, ValueError, TypeError, AttributeError) as exc:
-                raise CheckpointError(f"{path}: not a valid gradfix votes file ({exc!r})") from exc
-            shapes = reader.shapes()
-            grads = {k[len("grad_sum/") :]: s for k, s in shapes.items() if k.startswith("grad_sum/")}
-            models[str(path)] = grads
-            for name, shape in grads.items():
-                for start, stop in row_slices(shape):
-                    finite.check(path, name, reader.rows(f"grad_sum/{name}", start, stop))
-    finite.raise_if_any("the votes file is corrupted")
-    if models:
-        check_same_architecture(models)
-        first = next(iter(models.values()))
-        shared = [n for n in first if n in tau_shapes]
-        check_same_architecture(
-            {"votes files": {n: first[n] for n in shared}, "task vector": dict(tau_shapes)}, shared
         )
 
 

@@ -3,6 +3,7 @@
 - :mod:`~gradfix.votes.estimate`: :class:`SignVotes` and :func:`estimate_signs`;
 - engines: :mod:`~gradfix.votes.per_sample` (loop, vmap), :mod:`~gradfix.votes.hooks` (one
   batched backward with per-layer rules from :mod:`~gradfix.votes.layers`);
+- :mod:`~gradfix.votes.file`: the votes file (write, read, validate);
 - :mod:`~gradfix.votes.native`: the C vote kernel;
 - :mod:`~gradfix.votes.distributed`: votes summed over processes.
 """

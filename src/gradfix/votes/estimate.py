@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from gradfix.checks import check_same_architecture
-from gradfix.errors import CheckpointError, ConfigError, GradfixError
+from gradfix.errors import ConfigError, GradfixError
 from gradfix.ops.signs import count_dtype, majority_sign, mean_sign
+from gradfix.settings import Engine, Estimator
 from gradfix.votes import native
+from gradfix.votes.file import read_votes, write_votes
 from gradfix.votes.hooks import hook_gradients, hooked_parameters, outside_use
 from gradfix.votes.per_sample import (
     LossFn,
@@ -31,9 +31,10 @@ from gradfix.votes.per_sample import (
 
 log = logging.getLogger(__name__)
 
-ESTIMATORS = ("majority", "mean")
-ENGINES = ("auto", "hooks", "vmap", "loop")
-_KIND = "gradfix.sign_votes"
+ESTIMATORS: tuple[Estimator, ...] = get_args(Estimator)
+"""The estimators, ``("majority", "mean")``."""
+ENGINES: tuple[Engine, ...] = get_args(Engine)
+"""The per-sample engines, ``("auto", "hooks", "vmap", "loop")``."""
 
 
 @dataclass
@@ -53,7 +54,7 @@ class SignVotes:
     counts: dict[str, Tensor]
     grad_sum: dict[str, Tensor]
     num_samples: int
-    estimator: str = "majority"
+    estimator: Estimator = "majority"
     hits: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -63,7 +64,7 @@ class SignVotes:
             raise ConfigError("the majority estimator needs vote counts for every tensor")
 
     @classmethod
-    def zeros(cls, params: Mapping[str, Tensor], estimator: str = "majority") -> SignVotes:
+    def zeros(cls, params: Mapping[str, Tensor], estimator: Estimator = "majority") -> SignVotes:
         """No votes yet on ``params`` (zero counts and sums over zero samples)."""
         counts = (
             {n: torch.zeros(p.shape, dtype=torch.int8) for n, p in params.items()}
@@ -92,7 +93,7 @@ class SignVotes:
         """Tensors that received no non-zero gradient from any sample (they cast no vote)."""
         return [n for n in self.grad_sum if self.hits.get(n, 0) == 0]
 
-    def with_estimator(self, estimator: str) -> SignVotes:
+    def with_estimator(self, estimator: Estimator) -> SignVotes:
         """The same evidence read with another estimator (``mean`` is always available)."""
         return SignVotes(self.counts, self.grad_sum, self.num_samples, estimator, self.hits)
 
@@ -117,41 +118,16 @@ class SignVotes:
         )
 
     def save(self, path: str | Path) -> Path:
-        """Write the votes to one safetensors file, so that a long vote can be resumed or split."""
-        path = Path(path)
-        tensors = {f"grad_sum/{n}": g.contiguous() for n, g in self.grad_sum.items()}
-        tensors.update({f"counts/{n}": c.contiguous() for n, c in self.counts.items()})
-        meta = {
-            "format": "pt",
-            "gradfix_kind": _KIND,
-            "num_samples": str(self.num_samples),
-            "estimator": self.estimator,
-            "hits": json.dumps(self.hits),
-        }
-        save_file(tensors, str(path), metadata=meta)
-        return path
+        """Write the votes to one safetensors file, so that a long vote can be resumed or split.
+
+        The format is that of :mod:`gradfix.votes.file`.
+        """
+        return write_votes(self, path)
 
     @classmethod
     def load(cls, path: str | Path) -> SignVotes:
-        """Read votes written by :meth:`save`."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path))
-        except Exception as exc:
-            raise CheckpointError(f"{path}: not a readable votes file ({exc})") from exc
-        if meta.get("gradfix_kind") != _KIND:
-            raise CheckpointError(f"{path}: not a gradfix votes file (no gradfix_kind={_KIND} header)")
-        return cls(
-            counts={k[len("counts/") :]: v for k, v in tensors.items() if k.startswith("counts/")},
-            grad_sum={k[len("grad_sum/") :]: v for k, v in tensors.items() if k.startswith("grad_sum/")},
-            num_samples=int(meta["num_samples"]),
-            estimator=meta["estimator"],
-            hits={k: int(v) for k, v in json.loads(meta.get("hits", "{}")).items()},
-        )
+        """Read votes written by :meth:`save` (checked by :func:`gradfix.votes.file.read_votes_header`)."""
+        return read_votes(path)
 
 
 def _shapes(tensors: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
@@ -223,7 +199,7 @@ class _Accumulator:
             self.grad_sum[name] += grad.detach().to(self.grad_sum[name].dtype)
             self.hits[name] += samples if bool(grad.ne(0).any()) else 0
 
-    def result(self, estimator: str) -> SignVotes:
+    def result(self, estimator: Estimator) -> SignVotes:
         dtype = count_dtype(self.n)
         counts = {k: v.to(device="cpu", dtype=dtype) for k, v in self.counts.all().items()}
         grad_sum = {k: v.cpu() for k, v in self.grad_sum.all().items()}
@@ -265,9 +241,9 @@ def estimate_signs(
     model: nn.Module,
     batches: Iterable[Any],
     loss_fn: LossFn,
-    estimator: str = "majority",
+    estimator: Estimator = "majority",
     *,
-    engine: str = "auto",
+    engine: Engine = "auto",
     chunk_size: int = 8,
     progress: bool = True,
 ) -> SignVotes:
@@ -326,7 +302,7 @@ class _Runner:
         params: dict[str, Tensor],
         loss_fn: LossFn,
         acc: _Accumulator,
-        engine: str,
+        engine: Engine,
         chunk_size: int,
     ):
         self.model, self.params, self.loss_fn, self.acc = model, params, loss_fn, acc

@@ -1,9 +1,10 @@
 """The ``hooks`` engine: per-sample gradients from one batched forward and backward.
 
 Forward hooks record each covered module's input and output; during the backward, a hook on each
-recorded output passes its gradient to :mod:`gradfix.votes.layers`, which forms that module's
-per-sample parameter gradients (``∂ℓ_b/∂W = Σ_t δ_{b,t} x_{b,t}ᵀ`` for a linear layer) and hands
-them to the sink, layer by layer, while the backward goes on.
+recorded output passes its gradient to the rule registered for that module's type
+(:mod:`gradfix.votes.layers`), which forms its per-sample parameter gradients
+(``∂ℓ_b/∂W = Σ_t δ_{b,t} x_{b,t}ᵀ`` for a linear layer) and hands them to the sink, layer by
+layer, while the backward goes on.
 """
 
 from __future__ import annotations
@@ -18,18 +19,17 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from gradfix.votes.layers import module_sums
+from gradfix.votes.layers import covering_rule, module_sums
 from gradfix.votes.per_sample import GradientSink, LossFn, Workspace, batch_size, check_losses
-
-_HOOKED = (nn.Linear, nn.LayerNorm, nn.Embedding)
 
 
 # -- hooks --------------------------------------------------------------------------------------
 def hooked_parameters(model: nn.Module, params: Mapping[str, Tensor]) -> dict[nn.Module, dict[str, str]]:
     """``{module: {"weight"/"bias": parameter name}}`` for the parameters the hook engine covers.
 
-    Covered: parameters owned by exactly one ``nn.Linear``, ``nn.LayerNorm`` (with an affine
-    ``weight``) or ``nn.Embedding`` (without ``max_norm``) and used by no other module.
+    Covered: the parameters a module's layer rule computes (:func:`gradfix.votes.layers.covering_rule`:
+    a registered layer type, or a subclass that keeps its ``forward``), owned by that module alone
+    and used by no other module.
     """
     name_of = {id(p): n for n, p in params.items()}
     owners: dict[int, int] = {}
@@ -38,14 +38,13 @@ def hooked_parameters(model: nn.Module, params: Mapping[str, Tensor]) -> dict[nn
             owners[id(p)] = owners.get(id(p), 0) + 1
     covered: dict[nn.Module, dict[str, str]] = {}
     for module in model.modules():
-        if not isinstance(module, _HOOKED) or type(module) not in _HOOKED:
-            continue
-        if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
+        rule = covering_rule(module)
+        if rule is None:
             continue
         own = {
             k: name_of[id(p)]
             for k, p in module.named_parameters(recurse=False)
-            if id(p) in name_of and owners[id(p)] == 1 and k in ("weight", "bias")
+            if id(p) in name_of and owners[id(p)] == 1 and k in rule.parameters
         }
         if own:
             covered[module] = own
@@ -135,13 +134,14 @@ def hook_gradients(
     """
     calls: list[tuple[nn.Module, Tensor, Tensor]] = []
     size = batch_size(batch)
+    expand = {m for m in covered if (rule := covering_rule(m)) is not None and rule.expand_broadcast}
 
     def record(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor | None:
         x = inputs[0]
         replaced = None
-        if isinstance(module, nn.Embedding) and x.dim() > 0 and x.shape[0] == 1 and size > 1:
-            # an embedding looked up once and broadcast over the batch (position ids): give each
-            # sample its own copy, so that each sample's output gradient stays separate
+        if module in expand and x.dim() > 0 and x.shape[0] == 1 and size > 1:
+            # a lookup done once and broadcast over the batch (position ids): give each sample
+            # its own copy, so that each sample's output gradient stays separate
             x = x.expand(size, *x.shape[1:])
             replaced = output = output.expand(size, *output.shape[1:])
             if not output.requires_grad:

@@ -4,11 +4,11 @@ Three engines, all exact (they compute the same per-sample gradients, up to floa
 one backward pass per sample):
 
 - ``hooks`` (:mod:`gradfix.votes.hooks`): one batched forward and one backward to the
-  *outputs* of the ``nn.Linear``, ``nn.LayerNorm`` and ``nn.Embedding`` modules; each per-sample
-  weight gradient is formed from that module's inputs and output gradients
-  (:mod:`gradfix.votes.layers`) during the backward, module by module, so per-sample gradients of
-  the whole model are never held at once. Parameters of other modules (or shared between
-  modules) fall back to the loop;
+  *outputs* of the modules that have a per-layer rule (``nn.Linear``, ``nn.LayerNorm``,
+  ``nn.Embedding``: :mod:`gradfix.votes.layers`); each per-sample weight gradient is formed from
+  that module's inputs and output gradients during the backward, module by module, so per-sample
+  gradients of the whole model are never held at once. Parameters of other modules (or shared
+  between modules) fall back to the loop;
 - ``vmap``: ``torch.func.vmap(grad)`` over chunks of samples;
 - ``loop``: one backward pass per sample.
 """
