@@ -38,6 +38,8 @@ DEFAULT_ALPHA = 1.0
 """α of the methods that do not choose it."""
 DEFAULT_METHOD = "adaptive"
 """The transport method of the command line and of :func:`gradfix.jobs.transport_checkpoints`."""
+DEFAULT_MERGE_MASK = "agreement"
+"""The mask of ``gradfix merge`` when its pipeline masks and no ``--mask`` is given."""
 
 
 @dataclass
@@ -89,3 +91,24 @@ class MergeSettings:
     elect: Elect = "mass"
     trim_scope: TrimScope = "tensor"
     weights: list[float] | None = None
+
+
+@dataclass
+class EvalSettings:
+    """How ``gradfix eval`` scores a model folder (see :func:`gradfix.jobs.evaluate_model`)."""
+
+    recipe: str = DEFAULT_RECIPE
+    template: str | None = None
+    head_from: str | None = None
+    batch_size: int = 32
+    max_length: int = 128
+
+
+@dataclass
+class OutputSettings:
+    """Where and how a job writes its output folder."""
+
+    out: str | None = None
+    overwrite: bool = False
+    shard_size: str = DEFAULT_SHARD_SIZE
+    """Largest weight file, as the command line writes it (e.g. ``2GiB``, ``500MB``)."""

@@ -1,16 +1,29 @@
-"""Options from a YAML config file, merged under the command line: CLI > config > defaults."""
+"""One validated configuration: the command line over ``--config`` YAML over the defaults.
+
+argparse only collects the command line's strings; :func:`validate_options` merges them over the
+YAML values and validates the result once with pydantic, so both sources accept and refuse the
+same values with the same one-line errors. :func:`validated_options` runs that step for a given
+command line and YAML mapping.
+"""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+from typing_extensions import TypedDict
 
 from gradfix.errors import ConfigError
+
+_NOT_OPTIONS = {"command", "config", "handler", "verbose"}
+_FLAGS = {"progress": "--no-progress"}
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -54,33 +67,100 @@ def load_config(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def merge_config(
-    args: argparse.Namespace,
-    config: Mapping[str, Any],
-    defaults: Mapping[str, Any],
-    path: str,
-    extra_keys: tuple[str, ...] = (),
-) -> argparse.Namespace:
-    """Fill every option the command line left unset from ``config``, then from ``defaults``.
+def given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options the command line gave (argparse leaves the others ``None``), unconverted."""
+    return {k: v for k, v in vars(args).items() if k not in _NOT_OPTIONS and v is not None}
 
-    Unknown config keys are an error that lists the valid ones. List options accept a single
-    value or a YAML list.
+
+def validate_options(
+    command: str,
+    cli: Mapping[str, Any],
+    config: Mapping[str, Any],
+    config_path: str = "config",
+) -> dict[str, Any]:
+    """Every option of ``command``: ``cli`` over ``config`` over the defaults, validated once.
+
+    ``cli`` holds the command line's strings, ``config`` the values read from YAML (keys with
+    dashes or underscores). Both go through the same pydantic types (:mod:`gradfix.cli.fields`),
+    so they accept and refuse the same values. Raises a one-line :class:`ConfigError` naming the
+    flag (``--batch-size: ...``) or the config key (``--config job.yaml: batch_size: ...``), and
+    one listing the valid keys for an unknown config key.
     """
-    known = set(vars(args)) - {"command", "config", "handler"}
-    unknown = sorted(set(config) - known - set(extra_keys))
+    from gradfix.cli.fields import command_options
+
+    options = command_options(command)
+    config = {str(k).replace("-", "_"): v for k, v in config.items()}
+    unknown = sorted(set(config) - set(options))
     if unknown:
-        valid = ", ".join(sorted(known | set(extra_keys)))
-        raise ConfigError(f"{path}: unknown option(s) {', '.join(unknown)}; valid: {valid}")
+        valid = ", ".join(sorted(options))
+        raise ConfigError(f"--config {config_path}: unknown option(s) {', '.join(unknown)}; valid: {valid}")
+    defaults = {key: copy.copy(option.default) for key, option in options.items()}
+    merged = {**defaults, **config, **cli}
+    try:
+        validated = _adapter(command).validate_python(merged)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = str(error["loc"][0])
+        where = flag_of(key) if key in cli else f"--config {config_path}: {key}"
+        raise ConfigError(f"{where}: {_refused(options[key].kind, merged[key], error['loc'])}") from None
+    return {key: validated[key] for key in options}
+
+
+def validated_options(
+    command: str, argv: Sequence[str], yaml_mapping: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The validated options of ``gradfix <command> <argv>`` with ``yaml_mapping`` as its ``--config``.
+
+    Without ``yaml_mapping`` the ``--config`` file named in ``argv`` (if any) is read. This is
+    the step :func:`gradfix.cli.main.main` runs before the job.
+    """
+    from gradfix.cli.main import build_parser
+
+    args = build_parser().parse_args([command, *argv])
+    path = args.config or "config"
+    if yaml_mapping is None:
+        yaml_mapping = load_config(args.config) if args.config else {}
+    return validate_options(command, given_options(args), yaml_mapping, path)
+
+
+def fill_unset(args: argparse.Namespace, config: Mapping[str, Any], path: str) -> argparse.Namespace:
+    """``args`` with the options the command line left unset taken from ``config`` (``inspect``, ``zoo``).
+
+    Unknown config keys are an error that lists the valid ones.
+    """
+    known = set(vars(args)) - _NOT_OPTIONS - {"zoo_command"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        valid = ", ".join(sorted(known))
+        raise ConfigError(f"--config {path}: unknown option(s) {', '.join(unknown)}; valid: {valid}")
     merged = vars(args).copy()
-    for key, value in config.items():
-        if key in known and merged.get(key) in (None, []):
-            merged[key] = value
-    for key, value in defaults.items():
-        if merged.get(key) is None:
-            merged[key] = value
-    for key in extra_keys:
-        merged.setdefault(key, config.get(key))
+    merged.update({k: v for k, v in config.items() if merged.get(k) in (None, [])})
     return argparse.Namespace(**merged)
+
+
+def flag_of(key: str) -> str:
+    """The command-line flag of the option ``key`` (``batch_size`` → ``--batch-size``)."""
+    return _FLAGS.get(key, "--" + key.replace("_", "-"))
+
+
+def _refused(kind: Any, value: Any, loc: tuple[Any, ...]) -> str:
+    """What the error says about ``value``: the offending element of a list, else the value."""
+    from gradfix.cli.schema import expected_of
+
+    if kind.many and len(loc) > 1 and isinstance(loc[1], int) and isinstance(value, (list, tuple)):
+        value = value[loc[1]] if loc[1] < len(value) else value
+    return expected_of(kind, value)
+
+
+@cache
+def _adapter(command: str) -> TypeAdapter[dict[str, Any]]:
+    """The pydantic validator of ``command``'s options: a strict ``TypedDict`` of their kinds."""
+    from gradfix.cli.fields import command_options
+
+    kinds = {key: option.kind.annotation for key, option in command_options(command).items()}
+    options = TypedDict(f"{command.capitalize()}Options", kinds)  # type: ignore[misc]
+    options.__pydantic_config__ = ConfigDict(strict=True, extra="forbid")  # type: ignore[attr-defined]
+    return TypeAdapter(options)
 
 
 def as_list(value: Any) -> list[Any]:

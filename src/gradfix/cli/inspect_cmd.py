@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -93,12 +94,20 @@ def _print_agreement(agreement: dict[str, float], first: TaskVector, top: int | 
     width = max([len(n) for n in shown] + [6])
     print(f"{'tensor':<{width}}  {'sign agreement':>14}")
     for n in shown:
-        print(f"{n:<{width}}  {agreement[n]:>14.2%}")
+        print(f"{n:<{width}}  {_share(agreement[n]):>14}")
     if len(shown) < len(names):
         print(f"... {len(names) - len(shown)} more tensors (raise --top)")
-    weights = {n: first[n].numel() for n in names if agreement[n] == agreement[n]}
-    overall = sum(agreement[n] * w for n, w in weights.items()) / max(sum(weights.values()), 1)
-    print(f"overall (weighted by size): {overall:.2%}")
+    weights = {n: first[n].numel() for n in names if not math.isnan(agreement[n])}
+    total = sum(weights.values())
+    overall = sum(agreement[n] * w for n, w in weights.items()) / total if total else math.nan
+    print(f"overall (weighted by size): {_share(overall)}")
+    if len(weights) < len(names):
+        print("-: no coordinate where both task vectors are non-zero")
+
+
+def _share(value: float) -> str:
+    """A share as a percentage, ``-`` when undefined (no coordinate where both are non-zero)."""
+    return "-" if math.isnan(value) else f"{value:.2%}"
 
 
 def run_inspect(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """``gradfix``: the command line over the Python API.
 
 Every command also reads its options from a YAML file (``--config``); options given on the
-command line win over the file.
+command line win over the file, and both are validated together (:mod:`gradfix.cli.config`).
 
 This module holds the entry point (:func:`main`, the ``gradfix`` console script) and
 :func:`build_parser`, which assembles the commands: their options are defined in
@@ -19,24 +19,14 @@ import sys
 from collections.abc import Sequence
 
 from gradfix.cli.commands import run_eval, run_merge, run_transport
-from gradfix.cli.config import load_config, merge_config
+from gradfix.cli.config import fill_unset, given_options, load_config, validate_options
+from gradfix.cli.fields import COMMANDS
 from gradfix.cli.inspect_cmd import add_inspect_parser
-from gradfix.cli.options import (
-    EVAL_DEFAULTS,
-    MERGE_DEFAULTS,
-    TRANSPORT_DEFAULTS,
-    add_common,
-    add_eval_parser,
-    add_merge_parser,
-    add_transport_parser,
-)
+from gradfix.cli.options import add_common, add_eval_parser, add_merge_parser, add_transport_parser
 from gradfix.cli.zoo_cmd import add_zoo_parser
 from gradfix.errors import GradfixError
 
 __all__ = [
-    "EVAL_DEFAULTS",
-    "MERGE_DEFAULTS",
-    "TRANSPORT_DEFAULTS",
     "build_parser",
     "main",
     "run_eval",
@@ -67,7 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_DEFAULTS = {"transport": TRANSPORT_DEFAULTS, "merge": MERGE_DEFAULTS, "eval": EVAL_DEFAULTS}
+def _validated(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with every option of a job command validated over its ``--config`` and defaults."""
+    config = load_config(args.config) if args.config else {}
+    if args.command not in COMMANDS:  # inspect and zoo: plain options, filled from the file as given
+        args = fill_unset(args, config, args.config or "config")
+        args.json = bool(args.json)
+        return args
+    options = validate_options(args.command, given_options(args), config, args.config or "config")
+    meta = {k: getattr(args, k) for k in ("command", "config", "handler", "verbose")}
+    return argparse.Namespace(**meta, **options)
 
 
 def _end_process_group() -> None:
@@ -83,11 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        config = load_config(args.config) if getattr(args, "config", None) else {}
-        extra = ("tasks",) if args.command == "merge" else ()
-        args = merge_config(
-            args, config, _DEFAULTS.get(args.command, {"json": False}), args.config or "config", extra
-        )
+        args = _validated(args)
         if args.command in ("transport", "merge"):
             from gradfix.votes.distributed import init_from_environment
             from gradfix.votes.native import keep_freed_memory

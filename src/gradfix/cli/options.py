@@ -1,10 +1,12 @@
 """Option definitions of the ``gradfix`` command line.
 
-Holds the argparse side of ``transport``, ``merge`` and ``eval``: their help epilogs, their
-defaults (applied after ``--config`` is merged, so a YAML file can override them), the value
-parsers (``--shots``, ``--alpha``, ``--thresholds``, ``--alphas``), the option groups shared by
-several commands (``--config``/``--json``, voting, masking) and one ``add_*_parser`` per command.
-The handlers that run the commands live in :mod:`gradfix.cli.commands`; they are passed in by
+Holds the argparse side of ``transport``, ``merge`` and ``eval``: their help epilogs, the option
+groups shared by several commands (``--config``/``--json``, voting, masking) and one
+``add_*_parser`` per command. argparse only collects strings: each flag's metavar, choices and
+default in its help come from :func:`gradfix.cli.fields.command_options` (the settings
+dataclasses and the registries), and the values are converted and checked together with the
+``--config`` YAML by :func:`gradfix.cli.config.validate_options`. The handlers that run the
+commands live in :mod:`gradfix.cli.commands`; they are passed in by
 :func:`gradfix.cli.main.build_parser`.
 """
 
@@ -14,8 +16,10 @@ import argparse
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from gradfix.errors import ConfigError
+from gradfix.cli.config import flag_of
+from gradfix.cli.fields import Option, command_options
 from gradfix.methods.autotune import DEFAULT_ALPHAS, DEFAULT_THRESHOLDS
+from gradfix.settings import DEFAULT_METHOD, DEFAULT_THRESHOLD
 
 Handler = Callable[[argparse.Namespace], Any]
 
@@ -57,41 +61,27 @@ examples:
 --source-base and --data may be given once (shared by every task) or once per --source-finetuned.
 """
 
-TRANSPORT_DEFAULTS: dict[str, Any] = {
-    "recipe": "text-zero-shot",
-    "shots": 2,
-    "seed": 0,
-    "estimator": "majority",
-    "engine": "auto",
-    "method": None,  # adaptive; gradfix when --mask is given (resolved in run_transport)
-    "alpha": None,  # auto with --method adaptive, else 1.0
-    "threshold": None,  # 0.3 (the gate of --mask gate)
-    "unvoted": "error",
-    "gamma": 1.0,
-    "batch_size": 8,
-    "max_length": 128,
-    "shard_size": "2GB",
-    "overwrite": False,
-    "progress": True,
-    "json": False,
-}
-MERGE_DEFAULTS: dict[str, Any] = {
-    **TRANSPORT_DEFAULTS,
-    "mask": "agreement",
-    "method": "ties",
-    "alpha": 1.0,
-    "threshold": 0.3,
-    "pipeline": "plain",
-    "density": 0.2,
-    "elect": "mass",
-    "trim_scope": "tensor",
-}
-EVAL_DEFAULTS: dict[str, Any] = {
-    "recipe": "text-zero-shot",
-    "batch_size": 32,
-    "max_length": 128,
-    "json": False,
-}
+
+def _default_text(option: Option) -> str:
+    default = option.default
+    if default is None or isinstance(default, (bool, list)):
+        return ""
+    return f" (default {default})"
+
+
+def _summaries(names: Sequence[str], summaries: dict[str, str], default: str | None = None) -> str:
+    """``name: summary`` for each name, ``(default)`` after the default one."""
+    return "; ".join(f"{n}{' (default)' if n == default else ''}: {summaries[n]}" for n in names)
+
+
+def _add(group: Any, command: str, key: str, help: str, **kwargs: Any) -> None:
+    """The flag of option ``key``: metavar and choices from its kind, its default in the help."""
+    option = command_options(command)[key]
+    if option.kind.choices and "metavar" not in kwargs:
+        kwargs["metavar"] = "{" + ",".join(option.kind.choices) + "}"
+    if option.kind.many and "action" not in kwargs:
+        kwargs["nargs"] = "+"
+    group.add_argument(flag_of(key), dest=key, help=help + _default_text(option), **kwargs)
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -100,127 +90,91 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", default=None, help="print the result as JSON")
 
 
-# The value parsers keep these names: argparse quotes a type's ``__name__`` in its
-# "invalid <name> value" error when a parser raises ValueError (e.g. ``--shots ²``).
-def _shots(text: str) -> int | str:
-    """``--shots``: a positive integer or ``all``."""
-    from gradfix.data import parse_shots
-
-    try:
-        return parse_shots(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _alpha(text: str) -> float | str:
-    """``--alpha``: a number, or ``auto``."""
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"alpha must be a number or 'auto', got {text!r}") from None
-
-
-def _grid_number(text: str) -> float | str:
-    """A value of ``--thresholds``: a number, or ``naive`` (a threshold above 1)."""
-    if text.strip().lower() == "naive":
-        return "naive"
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'naive', got {text!r}") from None
-
-
-def _float(text: str) -> float:
-    """A value of ``--alphas``."""
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-
-
 def listed(values: Sequence[float], naive: bool = False) -> str:
     """A grid as the command line writes it: ``0 0.2 0.4 naive`` (``naive``: thresholds above 1)."""
     return " ".join("naive" if naive and v > 1 else f"{v:g}" for v in values)
 
 
-def add_voting(p: argparse.ArgumentParser) -> None:
+def add_voting(p: argparse.ArgumentParser, command: str) -> None:
     """The options of the target's sign votes (``transport`` and ``merge``)."""
+    from gradfix.recipes import DEFAULT_TEMPLATE, RECIPES
+
     g = p.add_argument_group("voting on the target (per-sample gradient signs)")
-    g.add_argument(
-        "--recipe", help="model family and loss: text-zero-shot (default), sequence-classification, causal-lm"
-    )
-    g.add_argument(
-        "--shots",
-        type=_shots,
+    _add(g, command, "recipe", "model family and loss: " + ", ".join(RECIPES))
+    _add(
+        g,
+        command,
+        "shots",
+        "examples per class drawn from --data, or 'all': every example in file order, no draw (to "
+        "split a long vote into parts with --votes-out and add them up with --votes-in)",
         metavar="K|all",
-        help="examples per class drawn from --data (default 2), or 'all': every example in file order, "
-        "no draw (to split a long vote into parts with --votes-out and add them up with --votes-in)",
     )
-    g.add_argument("--seed", type=int, help="seed of the draw and of the random mask (default 0)")
-    g.add_argument(
-        "--template", help='class prompt of the zero-shot head (default "This text is about {label}.")'
-    )
-    g.add_argument("--estimator", choices=["majority", "mean"], help="sign estimator (default majority)")
-    g.add_argument(
-        "--engine", choices=["auto", "vmap", "loop"], help="per-sample gradient engine (default auto)"
-    )
-    g.add_argument("--batch-size", type=int, help="samples per forward pass (default 8)")
-    g.add_argument("--max-length", type=int, help="token limit per text (default 128)")
+    _add(g, command, "seed", "seed of the draw and of the random mask", metavar="INT")
+    _add(g, command, "template", f'class prompt of the zero-shot head (default "{DEFAULT_TEMPLATE}")')
+    _add(g, command, "estimator", "sign estimator")
+    _add(g, command, "engine", "per-sample gradient engine")
+    _add(g, command, "batch_size", "samples per forward pass", metavar="INT")
+    _add(g, command, "max_length", "token limit per text", metavar="INT")
     g.add_argument(
         "--no-progress", dest="progress", action="store_false", default=None, help="hide the progress bar"
     )
 
 
-def add_masking(p: argparse.ArgumentParser, transport: bool = False) -> None:
+def _mask_help(command: str) -> str:
+    from gradfix.ops.masks import MASKS
+
+    names = command_options(command)["mask"].kind.choices
+    text = _summaries(names, {n: MASKS[n].summary for n in names})
+    if command == "transport":
+        return (
+            f"{text}. Default: the method's mask (agreement with --method gradfix, gate with adaptive, "
+            "none with naive, transfusion, theseus); giving --mask without --method selects --method gradfix"
+        )
+    return text
+
+
+def add_masking(p: argparse.ArgumentParser, command: str) -> None:
     """The mask, α, tensor selection and output options (``transport`` and ``merge``)."""
+    transport = command == "transport"
     g = p.add_argument_group("masking and output")
-    g.add_argument(
-        "--mask",
-        choices=["agreement", "forcing", "magnitude", "random", "gate", "confidence"]
-        + (["tensorwise"] if transport else [])
-        + ["none"],
-        help="agreement = GradFix (default with --method gradfix); gate = drop only where the votes "
-        "oppose τ_A's sign by a margin ≥ --threshold; confidence = weight by the share of agreeing votes; "
-        + (
-            "tensorwise = per tensor, τ_A whole where ⟨−ḡ, τ_A⟩ > 0 (ḡ the mean gradient), else the "
-            "agreement mask; none = no mask (default with naive, transfusion, theseus). Giving --mask "
-            "without --method selects --method gradfix"
-            if transport
-            else "none = no mask"
-        ),
+    _add(g, command, "mask", _mask_help(command))
+    _add(
+        g,
+        command,
+        "threshold",
+        "gate mask: share of opposing votes that drops a value (0: GradFix, >1: naive"
+        + (f"; default {DEFAULT_THRESHOLD})" if transport else ")"),
+        metavar="T",
     )
-    g.add_argument(
-        "--threshold",
-        type=float,
-        help="gate mask: share of opposing votes that drops a value (0: GradFix, >1: naive; default 0.3)",
-    )
-    g.add_argument(
-        "--alpha",
-        type=_alpha if transport else float,
-        metavar="ALPHA|auto" if transport else None,
-        help="scale α of the transported task vector: a number, or auto (chosen; see --alphas); default "
+    _add(
+        g,
+        command,
+        "alpha",
+        "scale α of the transported task vector: a number, or auto (chosen; see --alphas); default "
         "auto with --method adaptive, 1.0 with the other methods"
         if transport
-        else "scale α of the task vector (default 1.0)",
+        else "scale α of the task vector",
+        metavar="ALPHA|auto" if transport else "ALPHA",
     )
-    g.add_argument(
-        "--include",
-        action="append",
-        metavar="GLOB",
-        help="only tensors whose name matches (repeatable), e.g. 'encoder.*'",
-    )
-    g.add_argument("--exclude", action="append", metavar="GLOB", help="skip tensors whose name matches")
-    g.add_argument(
-        "--unvoted",
-        choices=["error", "drop", "keep"],
-        help="tensors of τ_A that got no gradient: error (default), drop or keep unmasked",
-    )
-    g.add_argument("--gamma", type=float, help="steepness of the magnitude mask (default 1.0)")
-    g.add_argument("--out", help="output folder (written atomically)")
+    _add(g, command, "include", "only tensors whose name matches (repeatable), e.g. 'encoder.*'",
+         action="append", metavar="GLOB")  # fmt: skip
+    _add(g, command, "exclude", "skip tensors whose name matches", action="append", metavar="GLOB")
+    _add(g, command, "unvoted", "tensors of τ_A that got no gradient: error, drop or keep unmasked")
+    _add(g, command, "gamma", "steepness of the magnitude mask", metavar="GAMMA")
+    _add(g, command, "out", "output folder (written atomically)", metavar="DIR")
     g.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out")
-    g.add_argument("--shard-size", help="largest weight file, e.g. 2GB (default)")
+    _add(g, command, "shard_size", "largest weight file, e.g. 2GiB, 500MB or a number of bytes",
+         metavar="SIZE")  # fmt: skip
+
+
+def _method_help() -> str:
+    from gradfix.methods import METHODS
+
+    return (
+        _summaries(list(METHODS), {n: m.summary for n, m in METHODS.items()}, DEFAULT_METHOD)
+        + ". gradfix is the published algorithm and the default method when --mask is given; "
+        "transfusion/theseus are masked too when --mask is given"
+    )
 
 
 def add_transport_parser(sub: Any, handler: Handler) -> None:
@@ -232,45 +186,35 @@ def add_transport_parser(sub: Any, handler: Handler) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="θ_B + α · (m ⊙ τ_A), m from the target's sign votes.",
     )
-    t.add_argument("--source-base", help="the source pre-trained model A (folder or weights file)")
-    t.add_argument("--source-finetuned", help="A fine-tuned on the task")
-    t.add_argument("--target-base", help="the new base model B (same architecture)")
-    t.add_argument("--data", help="labelled examples for the target's votes (.jsonl or .csv)")
-    t.add_argument("--votes-in", action="append", metavar="FILE", help="add votes saved by --votes-out")
-    t.add_argument("--votes-out", metavar="FILE", help="save the votes (safetensors) to resume or combine")
-    t.add_argument(
-        "--method",
-        choices=["adaptive", "gradfix", "naive", "transfusion", "theseus"],
-        help="adaptive (default): the vote-margin gate with its threshold t and α chosen on --validation or "
-        "on folds of the shots; gradfix: the published algorithm (agreement mask, fixed --alpha, default "
-        "1.0; the default method when --mask is given); naive: θ_B + α τ_A; transfusion: permute τ_A onto "
-        "B (data-free re-basin); theseus: map τ_A onto B by Procrustes (widths may differ). "
-        "transfusion/theseus are masked too when --mask is given",
-    )
-    add_voting(t)
-    add_masking(t, transport=True)
+    _add(t, "transport", "source_base", "the source pre-trained model A (folder or weights file)")
+    _add(t, "transport", "source_finetuned", "A fine-tuned on the task")
+    _add(t, "transport", "target_base", "the new base model B (same architecture)")
+    _add(t, "transport", "data", "labelled examples for the target's votes (.jsonl or .csv)")
+    _add(t, "transport", "votes_in", "add votes saved by --votes-out", action="append", metavar="FILE")
+    _add(t, "transport", "votes_out", "save the votes (safetensors) to resume or combine", metavar="FILE")
+    _add(t, "transport", "method", _method_help())
+    add_voting(t, "transport")
+    add_masking(t, "transport")
     c = t.add_argument_group("choosing t and α (--method adaptive, --alpha auto)")
-    c.add_argument(
-        "--thresholds",
-        nargs="+",
-        type=_grid_number,
-        metavar="T",
-        help="gate thresholds to try, most conservative first (default "
+    _add(
+        c,
+        "transport",
+        "thresholds",
+        "gate thresholds to try, most conservative first (default "
         f"{listed(DEFAULT_THRESHOLDS, naive=True)}; 0 is GradFix's agreement mask, naive or any value "
         "above 1 keeps every coordinate)",
+        metavar="T",
     )
-    c.add_argument(
-        "--alphas",
-        nargs="+",
-        type=_float,
-        metavar="A",
-        help=f"α values to try with --alpha auto (default {listed(DEFAULT_ALPHAS)}; 0 keeps B unchanged)",
-    )
-    c.add_argument(
-        "--validation",
-        metavar="FILE",
-        help="labelled examples (.jsonl or .csv, as --data) to choose by accuracy; without it the "
+    _add(c, "transport", "alphas",
+         f"α values to try with --alpha auto (default {listed(DEFAULT_ALPHAS)}; 0 keeps B unchanged)",
+         metavar="A")  # fmt: skip
+    _add(
+        c,
+        "transport",
+        "validation",
+        "labelled examples (.jsonl or .csv, as --data) to choose by accuracy; without it the "
         "candidates are cross-validated over 2 folds of the shots (needs --shots 2 or more)",
+        metavar="FILE",
     )
     add_common(t)
     t.set_defaults(handler=handler)
@@ -278,49 +222,47 @@ def add_transport_parser(sub: Any, handler: Handler) -> None:
 
 def add_merge_parser(sub: Any, handler: Handler) -> None:
     """Register the ``merge`` command, run by ``handler``."""
+    from gradfix.merge import MERGE_METHODS
+
     m = sub.add_parser(
         "merge",
         help="merge task vectors (Task Arithmetic, TIES), optionally with GradFix",
         epilog=EPILOG_MERGE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    m.add_argument("--source-base", action="append", help="source base (once, or once per fine-tune)")
-    m.add_argument("--source-finetuned", action="append", help="a fine-tuned model (repeat per task)")
-    m.add_argument("--target-base", help="base to merge onto (default: the first source base)")
-    m.add_argument("--data", action="append", help="labelled data per task (once, or once per fine-tune)")
-    m.add_argument("--method", choices=["ties", "task_arithmetic"], help="merge method (default ties)")
-    m.add_argument(
-        "--pipeline",
-        choices=["plain", "mask-then-merge", "merge-then-mask"],
-        help="plain (default), or GradFix masks before/after merging",
-    )
-    m.add_argument("--density", type=float, help="TIES: fraction of magnitudes kept (default 0.2)")
-    m.add_argument("--elect", choices=["mass", "count"], help="TIES sign election (default mass)")
-    m.add_argument(
-        "--trim-scope",
-        choices=["tensor", "model"],
-        help="TIES trimming per tensor (default) or over the whole model",
-    )
-    m.add_argument("--weights", type=float, nargs="+", help="one weight per task vector")
-    add_voting(m)
-    add_masking(m)
+    _add(m, "merge", "source_base", "source base (once, or once per fine-tune)", action="append")
+    _add(m, "merge", "source_finetuned", "a fine-tuned model (repeat per task)", action="append")
+    _add(m, "merge", "target_base", "base to merge onto (default: the first source base)")
+    _add(m, "merge", "data", "labelled data per task (once, or once per fine-tune)", action="append")
+    _add(m, "merge", "method", "merge method: " + _summaries(list(MERGE_METHODS), MERGE_METHODS))
+    _add(m, "merge", "pipeline", "plain, or GradFix masks before/after merging")
+    _add(m, "merge", "density", "TIES: fraction of magnitudes kept", metavar="D")
+    _add(m, "merge", "elect", "TIES sign election")
+    _add(m, "merge", "trim_scope", "TIES trimming per tensor or over the whole model")
+    _add(m, "merge", "weights", "one weight per task vector", metavar="W")
+    add_voting(m, "merge")
+    add_masking(m, "merge")
     add_common(m)
     m.set_defaults(handler=handler)
 
 
 def add_eval_parser(sub: Any, handler: Handler) -> None:
     """Register the ``eval`` command, run by ``handler``."""
+    from gradfix.recipes import RECIPES
+
     e = sub.add_parser("eval", help="accuracy of a model folder on labelled data")
-    e.add_argument("--model", help="model folder")
-    e.add_argument("--data", help="labelled examples (.jsonl or .csv)")
-    e.add_argument("--recipe", help="text-zero-shot (default), sequence-classification")
-    e.add_argument("--template", help="class prompt of the zero-shot head")
-    e.add_argument(
-        "--head-from",
-        help="zero-shot head: a head file or another model folder "
+    _add(e, "eval", "model", "model folder")
+    _add(e, "eval", "data", "labelled examples (.jsonl or .csv)")
+    _add(e, "eval", "recipe", "model family and loss: " + ", ".join(RECIPES))
+    _add(e, "eval", "template", "class prompt of the zero-shot head")
+    _add(
+        e,
+        "eval",
+        "head_from",
+        "zero-shot head: a head file or another model folder "
         "(default: the folder's zero_shot_head.safetensors, else the model itself)",
     )
-    e.add_argument("--batch-size", type=int, help="examples per forward pass (default 32)")
-    e.add_argument("--max-length", type=int, help="token limit per text (default 128)")
+    _add(e, "eval", "batch_size", "examples per forward pass", metavar="INT")
+    _add(e, "eval", "max_length", "token limit per text", metavar="INT")
     add_common(e)
     e.set_defaults(handler=handler)

@@ -1,0 +1,162 @@
+"""The options of ``transport``, ``merge`` and ``eval``: each one's kind and default.
+
+The settings fields and their defaults come from :mod:`gradfix.settings`, the names of methods,
+masks and recipes from their registries; only the inputs and outputs of each command are listed
+here. :func:`command_options` is what the flags (:mod:`gradfix.cli.options`) and the validation
+of the command line and ``--config`` (:mod:`gradfix.cli.config`) both read.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, fields
+from functools import cache
+from typing import Any
+
+from gradfix.cli.schema import (
+    ALPHA,
+    ALPHA_GRID,
+    BOOL,
+    DENSITY,
+    FLOAT,
+    NON_NEGATIVE,
+    POSITIVE_INT,
+    SHOTS,
+    SIZE,
+    STR,
+    STR_LIST,
+    TASKS,
+    THRESHOLD_GRID,
+    Kind,
+    choice,
+    cli_kind,
+    optional,
+)
+from gradfix.settings import (
+    DEFAULT_ALPHA,
+    DEFAULT_MERGE_MASK,
+    DEFAULT_THRESHOLD,
+    EvalSettings,
+    MaskSettings,
+    MergeSettings,
+    OutputSettings,
+    VoteSettings,
+)
+
+COMMANDS = ("transport", "merge", "eval")
+MERGE_UNSUPPORTED_MASKS = ("tensorwise",)
+"""Masks that need the mean gradient per tensor, which the merge pipelines do not keep."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a command: its kind and its default (``None``: the command decides)."""
+
+    kind: Kind
+    default: Any = None
+
+
+def _registry_names() -> dict[str, tuple[str, ...]]:
+    from gradfix.merge import MERGE_METHODS
+    from gradfix.methods import METHODS
+    from gradfix.ops.masks import MASKS
+    from gradfix.recipes import RECIPES
+
+    return {
+        "methods": tuple(METHODS),
+        "masks": tuple(MASKS),
+        "merge_methods": tuple(MERGE_METHODS),
+        "recipes": tuple(RECIPES),
+    }
+
+
+def _from_settings(cls: type, kinds: dict[str, Kind], skip: tuple[str, ...] = ()) -> dict[str, Option]:
+    """An option per field of the settings dataclass ``cls``, its kind from the field's type."""
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    return {
+        f.name: Option(kinds.get(f.name) or cli_kind(hints[f.name]), getattr(defaults, f.name))
+        for f in fields(cls)
+        if f.name not in skip
+    }
+
+
+def _paths(*names: str) -> dict[str, Option]:
+    return {name: Option(optional(STR)) for name in names}
+
+
+def _voting(names: dict[str, tuple[str, ...]], skip: tuple[str, ...] = ()) -> dict[str, Option]:
+    kinds = {
+        "recipe": choice(names["recipes"]),
+        "shots": SHOTS,
+        "batch_size": POSITIVE_INT,
+        "max_length": POSITIVE_INT,
+    }
+    return _from_settings(VoteSettings, kinds, skip)
+
+
+def _output() -> dict[str, Option]:
+    return {**_from_settings(OutputSettings, {"shard_size": SIZE}), "json": Option(BOOL, False)}
+
+
+def _transport(names: dict[str, tuple[str, ...]]) -> dict[str, Option]:
+    masking = {
+        "mask": optional(choice(names["masks"])),
+        "alpha": optional(ALPHA),
+        "threshold": optional(NON_NEGATIVE),
+        "gamma": FLOAT,
+        "thresholds": optional(THRESHOLD_GRID),
+        "alphas": optional(ALPHA_GRID),
+    }
+    return {
+        **_paths("source_base", "source_finetuned", "target_base"),
+        "votes_in": Option(STR_LIST, []),
+        "votes_out": Option(optional(STR)),
+        "method": Option(optional(choice(names["methods"]))),
+        **_voting(names),
+        **_from_settings(MaskSettings, masking),
+        **_output(),
+    }
+
+
+def _merge(names: dict[str, tuple[str, ...]]) -> dict[str, Option]:
+    masks = [m for m in names["masks"] if m not in MERGE_UNSUPPORTED_MASKS]
+    masking = _from_settings(
+        MaskSettings,
+        {"gamma": FLOAT},
+        skip=("mask", "alpha", "threshold", "thresholds", "alphas", "validation"),
+    )
+    return {
+        "source_base": Option(STR_LIST, []),
+        "source_finetuned": Option(STR_LIST, []),
+        **_paths("target_base"),
+        "data": Option(STR_LIST, []),
+        "tasks": Option(optional(TASKS)),
+        **_from_settings(MergeSettings, {"method": choice(names["merge_methods"]), "density": DENSITY}),
+        **_voting(names, skip=("data",)),
+        "mask": Option(choice(masks), DEFAULT_MERGE_MASK),
+        "alpha": Option(FLOAT, DEFAULT_ALPHA),
+        "threshold": Option(NON_NEGATIVE, DEFAULT_THRESHOLD),
+        **masking,
+        **_output(),
+    }
+
+
+def _eval(names: dict[str, tuple[str, ...]]) -> dict[str, Option]:
+    kinds = {"recipe": choice(names["recipes"]), "batch_size": POSITIVE_INT, "max_length": POSITIVE_INT}
+    return {
+        **_paths("model", "data"),
+        **_from_settings(EvalSettings, kinds),
+        "json": Option(BOOL, False),
+    }
+
+
+@cache
+def command_options(command: str) -> dict[str, Option]:
+    """Every option of ``command`` (``transport``, ``merge`` or ``eval``), by key (``batch_size``)."""
+    builders = {"transport": _transport, "merge": _merge, "eval": _eval}
+    return builders[command](_registry_names())
+
+
+YAML_ONLY = {"tasks"}
+"""Options with no flag: given in ``--config`` only."""
