@@ -222,7 +222,7 @@ def test_mean_loss_measures_theta_plus_alpha_update_and_restores_the_weights() -
 
 
 def test_swapped_weights_of_the_transport_job_restore_the_weights() -> None:
-    from gradfix.jobs.adaptive import swapped_weights
+    from gradfix.methods.autotune import swapped_weights
 
     model = _MLP()
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -442,7 +442,7 @@ def test_validation_file_chooses_by_the_accuracy_of_the_written_model(models, tm
 
 
 def test_tensorwise_mask_streamed_in_slices_equals_the_library(models, tmp_path, monkeypatch) -> None:
-    import gradfix.jobs.apply as apply_module
+    import gradfix.masking.apply as apply_module
 
     real = apply_module.row_slices
     monkeypatch.setattr(

@@ -114,6 +114,7 @@ def test_transport_and_eval_jobs_read_the_view(built: dict, tmp_path: Path) -> N
             progress=False,
         ),
         MaskSettings(include=["encoder.*"]),
+        method="gradfix",
     )
     assert record["num_samples"] == 3 and (out / "zero_shot_head.safetensors").is_file()
     result = evaluate_model(out, data / "test.jsonl", max_length=24)

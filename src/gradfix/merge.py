@@ -271,7 +271,7 @@ def _check_pipeline(
             f"unknown merge option(s) {', '.join(unknown)}; valid: {', '.join(MERGE_OPTIONS)}"
         )
     options = dict(mask_options or {})
-    valid_mask_options = ("gamma", "seed", "unvoted")
+    valid_mask_options = ("gamma", "seed", "unvoted", "threshold")
     bad = sorted(set(options) - set(valid_mask_options))
     if bad:
         raise ConfigError(

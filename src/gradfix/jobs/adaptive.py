@@ -23,157 +23,45 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from gradfix.data import Example, check_known_labels, load_examples
 from gradfix.errors import ConfigError, DataError, GradfixError
-from gradfix.jobs.common import MaskSettings, Shots, VoteSettings, rename_votes
+from gradfix.jobs.common import Shots, rename_votes
 from gradfix.jobs.inputs import target_label_set
-from gradfix.methods.autotune import (
-    DEFAULT_ALPHAS,
-    DEFAULT_THRESHOLDS,
-    NAIVE,
-    Choice,
-    choose_on_shots,
-    choose_on_validation,
-)
-from gradfix.task_vector import apply_tensor
+from gradfix.methods.adaptive import ChoicePlan, choice_grid
+from gradfix.methods.autotune import Choice, choose_on_shots, choose_on_validation, swapped_weights
+from gradfix.methods.registry import Method
+from gradfix.settings import MaskSettings, VoteSettings
 from gradfix.votes import SignVotes
-
-AUTO = "auto"
-"""The ``alpha`` setting that chooses α."""
 
 FOLDS = 2
 """Folds of the cross-validation over the shots."""
 
-CHOOSING_METHODS = ("adaptive", "gradfix")
-
-
-@dataclass(frozen=True)
-class ChoicePlan:
-    """What a choosing transport tries: the candidate grids and the evidence (validation or shots)."""
-
-    thresholds: list[float]
-    alphas: list[float]
-    validation: str | None = None
-    examples: list[Example] | None = None
-
-    @property
-    def source(self) -> str:
-        """``"validation"`` or ``"shots"``."""
-        return "validation" if self.validation is not None else "shots"
-
-
-def grid_value(value: Any, what: str) -> float:
-    """One candidate of a grid as a float (``"naive"`` is a threshold above 1); raises ConfigError."""
-    if isinstance(value, str) and value.strip().lower() == "naive" and what == "threshold":
-        return NAIVE
-    if isinstance(value, bool):
-        raise ConfigError(f"bad {what} {value!r}: give a number")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        extra = " or 'naive'" if what == "threshold" else ""
-        raise ConfigError(f"bad {what} {value!r}: give a number{extra}") from None
-    if not math.isfinite(number) or number < 0:
-        raise ConfigError(f"bad {what} {value!r}: {what}s must be finite and ≥ 0")
-    return number
-
-
-def fixed_alpha(value: Any) -> float:
-    """A fixed α as a float; raises ConfigError for anything else (``"auto"`` included)."""
-    if isinstance(value, bool):
-        raise ConfigError(f"bad alpha {value!r}: give a number or 'auto'")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"bad alpha {value!r}: give a number or 'auto'") from None
-    if not math.isfinite(number):
-        raise ConfigError(f"bad alpha {value!r}: α must be finite")
-    return number
-
-
-def is_auto(alpha: Any) -> bool:
-    """Whether ``alpha`` asks for α to be chosen (``"auto"``, any case)."""
-    return isinstance(alpha, str) and alpha.strip().lower() == AUTO
-
 
 def plan_choice(
-    method: str, masking: MaskSettings, votes: VoteSettings, target: str | Path
+    method: Method, masking: MaskSettings, votes: VoteSettings, target: str | Path
 ) -> ChoicePlan | None:
-    """Check the choosing settings before any long work; ``None`` when nothing is chosen.
+    """The choice a resolved transport makes, checked before any long work; ``None`` when none.
 
-    Refuses ``alpha="auto"`` with a method that cannot choose, grids or a validation file given
-    to a transport that chooses nothing, a bad grid value, a mask other than the gate for
-    ``adaptive`` (or than agreement for ``gradfix`` with ``alpha="auto"``), and reads and checks
-    the validation file (present, well formed, labels the target knows).
+    The grids come from :func:`gradfix.methods.adaptive.choice_grid`; a validation file is read
+    and checked here (present, well formed, labels the target knows).
     """
-    auto = is_auto(masking.alpha)
-    choosing = method == "adaptive" or auto
-    if not choosing:
-        fixed_alpha(masking.alpha)
-        for option, value in (
-            ("--thresholds", masking.thresholds),
-            ("--alphas", masking.alphas),
-            ("--validation", masking.validation),
-        ):
-            if value is not None:
-                raise ConfigError(
-                    f"{option} is for choosing t and α: use it with --method adaptive or --alpha auto"
-                )
-        return None
-    if method not in CHOOSING_METHODS:
-        raise ConfigError(
-            f"--alpha auto chooses α for --method adaptive or gradfix; give --alpha a number for "
-            f"--method {method}"
-        )
-    if method == "adaptive" and masking.mask not in ("gate", "agreement"):
-        raise ConfigError(
-            f"--method adaptive masks with the vote-margin gate (t chosen from --thresholds); "
-            f"--mask {masking.mask} is for --method gradfix"
-        )
-    if method == "gradfix" and masking.mask != "agreement":
-        raise ConfigError(
-            f"--alpha auto with --method gradfix chooses α for the agreement mask, not --mask "
-            f"{masking.mask}; give --alpha a number, or use --method adaptive"
-        )
-    if method == "gradfix" and masking.thresholds is not None:
-        raise ConfigError(
-            "--thresholds are the gate thresholds of --method adaptive; --method gradfix uses t = 0"
-        )
-    if not auto and masking.alphas is not None:
-        raise ConfigError(f"--alphas is the α grid of --alpha auto, but --alpha is {masking.alpha}")
-    if method == "adaptive":
-        given = list(DEFAULT_THRESHOLDS) if masking.thresholds is None else list(masking.thresholds)
-        thresholds = [grid_value(t, "threshold") for t in given]
-    else:
-        thresholds = [0.0]
-    if auto:
-        given = list(DEFAULT_ALPHAS) if masking.alphas is None else list(masking.alphas)
-        alphas = [grid_value(a, "alpha") for a in given]
-    else:
-        alphas = [fixed_alpha(masking.alpha)]
-    if not thresholds:
-        raise ConfigError("--thresholds needs at least one value")
-    if not alphas:
-        raise ConfigError("--alphas needs at least one value")
-    thresholds, alphas = list(dict.fromkeys(thresholds)), list(dict.fromkeys(alphas))
-    if masking.validation is None:
-        return ChoicePlan(thresholds, alphas)
+    grid = choice_grid(method, masking)
+    if grid is None or masking.validation is None:
+        return grid
     if votes.recipe == "causal-lm":
         raise ConfigError(
             "--validation scores candidates by accuracy, which the causal-lm recipe has not; leave it "
             "out to choose on the shots' loss"
         )
     examples = load_validation(masking.validation, votes.recipe, target)
-    return ChoicePlan(thresholds, alphas, str(masking.validation), examples)
+    return replace(grid, validation=str(masking.validation), examples=examples)
 
 
 def load_validation(path: str | Path, recipe: str, target: str | Path) -> list[Example]:
@@ -219,29 +107,6 @@ def check_evidence(plan: ChoicePlan, shots: Shots | None) -> None:
             f"least {FOLDS} shots per class, but {which}; give --shots {FOLDS} or more, or a "
             "--validation file"
         )
-
-
-@contextmanager
-def swapped_weights(model: nn.Module, update: Mapping[str, Tensor], alpha: float) -> Iterator[nn.Module]:
-    """Inside the block the model's parameters named in ``update`` are ``θ + α · update``.
-
-    ``θ`` are the weights on entry; they are put back on exit (also on an error). The sum is
-    computed as the written model's (:func:`gradfix.task_vector.apply_tensor`).
-    """
-    params = dict(model.named_parameters())
-    missing = [n for n in update if n not in params]
-    if missing:
-        raise ConfigError(f"the task vector names tensors the model lacks: {missing[:5]}")
-    saved = {n: params[n].detach().clone() for n in update}
-    try:
-        with torch.no_grad():
-            for name, tau in update.items():
-                params[name].copy_(apply_tensor(saved[name], tau.to(saved[name].device), alpha))
-        yield model
-    finally:
-        with torch.no_grad():
-            for name, value in saved.items():
-                params[name].copy_(value)
 
 
 def correct_predictions(recipe: Any) -> Any:
@@ -316,15 +181,6 @@ def choose(
     return choice
 
 
-def output_mask(threshold: float) -> str:
-    """The streamed mask that writes ``m_t ⊙ τ_A`` as :func:`gradfix.methods.autotune.gated` computes it.
-
-    ``t = 0``: the agreement mask; ``t > 0``: the gate (above 1 it keeps every voted coordinate).
-    Tensors without votes follow the unvoted policy, as they did in the choice.
-    """
-    return "agreement" if threshold == 0 else "gate"
-
-
 def choice_record(choice: Choice) -> dict[str, Any]:
     """``Choice.to_dict()`` with non-finite scores written as ``null`` (valid JSON)."""
     record = choice.to_dict()
@@ -333,18 +189,10 @@ def choice_record(choice: Choice) -> dict[str, Any]:
 
 
 __all__ = [
-    "AUTO",
-    "CHOOSING_METHODS",
     "FOLDS",
-    "ChoicePlan",
     "check_evidence",
     "choice_record",
     "choose",
-    "fixed_alpha",
-    "grid_value",
-    "is_auto",
     "load_validation",
-    "output_mask",
     "plan_choice",
-    "swapped_weights",
 ]

@@ -1,21 +1,21 @@
-"""Shared parts of the checkpoint-to-checkpoint jobs: settings, input records, voting, writing.
+"""Shared parts of the checkpoint-to-checkpoint jobs: drawing the shots, voting on the target.
 
 Each job reads checkpoints tensor by tensor, votes on the target with a recipe, and writes a
-complete output folder (weights, the target's config and tokenizer files, ``gradfix.json``) into a
-temporary folder that is moved into place only when everything was written.
+complete output folder (:mod:`gradfix.jobs.output`) into a temporary folder that is moved into
+place only when everything was written. The settings and their defaults live in
+:mod:`gradfix.settings`.
 """
 
 from __future__ import annotations
 
-import json
 import platform
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from gradfix.checks import FiniteCheck, count_nonfinite
 from gradfix.data import (
@@ -27,22 +27,14 @@ from gradfix.data import (
     parse_shots,
     sample_shots,
 )
-from gradfix.errors import ConfigError, NonFiniteError, OutputError
-from gradfix.io import (
-    atomic_output_file,
-    copy_model_files,
-    open_checkpoint,
-    sort_safetensors_metadata,
-)
-from gradfix.io.streaming import StreamingShardedWriter, TensorPlan
-from gradfix.io.writer import WRITE_ERRORS
+from gradfix.errors import ConfigError
+from gradfix.io import CheckpointReader, atomic_output_file, open_checkpoint, sort_safetensors_metadata
+from gradfix.io.checkpoint import row_slices
 from gradfix.jobs.inputs import HEAD_FILE, input_record, target_label_set
 from gradfix.recipes import load_recipe
-from gradfix.task_vector import apply_tensor
+from gradfix.settings import DEFAULT_SHARD_BYTES, MaskSettings, VoteSettings
 from gradfix.votes import SignVotes, estimate_signs
 from gradfix.votes.distributed import all_reduce_votes, world
-
-DEFAULT_SHARD_BYTES = 2 * 2**30
 
 __all__ = [
     "DEFAULT_SHARD_BYTES",
@@ -53,52 +45,13 @@ __all__ = [
     "align_names",
     "base_record",
     "draw_shots",
-    "finish_output",
     "input_record",
     "load_target",
     "rename_votes",
     "save_votes",
+    "scan_task_vector",
     "vote_on_target",
-    "write_model",
 ]
-
-
-@dataclass
-class VoteSettings:
-    """How the target votes: recipe, data, shots and estimator."""
-
-    recipe: str = "text-zero-shot"
-    data: str | None = None
-    shots: int | str = 2  # or "all": every example of the file, in file order
-    seed: int = 0
-    estimator: str = "majority"
-    engine: str = "auto"
-    template: str | None = None
-    batch_size: int = 8
-    max_length: int = 128
-    progress: bool = True
-
-
-@dataclass
-class MaskSettings:
-    """How ``τ_A`` is masked and scaled.
-
-    ``alpha="auto"`` chooses α (see :mod:`gradfix.jobs.adaptive`); ``thresholds`` and ``alphas``
-    are the candidate grids of that choice (``None``: :data:`gradfix.methods.autotune.DEFAULT_THRESHOLDS`
-    and :data:`~gradfix.methods.autotune.DEFAULT_ALPHAS`), ``validation`` a labelled data file to score
-    the candidates on (otherwise they are cross-validated on the shots).
-    """
-
-    mask: str = "agreement"
-    alpha: float | str = 1.0
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
-    unvoted: str = "error"
-    gamma: float = 1.0
-    threshold: float = 0.3
-    thresholds: list[float | str] | None = None
-    alphas: list[float] | None = None
-    validation: str | None = None
 
 
 def align_names(model_names: Sequence[str], checkpoint_names: Sequence[str]) -> dict[str, str]:
@@ -239,6 +192,21 @@ def vote_on_target(
     return rename_votes(votes, mapping), model, recipe, info
 
 
+def scan_task_vector(base: CheckpointReader, finetuned: CheckpointReader, names: Sequence[str]) -> set[str]:
+    """Read ``τ_A = finetuned − base`` slice by slice: raise on NaN/Inf, return the non-zero tensors."""
+    finite = FiniteCheck()
+    nonzero: set[str] = set()
+    shapes = base.shapes()
+    for name in names:
+        for start, stop in row_slices(shapes[name]):
+            b, f = base.rows(name, start, stop), finetuned.rows(name, start, stop)
+            ok = finite.check(base.file_of(name), name, b) & finite.check(finetuned.file_of(name), name, f)
+            if ok and name not in nonzero and bool((f.float() - b.float()).ne(0).any()):
+                nonzero.add(name)
+    finite.raise_if_any()
+    return nonzero
+
+
 def raise_if_nonfinite(checkpoint: str | Path) -> None:
     """Stream every tensor of ``checkpoint`` and raise one error naming those with NaN or Inf.
 
@@ -257,83 +225,6 @@ def save_votes(votes: SignVotes, path: str | Path, overwrite: bool = False) -> N
     with atomic_output_file(path, overwrite=overwrite) as tmp:
         votes.save(tmp)
         sort_safetensors_metadata(tmp)
-
-
-def write_model(
-    out: Path,
-    target: str | Path,
-    update: Mapping[str, Tensor],
-    alpha: float,
-    shard_bytes: int,
-    record: dict[str, Any],
-    recipe: Any = None,
-    on_written: Callable[[dict[str, Any]], None] | None = None,
-) -> list[str]:
-    """Write ``θ_target + α · update`` tensor by tensor, the target's other files, and the record.
-
-    Each target tensor is checked for NaN/Inf as it is read, and each updated tensor for values
-    that overflow the target's dtype (e.g. float16); one error names every tensor at fault.
-    Tensors keep the target's dtype (the sum is computed in float32). ``update`` is read one
-    tensor at a time (it may compute each tensor on demand) and the output is streamed, so only
-    one tensor of each is held at a time.
-    """
-    finite = FiniteCheck()
-    overflow: list[str] = []
-    with open_checkpoint(target) as reader:
-        dtypes, shapes = reader.dtypes(), reader.shapes()
-        plan = [TensorPlan(n, dtypes[n], shapes[n]) for n in reader.names()]
-        writer = StreamingShardedWriter(out, plan, shard_bytes, {"gradfix": "transported"})
-        try:
-            for name in reader.names():
-                tensor = reader.get(name)
-                value = tensor
-                if finite.check(reader.file_of(name), name, tensor) and name in update:
-                    value = apply_tensor(tensor, update[name], alpha)
-                    if count_nonfinite(value):
-                        overflow.append(f"{name!r} ({tensor.dtype})")
-                if not finite and not overflow:
-                    writer.write(name, value)
-            finite.raise_if_any()
-            raise_if_overflow(target, alpha, overflow)
-        except BaseException:
-            writer.abort()
-            raise
-        record["files"] = [p.name for p in writer.close()]
-    if on_written is not None:  # fill in what was learnt while writing, before the record is saved
-        on_written(record)
-    return finish_output(out, target, record, recipe)
-
-
-def raise_if_overflow(target: str | Path, alpha: float, overflow: Sequence[str]) -> None:
-    """One error naming the tensors where ``θ + α·τ`` overflowed the target's dtype (none: no-op)."""
-    bad = list(dict.fromkeys(overflow))
-    if bad:
-        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
-        raise NonFiniteError(
-            f"{target}: θ + α·τ with α = {alpha:g} overflows the dtype of {len(bad)} tensor(s): "
-            f"{', '.join(bad[:10])}{more}; lower --alpha or convert the target to float32"
-        )
-
-
-def finish_output(out: Path, target: str | Path, record: dict[str, Any], recipe: Any = None) -> list[str]:
-    """Copy the target's config and tokenizer files, save the zero-shot head, write ``gradfix.json``.
-
-    ``record["files"]`` (the weight files) gains the head file; returns that list.
-    """
-    copy_model_files(target, out)
-    files = list(record.get("files", []))
-    try:
-        if recipe is not None and hasattr(recipe, "save_head"):
-            recipe.save_head(out / HEAD_FILE)
-            sort_safetensors_metadata(out / HEAD_FILE)
-            files.append(HEAD_FILE)
-        record["files"] = files
-        text = json.dumps(record, indent=2, sort_keys=True) + "\n"
-        (out / "gradfix.json").write_text(text, encoding="utf-8")
-    except WRITE_ERRORS as exc:
-        reason = getattr(exc, "strerror", None) or exc
-        raise OutputError(f"cannot write {HEAD_FILE} or gradfix.json ({reason})") from exc
-    return files
 
 
 def base_record(command: str) -> dict[str, Any]:

@@ -21,19 +21,18 @@ from gradfix.data import parse_shots
 from gradfix.diagnostics import DescentReport, TensorDescent, descent_report
 from gradfix.errors import ConfigError
 from gradfix.io import CheckpointReader, atomic_output_dir, open_checkpoint
-from gradfix.jobs.adaptive import fixed_alpha, is_auto
-from gradfix.jobs.apply import scan_task_vector
-from gradfix.jobs.common import (
+from gradfix.jobs.common import base_record, draw_shots, scan_task_vector, vote_on_target
+from gradfix.jobs.inputs import check_checkpoints, check_outputs, input_record, raise_zero_task_vector
+from gradfix.jobs.output import WholeUpdate, finish_output, write_model
+from gradfix.merge import mask_then_merge, merge_task_vectors, merge_then_mask
+from gradfix.methods.registry import fixed_alpha, is_auto
+from gradfix.settings import (
+    DEFAULT_ALPHA,
     DEFAULT_SHARD_BYTES,
+    DEFAULT_THRESHOLD,
     MaskSettings,
     VoteSettings,
-    base_record,
-    draw_shots,
-    vote_on_target,
-    write_model,
 )
-from gradfix.jobs.inputs import check_checkpoints, check_outputs, input_record, raise_zero_task_vector
-from gradfix.merge import mask_then_merge, merge_task_vectors, merge_then_mask
 from gradfix.task_vector import TaskVector, float_names
 from gradfix.votes import SignVotes
 from gradfix.votes.distributed import world
@@ -85,7 +84,12 @@ def merge_checkpoints(
         v is not None for v in (masking.thresholds, masking.alphas, masking.validation)
     ):
         raise ConfigError("merge takes a fixed --alpha; choosing t and α (auto) is for transport")
-    masking = replace(masking, alpha=fixed_alpha(masking.alpha))
+    masking = replace(
+        masking,
+        mask=masking.mask if masking.mask is not None else "agreement",
+        alpha=fixed_alpha(masking.alpha if masking.alpha is not None else DEFAULT_ALPHA),
+        threshold=masking.threshold if masking.threshold is not None else DEFAULT_THRESHOLD,
+    )
     target = Path(target_base) if target_base is not None else Path(tasks[0].source_base)
     out = Path(out)
     sources = [Path(p) for t in tasks for p in (t.source_base, t.source_finetuned)]
@@ -132,7 +136,12 @@ def merge_checkpoints(
             task_votes, _, _, info = vote_on_target(target, settings, target_names, names, drawn[i])
             record["tasks"][i]["data"] = {**input_record(str(task.data)), **info}
             references.append(task_votes)
-    mask_options = {"gamma": masking.gamma, "seed": votes.seed, "unvoted": masking.unvoted}
+    mask_options = {
+        "gamma": masking.gamma,
+        "seed": votes.seed,
+        "unvoted": masking.unvoted,
+        "threshold": masking.threshold,
+    }
     lazy = _LazyMerge(tasks, names, method, pipeline, masking, merge_options, mask_options, references)
     merged: Mapping[str, Tensor] = lazy
     if trim_scope == "model" and method == "ties":  # one threshold over every tensor: merge in memory
@@ -148,6 +157,8 @@ def merge_checkpoints(
         weights=list(weights) if weights is not None else None,
         alpha=masking.alpha,
         mask=masking.mask,
+        threshold=masking.threshold,
+        gamma=masking.gamma,
         recipe=votes.recipe,
         shots=parse_shots(votes.shots) if pipeline != "plain" else votes.shots,
         seed=votes.seed,
@@ -164,7 +175,11 @@ def merge_checkpoints(
             )
             for t in tasks
         ]
-        write_model(tmp, target, merged, masking.alpha, shard_bytes, record, on_written=lazy.finish)
+        target_reader = stack.enter_context(open_checkpoint(target))
+        alpha = float(masking.alpha)  # type: ignore[arg-type]  # fixed above
+        record["files"] = write_model(tmp, target_reader, WholeUpdate(merged), alpha, shard_bytes)
+        lazy.finish(record)
+        finish_output(tmp, target, record)
     return record
 
 
@@ -231,7 +246,7 @@ class _LazyMerge(Mapping[str, Tensor]):
         self.nonzero[name] = float((merged != 0).double().mean())
         if self.pooled is not None:
             self.rows += descent_report(
-                _only(self.pooled, name), {name: merged}, None, self.masking.alpha
+                _only(self.pooled, name), {name: merged}, None, float(self.masking.alpha or 0.0)
             ).tensors
         return merged
 

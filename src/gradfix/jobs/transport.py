@@ -1,9 +1,15 @@
-"""The transport job: ``τ_A`` from two checkpoints onto a third, written as a complete model folder."""
+"""The transport job: ``τ_A`` from two checkpoints onto a third, written as a complete model folder.
+
+The method (:mod:`gradfix.methods`) resolves the settings; this module only orchestrates: check
+the inputs and the output before any long work, vote on the target, choose ``(t, α)`` when the
+method chooses, and stream ``θ_B + α · mask(τ_A)`` through the one output loop
+(:mod:`gradfix.jobs.output`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,37 +17,16 @@ from gradfix.data import label_set, parse_shots
 from gradfix.diagnostics import descent_report
 from gradfix.errors import ConfigError
 from gradfix.io import CheckpointReader, atomic_output_dir, open_checkpoint
-from gradfix.jobs.adaptive import (
-    ChoicePlan,
-    check_evidence,
-    choice_record,
-    choose,
-    fixed_alpha,
-    output_mask,
-    plan_choice,
-)
-from gradfix.jobs.aligned import METHODS, aligned_task_vector
-from gradfix.jobs.apply import (
-    MaskPlan,
-    VoteSource,
-    scan_task_vector,
-    stream_transport,
-    uncovered_tensors,
-    unvoted_error,
-)
+from gradfix.jobs.adaptive import check_evidence, choice_record, choose, plan_choice
 from gradfix.jobs.common import (
-    DEFAULT_SHARD_BYTES,
-    MaskSettings,
     Shots,
-    VoteSettings,
     align_names,
     base_record,
     draw_shots,
-    finish_output,
     load_target,
     save_votes,
+    scan_task_vector,
     vote_on_target,
-    write_model,
 )
 from gradfix.jobs.inputs import (
     check_checkpoints,
@@ -53,10 +38,25 @@ from gradfix.jobs.inputs import (
     raise_zero_task_vector,
     validate_votes_files,
 )
-from gradfix.masking import mask_task_vector
+from gradfix.jobs.output import MaskedUpdate, WholeUpdate, finish_output, write_model
+from gradfix.masking import TauRows, VoteReference, mask_task_vector, uncovered_tensors, unvoted_error
+from gradfix.methods import Method, resolve_method
+from gradfix.methods.adaptive import ChoicePlan, output_mask
+from gradfix.ops.masks import MaskOptions, get_mask
+from gradfix.settings import DEFAULT_SHARD_BYTES, MaskSettings, VoteSettings
 from gradfix.task_vector import TaskVector, float_names
 from gradfix.votes import SignVotes
 from gradfix.votes.distributed import world
+
+
+@dataclass
+class _Votes:
+    """The target's votes as the job holds them: a streamed reference, and what the choice needs."""
+
+    reference: VoteReference
+    recipe: Any = None
+    model: Any = None  # the target's loaded model, kept only to choose on
+    combined: SignVotes | None = None  # every vote in memory, only to choose on a validation file
 
 
 def transport_checkpoints(
@@ -71,45 +71,30 @@ def transport_checkpoints(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     votes_in: Sequence[str | Path] = (),
     votes_out: str | Path | None = None,
-    method: str = "gradfix",
+    method: str | None = None,
 ) -> dict[str, Any]:
     """Transport ``τ_A = source_finetuned − source_base`` onto ``target_base`` and write ``out``.
 
-    Votes come from the recipe on ``votes.data`` (``votes.shots`` per class, or every example
-    with ``"all"``), from saved vote files (``votes_in``, added up), or both; ``votes_out`` saves
-    the votes used (before the model is written, so a failed write loses no vote). With
-    ``masking.mask == "none"`` no vote is taken (naive transport).
+    ``method`` is a registered method (:data:`gradfix.methods.METHODS`), resolved with
+    ``masking`` as the command line resolves it (:func:`gradfix.methods.resolve_method`: no
+    method is ``adaptive``, or ``gradfix`` when a mask is given). Votes come from the recipe on
+    ``votes.data`` (``votes.shots`` per class, or every example with ``"all"``), from saved vote
+    files (``votes_in``, added up), or both; ``votes_out`` saves the votes used (before the model
+    is written). A mask that needs no reference (``none``) takes no vote.
 
     Before any long work the job refuses an output that is, lies inside or contains an input, an
     existing output without ``overwrite``, and checkpoints whose tensors differ; it stops on NaN or
     Inf in any input and on an all-zero ``τ_A``. Checkpoints and vote files are read, masked and
-    written in row slices, so memory does not grow with the model (see :mod:`gradfix.jobs.apply`).
-    The output folder is written under a temporary name and moved into place only when complete.
-    Returns the record written to ``out/gradfix.json`` (the sha256 of every input, the settings
-    and the examples drawn).
-
-    ``method`` ``gradfix`` (the default here) is the published algorithm: ``masking.mask``
-    (agreement) and a fixed ``masking.alpha``. ``adaptive`` masks with the vote-margin gate and
-    chooses its threshold ``t`` from ``masking.thresholds`` and, with ``masking.alpha == "auto"``,
-    α from ``masking.alphas``: on ``masking.validation`` (accuracy) when given, else by 2-fold
-    cross-validation over the shots (see :mod:`gradfix.jobs.adaptive`); ``gradfix`` with
-    ``alpha="auto"`` chooses α alone. The record then holds the choice under ``"choice"`` and
-    the chosen ``threshold`` and ``alpha``.
-
-    ``method`` ``transfusion`` or ``theseus`` first carries ``τ_A`` into the target's coordinates
-    (see :mod:`gradfix.jobs.aligned`; in memory, and for Theseus the target may differ in width),
-    then masks it as ``masking.mask`` says.
+    written in row slices, so memory does not grow with the model. The output folder is written
+    under a temporary name and moved into place only when complete. Returns the record written to
+    ``out/gradfix.json``; a method that chooses records its choice under ``"choice"``.
     """
     votes = votes or VoteSettings()
-    masking = masking or MaskSettings()
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    choosing = plan_choice(method, masking, votes, target_base)
-    if choosing is None:
-        masking = replace(masking, alpha=fixed_alpha(masking.alpha))
-    if method in ("transfusion", "theseus"):
+    chosen, masking = resolve_method(method, masking or MaskSettings())
+    choosing = plan_choice(chosen, masking, votes, target_base)
+    if chosen.aligns:
         return _transport_aligned(
-            method,
+            chosen,
             source_base,
             source_finetuned,
             target_base,
@@ -119,20 +104,17 @@ def transport_checkpoints(
             overwrite,
             shard_bytes,
         )
-    out = Path(out)
-    votes_in = [Path(p) for p in votes_in]
-    data = votes.data if masking.mask != "none" else None
+    out, votes_in = Path(out), [Path(p) for p in votes_in]
+    needs_votes = get_mask(str(masking.mask)).needs_reference
+    data = votes.data if needs_votes else None
     inputs = [Path(source_base), Path(source_finetuned), Path(target_base), *votes_in]
-    if votes.data:
-        inputs.append(Path(votes.data))
-    if choosing is not None and choosing.validation is not None:
-        inputs.append(Path(choosing.validation))
+    inputs += [Path(p) for p in (votes.data, choosing.validation if choosing else None) if p]
     check_outputs(out, inputs, overwrite, votes_out)
-    check_votes_files(votes_in if masking.mask != "none" else [])
+    check_votes_files(votes_in if needs_votes else [])
     drawn = draw_shots(target_base, votes) if data else None
     if choosing is not None:
         check_evidence(choosing, drawn)
-    if masking.mask != "none" and not data and not votes_in:
+    if needs_votes and not data and not votes_in:
         raise ConfigError(f"the {masking.mask!r} mask needs votes: give --data (or --votes-in)")
     with (
         open_checkpoint(source_base) as rb,
@@ -140,112 +122,97 @@ def transport_checkpoints(
         open_checkpoint(target_base) as rt,
     ):
         names = float_names(rf.dtypes(), rb.dtypes(), include=masking.include, exclude=masking.exclude)
-        readers = {
+        labelled = {
             f"source base {source_base}": rb,
             f"source fine-tune {source_finetuned}": rf,
             f"target base {target_base}": rt,
         }
-        check_checkpoints(readers, names, source_finetuned)
+        check_checkpoints(labelled, names, source_finetuned)
         nonzero = scan_task_vector(rb, rf, names)
         if not nonzero:
             raise_zero_task_vector(len(names), source_base, source_finetuned)
         record = _start_record(source_base, source_finetuned, target_base)
-        source, recipe, loaded = None, None, None
-        combined: SignVotes | None = None
-        if masking.mask != "none":
-            fresh = []
-            record["votes_in"] = [input_record(p) for p in votes_in]
-            if data:
-                voted, model, recipe, info = vote_on_target(target_base, votes, rt.names(), names, drawn)
-                record["data"] = {**input_record(data), **info}
-                fresh.append(voted)
-                loaded = model if choosing is not None else None  # kept only to choose on
-                del model
-            validate_votes_files(votes_in, {n: rt.shapes()[n] for n in names})
+        held = None
+        if needs_votes:
+            held = _collect_votes(record, rt, names, votes, drawn, votes_in, votes_out, choosing, overwrite)
             if world()[0] != 0:  # under torchrun only the first process writes
                 return {**record, "written_by_another_process": True}
-            if votes_out or (choosing is not None and choosing.validation is not None):
-                collected = [*load_votes(votes_in, rt.shapes()), *fresh]
-                combined = sum(collected[1:], collected[0]).with_estimator(votes.estimator)
-                del collected
-            if votes_out:
-                assert combined is not None
-                save_votes(combined, votes_out, overwrite)
-                if choosing is None or choosing.validation is None:
-                    combined = None
-            source = VoteSource(fresh, votes_in, votes.estimator)
-        plan = MaskPlan(
-            mask=masking.mask,
-            alpha=float(masking.alpha) if choosing is None else 1.0,
-            gamma=masking.gamma,
-            threshold=masking.threshold,
-            seed=votes.seed,
-            unvoted=masking.unvoted,
-        )
-        record.update(_settings_record(method, votes, masking, bool(data)))
-        record["num_samples"] = source.num_samples if source is not None else 0
+        record.update(_settings_record(chosen.name, votes, masking, bool(data)))
+        record["num_samples"] = held.reference.num_samples if held is not None else 0
         try:
             if choosing is not None:
-                plan = _choose_plan(
-                    choosing, plan, record, votes, (rb, rf, rt), names, nonzero, source, combined,
-                    loaded, recipe, drawn,
-                )  # fmt: skip
-                loaded = combined = None
-            with atomic_output_dir(out, overwrite=overwrite) as tmp:
-                files, kept, report = stream_transport(
-                    rb, rf, rt, names, nonzero, source, plan, tmp, shard_bytes
-                )
-                record.update(files=files, kept_fraction=kept, descent=report.to_dict() if report else None)
-                finish_output(tmp, target_base, record, recipe)
+                masking = _choose(choosing, masking, record, votes, (rb, rf, rt), names, nonzero, held, drawn)
+            _write(out, overwrite, shard_bytes, (rb, rf, rt), names, nonzero, held, masking, votes, record)
         finally:
-            if source is not None:
-                source.close()
+            if held is not None:
+                held.reference.close()
     return record
 
 
-def _choose_plan(
+def _collect_votes(
+    record: dict[str, Any],
+    target: CheckpointReader,
+    names: Sequence[str],
+    votes: VoteSettings,
+    drawn: Shots | None,
+    votes_in: Sequence[Path],
+    votes_out: str | Path | None,
+    choosing: ChoicePlan | None,
+    overwrite: bool,
+) -> _Votes:
+    """Vote on the target (when there is data), check the votes files, save the votes if asked."""
+    fresh: list[SignVotes] = []
+    record["votes_in"] = [input_record(p) for p in votes_in]
+    recipe = model = None
+    if drawn is not None:
+        voted, model, recipe, info = vote_on_target(target.path, votes, target.names(), names, drawn)
+        record["data"] = {**input_record(drawn.data), **info}
+        fresh.append(voted)
+        model = model if choosing is not None else None
+    validate_votes_files(votes_in, {n: target.shapes()[n] for n in names})
+    combined = None
+    on_validation = choosing is not None and choosing.validation is not None
+    if world()[0] == 0 and (votes_out or on_validation):
+        collected = [*load_votes(votes_in, target.shapes()), *fresh]
+        combined = sum(collected[1:], collected[0]).with_estimator(votes.estimator)
+        if votes_out:
+            save_votes(combined, votes_out, overwrite)
+    held = _Votes(VoteReference(fresh, votes_in, votes.estimator), recipe, model)
+    held.combined = combined if on_validation else None
+    return held
+
+
+def _choose(
     choosing: ChoicePlan,
-    plan: MaskPlan,
+    masking: MaskSettings,
     record: dict[str, Any],
     votes: VoteSettings,
     readers: tuple[CheckpointReader, CheckpointReader, CheckpointReader],
     names: Sequence[str],
     nonzero: set[str],
-    source: VoteSource | None,
-    combined: SignVotes | None,
-    model: Any,
-    recipe: Any,
+    held: _Votes | None,
     drawn: Shots | None,
-) -> MaskPlan:
-    """Choose ``(t, α)``, record the choice, and return ``plan`` set to write it.
-
-    ``model`` and ``recipe`` are the target's, loaded for the votes (``None`` when the votes all
-    come from files: then the target is loaded here, to score the validation file).
-    """
+) -> MaskSettings:
+    """Choose ``(t, α)``, record the choice, and return ``masking`` set to write it."""
     rb, rf, rt = readers
-    uncovered = uncovered_tensors(names, nonzero, source)
-    if uncovered and plan.unvoted == "error":
+    reference = held.reference if held is not None else None
+    uncovered = uncovered_tensors(names, nonzero, reference)
+    if uncovered and masking.unvoted == "error":
         raise unvoted_error(uncovered)  # before the choice, which would stop on them later
+    model, recipe = (held.model, held.recipe) if held is not None else (None, None)
     if model is None:  # votes from files only: load the target to score the validation file
         assert choosing.examples is not None
         model, recipe, mapping = load_target(rt.path, votes, label_set(choosing.examples), rt.names(), names)
     else:
         mapping = align_names([n for n, _ in model.named_parameters()], rt.names())
     # the unvoted policy holds for every candidate, naive addition (t > 1) included
-    dropped = set(uncovered) if plan.unvoted == "drop" else set()
+    dropped = set(uncovered) if masking.unvoted == "drop" else set()
     tau = {n: rf.get(n).float() - rb.get(n).float() for n in names if n in nonzero and n not in dropped}
-    choice = choose(
-        choosing,
-        tau,
-        combined,
-        model,
-        recipe,
-        mapping,
-        drawn.drawn if drawn is not None else None,
-        votes,
-        plan.unvoted,
-    )
-    del tau
+    combined = held.combined if held is not None else None
+    shots = drawn.drawn if drawn is not None else None
+    choice = choose(choosing, tau, combined, model, recipe, mapping, shots, votes, masking.unvoted)
+    if held is not None:
+        held.model = held.combined = None
     mask = output_mask(choice.threshold)
     record.update(mask=mask, threshold=choice.threshold, alpha=choice.alpha, choice=choice_record(choice))
     if choosing.validation is not None:
@@ -253,11 +220,41 @@ def _choose_plan(
             **input_record(choosing.validation),
             "num_examples": len(choosing.examples or []),
         }
-    return replace(plan, mask=mask, alpha=choice.alpha, threshold=choice.threshold)
+    return replace(masking, mask=mask, alpha=choice.alpha, threshold=choice.threshold)
+
+
+def _write(
+    out: Path,
+    overwrite: bool,
+    shard_bytes: int,
+    readers: tuple[CheckpointReader, CheckpointReader, CheckpointReader],
+    names: Sequence[str],
+    nonzero: set[str],
+    held: _Votes | None,
+    masking: MaskSettings,
+    votes: VoteSettings,
+    record: dict[str, Any],
+) -> None:
+    """Stream ``θ_B + α · mask(τ_A)`` into ``out`` with the record and the target's other files."""
+    rb, rf, rt = readers
+    mask = get_mask(str(masking.mask))
+    reference = held.reference if held is not None else None
+    uncovered = uncovered_tensors(names, nonzero, reference)
+    if mask.needs_reference and uncovered and masking.unvoted == "error":
+        raise unvoted_error(uncovered)
+    alpha = float(masking.alpha)  # type: ignore[arg-type]  # resolved: a number by now
+    options = MaskOptions(gamma=masking.gamma, threshold=float(masking.threshold or 0.0), seed=votes.seed)
+    tau = TauRows(base=rb, finetuned=rf)
+    update = MaskedUpdate(tau, names, reference, mask, options, masking.unvoted == "keep", alpha)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        record["files"] = write_model(tmp, rt, update, alpha, shard_bytes)
+        report = update.report()
+        record.update(kept_fraction=update.kept_fraction(), descent=report.to_dict() if report else None)
+        finish_output(tmp, rt.path, record, held.recipe if held is not None else None)
 
 
 def _transport_aligned(
-    method: str,
+    method: Method,
     source_base: str | Path,
     source_finetuned: str | Path,
     target_base: str | Path,
@@ -268,7 +265,7 @@ def _transport_aligned(
     shard_bytes: int,
 ) -> dict[str, Any]:
     """TransFusion or Theseus: align ``τ_A`` to the target, mask it (votes taken on the target), write."""
-    data = votes.data if masking.mask != "none" else None
+    data = votes.data if get_mask(str(masking.mask)).needs_reference else None
     inputs = [Path(source_base), Path(source_finetuned), Path(target_base), *([Path(data)] if data else [])]
     check_outputs(out, inputs, overwrite)
     drawn = draw_shots(target_base, votes) if data else None
@@ -276,7 +273,7 @@ def _transport_aligned(
         raise ConfigError(f"the {masking.mask!r} mask needs votes: give --data (or use --mask none)")
     tau_a = TaskVector.from_checkpoints(source_base, source_finetuned, masking.include, masking.exclude)
     check_task_vector_nonzero(tau_a, source_base, source_finetuned)
-    tau = aligned_task_vector(method, tau_a, source_base, target_base, seed=votes.seed)
+    tau = method.align(tau_a, source_base, target_base, seed=votes.seed)
     record = _start_record(source_base, source_finetuned, target_base)
     reference, recipe = None, None
     with open_checkpoint(target_base) as rt:
@@ -286,24 +283,26 @@ def _transport_aligned(
         record["data"] = {**input_record(data), **info}
         if world()[0] != 0:
             return {**record, "written_by_another_process": True}
+    alpha = float(masking.alpha)  # type: ignore[arg-type]
     masked = mask_task_vector(
         tau,
         reference,
-        masking.mask,
+        str(masking.mask),
         gamma=masking.gamma,
         seed=votes.seed,
         unvoted=masking.unvoted,
-        threshold=masking.threshold,
+        threshold=float(masking.threshold or 0.0),
     )
-    report = descent_report(reference, masked, tau, masking.alpha) if reference is not None else None
-    record.update(_settings_record(method, votes, masking, bool(data)))
+    report = descent_report(reference if reference is not None else {}, masked, tau, alpha)
+    record.update(_settings_record(method.name, votes, masking, bool(data)))
     record.update(
         num_samples=reference.num_samples if reference is not None else 0,
-        kept_fraction={n: float((masked[n] * tau[n] > 0).double().mean()) for n in tau},
-        descent=report.to_dict() if report else None,
+        kept_fraction={t.name: t.kept_fraction for t in report.tensors},
+        descent=report.to_dict() if reference is not None else None,
     )
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        write_model(tmp, target_base, masked, masking.alpha, shard_bytes, record, recipe)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp, open_checkpoint(target_base) as rt:
+        record["files"] = write_model(tmp, rt, WholeUpdate(masked), alpha, shard_bytes)
+        finish_output(tmp, target_base, record, recipe)
     return record
 
 

@@ -87,7 +87,8 @@ def masked_rows(
     with ``keep_unvoted`` and zeroed otherwise (what a zero vote means); the caller decides
     beforehand whether such tensors are an error. ``budget=None`` gives one slice.
     """
-    slices = list(row_slices(shape, budget=budget))
+    whole = [(0, shape[0] if shape else 1)]
+    slices = whole if budget is None else list(row_slices(shape, budget=budget))
     voted = mask.needs_reference and reference is not None and reference.covers(name)
     if not voted:
         passes = not mask.needs_reference or keep_unvoted

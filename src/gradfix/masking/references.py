@@ -8,7 +8,6 @@ for votes, the mean gradient ``ḡ`` of those rows (the descent report's).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -17,11 +16,18 @@ import torch
 from torch import Tensor
 
 from gradfix.checks import FiniteCheck, check_same_architecture
-from gradfix.errors import CheckpointError, ConfigError
+from gradfix.errors import ConfigError
 from gradfix.io import CheckpointReader, open_checkpoint
 from gradfix.ops.masks import ReferenceRows
 from gradfix.ops.signs import majority_sign, mean_sign
 from gradfix.votes import SignVotes
+from gradfix.votes.file import (
+    COUNTS_PREFIX,
+    GRAD_SUM_PREFIX,
+    VotesHeader,
+    check_counts_range,
+    read_votes_header,
+)
 
 
 def _rows(t: Tensor, start: int, stop: int) -> Tensor:
@@ -84,6 +90,7 @@ class VoteReference:
     ):
         self.votes = list(votes)
         self.readers: list[CheckpointReader] = []
+        self.headers: list[VotesHeader] = []
         self.estimator = estimator or (self.votes[0].estimator if self.votes else "majority")
         self.num_samples = sum(v.num_samples for v in self.votes)
         self.hits: dict[str, int] = {}
@@ -106,18 +113,13 @@ class VoteReference:
     def _open(self, path: str | Path) -> dict[str, tuple[int, ...]]:
         reader = open_checkpoint(path)
         self.readers.append(reader)
-        meta = reader.metadata()
-        if meta.get("gradfix_kind") != "gradfix.sign_votes":
-            raise CheckpointError(f"{path}: not a gradfix votes file (no gradfix_kind header)")
-        try:
-            self.num_samples += int(meta["num_samples"])
-            for n, h in json.loads(meta.get("hits", "{}")).items():
-                self.hits[n] = self.hits.get(n, 0) + int(h)
-        except (KeyError, ValueError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{path}: votes header is malformed ({exc!r})") from exc
-        file_shapes = reader.shapes()
-        self.has_counts = self.has_counts and any(k.startswith("counts/") for k in file_shapes)
-        return {k[len("grad_sum/") :]: s for k, s in file_shapes.items() if k.startswith("grad_sum/")}
+        header = read_votes_header(reader, path, check_counts=False)  # counts are checked as read
+        self.headers.append(header)
+        self.num_samples += header.num_samples
+        for n, h in header.hits.items():
+            self.hits[n] = self.hits.get(n, 0) + h
+        self.has_counts = self.has_counts and header.has_counts
+        return dict(header.shapes)
 
     def covers(self, name: str) -> bool:
         """Whether ``name`` was voted on and received a gradient from at least one sample."""
@@ -128,23 +130,24 @@ class VoteReference:
         return self.shapes[name]
 
     def sums(self, name: str, start: int, stop: int) -> tuple[Tensor | None, Tensor]:
-        """Summed vote counts (int32; ``None`` without counts) and gradient sums (float32) of some rows."""
+        """Summed vote counts (int64; ``None`` without counts) and gradient sums (float32/64) of some rows."""
         counts: Tensor | None = None
         grad: Tensor | None = None
         for v in self.votes:
             g = _as_sum(_rows(v.grad_sum[name], start, stop))
             grad = g if grad is None else grad + g
             if self.has_counts:
-                c = _rows(v.counts[name], start, stop).int()
+                c = _rows(v.counts[name], start, stop).long()
                 counts = c if counts is None else counts + c
-        for reader in self.readers:
-            g = reader.rows(f"grad_sum/{name}", start, stop)
-            if not self._finite.check(reader.path, f"grad_sum/{name}", g):
+        for reader, header in zip(self.readers, self.headers, strict=True):
+            g = reader.rows(f"{GRAD_SUM_PREFIX}{name}", start, stop)
+            if not self._finite.check(reader.path, f"{GRAD_SUM_PREFIX}{name}", g):
                 self._finite.raise_if_any("the votes file is corrupted")
             grad = _as_sum(g) if grad is None else grad + _as_sum(g)
             if self.has_counts:
-                c = reader.rows(f"counts/{name}", start, stop).int()
-                counts = c if counts is None else counts + c
+                c = reader.rows(f"{COUNTS_PREFIX}{name}", start, stop)
+                check_counts_range(header, name, c)
+                counts = c.long() if counts is None else counts + c.long()
         assert grad is not None
         return counts, grad
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 
 from gradfix.errors import ConfigError
 from gradfix.masking import mask_task_vector
-from gradfix.task_vector import TaskVector
+from gradfix.task_vector import TaskVector, apply_tensor
 from gradfix.votes import SignVotes, estimate_signs
 
 NAIVE = 2.0
@@ -122,6 +123,33 @@ def shot_folds(labels: Sequence[Any], folds: int, seed: int = 0) -> list[list[in
     return [sorted(f) for f in out]
 
 
+@contextmanager
+def swapped_weights(
+    model: nn.Module, update: Mapping[str, Tensor], alpha: float, theta: Mapping[str, Tensor] | None = None
+) -> Iterator[nn.Module]:
+    """Inside the block the model's parameters named in ``update`` are ``θ + α · update``.
+
+    ``θ`` is ``theta`` where given, else the weights on entry; the weights on entry are put back
+    on exit (also on an error). The sum is computed as the written model's
+    (:func:`gradfix.task_vector.apply_tensor`: float32, cast back to the parameter's dtype).
+    """
+    params = dict(model.named_parameters())
+    missing = [n for n in update if n not in params]
+    if missing:
+        raise ConfigError(f"the task vector names tensors the model lacks: {missing[:5]}")
+    saved = {n: params[n].detach().clone() for n in update}
+    start = theta if theta is not None else saved
+    try:
+        with torch.no_grad():
+            for name, tau in update.items():
+                params[name].copy_(apply_tensor(start[name], tau.to(saved[name].device), alpha))
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -132,20 +160,12 @@ def evaluate(
     fn: Callable[[nn.Module, Any], Tensor],
 ) -> Tensor:
     """``fn(model, batch)`` (per sample, as float64 ``[B]``) at ``θ + α · update`` (weights restored)."""
-    params = dict(model.named_parameters())
-    missing = [n for n in update if n not in params]
-    if missing:
-        raise ConfigError(f"the task vector names tensors the model lacks: {missing[:5]}")
-    saved = {n: params[n].detach().clone() for n in update}
     was_training = model.training
     model.eval()
     try:
-        for name, tau in update.items():
-            params[name].copy_(theta[name] + alpha * tau.to(params[name].dtype))
-        return fn(model, batch).detach().double().reshape(-1)
+        with swapped_weights(model, update, alpha, theta):
+            return fn(model, batch).detach().double().reshape(-1)
     finally:
-        for name, value in saved.items():
-            params[name].copy_(value)
         model.train(was_training)
 
 
