@@ -98,13 +98,15 @@ def test_each_built_in_layer_type_has_its_rule() -> None:
     assert rule_for(nn.Tanh()) is None
 
 
-def test_lookup_walks_the_mro_but_a_changed_forward_is_not_covered() -> None:
+def test_lookup_walks_the_mro_but_only_registered_classes_are_covered() -> None:
     same, scaled = _SameLinear(3, 2), _ScaledLinear(3, 2)
     assert rule_for(same) is LAYER_RULES[nn.Linear]
     assert rule_for(_SameLinear) is LAYER_RULES[nn.Linear]
-    assert covering_rule(same) is LAYER_RULES[nn.Linear]
+    assert covering_rule(same) is None  # a subclass may have its weight used outside its forward
     assert rule_for(scaled) is LAYER_RULES[nn.Linear]
     assert covering_rule(scaled) is None
+    attention = nn.MultiheadAttention(4, 2)
+    assert covering_rule(attention.out_proj) is None  # its weight is used by the attention module
     patched = nn.Linear(3, 2)
     patched.forward = lambda x: x  # an instance whose forward was replaced
     assert covering_rule(patched) is None
@@ -112,8 +114,11 @@ def test_lookup_walks_the_mro_but_a_changed_forward_is_not_covered() -> None:
     assert covering_rule(nn.Embedding(5, 2, sparse=True)) is None
 
 
-def test_a_subclass_keeping_forward_is_covered_and_votes_equal_the_loop() -> None:
+def test_a_subclass_goes_to_the_loop_until_its_class_is_registered(registry) -> None:
     model = _model(_SameLinear(6, 6))
+    assert not {"1.weight", "1.bias"} & _covered(model)
+    _assert_hooks_equal_loop(model)
+    register_layer_rule(_SameLinear)(linear_sums)
     assert {"1.weight", "1.bias"} <= _covered(model)
     _assert_hooks_equal_loop(model)
 

@@ -97,14 +97,16 @@ def rule_for(module: nn.Module | type[nn.Module]) -> LayerRule | None:
 def covering_rule(module: nn.Module) -> LayerRule | None:
     """The rule that covers ``module`` in the ``hooks`` engine, or ``None`` (its parameters go to the loop).
 
-    The rule of :func:`rule_for`, unless the module's class (or the module itself) overrides the
-    ``forward`` of the type the rule was registered for (it may compute something else), or the
-    rule's ``covers`` refuses this module.
+    Only a module whose own class is registered is covered: a subclass of a registered type may
+    compute something else, or have its weight used by its parent outside its ``forward`` (as
+    ``nn.MultiheadAttention`` does with its ``out_proj``), so it goes to the loop unless its class
+    is registered too. A module whose ``forward`` is replaced on the instance, or that the rule's
+    ``covers`` refuses, goes to the loop as well.
     """
-    rule = rule_for(module)
+    rule = LAYER_RULES.get(type(module))
     if rule is None:
         return None
-    if type(module).forward is not rule.module_type.forward or "forward" in vars(module):
+    if "forward" in vars(module):
         return None
     if rule.covers is not None and not rule.covers(module):
         return None
