@@ -8,31 +8,97 @@ per-sample gradients on a few labelled examples: ``θ_B + α · (m ⊙ τ_A)``.
 >>> tau = TaskVector.from_checkpoints("A-base/", "A-finetuned/")          # doctest: +SKIP
 >>> votes = estimate_signs(model_b, batches, loss_fn)                     # doctest: +SKIP
 >>> new_sd = transport(model_b.state_dict(), tau, votes, alpha=1.0)       # doctest: +SKIP
+
+The public API, by concept (each name lives in the submodule named beside it):
+
+- task vectors: :class:`TaskVector`, :func:`random_task_vector` (:mod:`gradfix.task_vector`);
+- votes: :class:`SignVotes`, :func:`estimate_signs` (:mod:`gradfix.votes`);
+- masks and transport: :func:`mask_task_vector`, :func:`transport`, :func:`reference_signs`
+  (:mod:`gradfix.masking`), :data:`MASKS`, :func:`register_mask` (:mod:`gradfix.ops.masks`);
+- methods: :data:`METHODS`, :func:`register_method`, :func:`resolve_method` (:mod:`gradfix.methods`);
+- merging: :func:`merge_task_vectors`, :func:`mask_then_merge`, :func:`merge_then_mask`,
+  :func:`multi_source_merge` (:mod:`gradfix.merge`);
+- the automatic choice: :func:`choose_on_validation`, :func:`choose_on_shots`, :func:`gated`
+  (:mod:`gradfix.methods.autotune`);
+- recipes: :func:`load_recipe`, :data:`RECIPES` (:mod:`gradfix.recipes`);
+- the checkpoint jobs: :func:`transport_checkpoints`, :func:`merge_checkpoints`,
+  :func:`evaluate_model`, :class:`VoteSettings`, :class:`MaskSettings` (:mod:`gradfix.jobs`,
+  :mod:`gradfix.settings`);
+- diagnostics: :func:`descent_report`, :func:`sign_agreement` (:mod:`gradfix.diagnostics`).
+
+No name here is also the name of a submodule, so ``import gradfix.masking`` and
+``gradfix.masking.mask_task_vector`` always mean the module. Recipes and jobs (which import
+``transformers``) are imported on first use.
 """
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
 
 from gradfix.diagnostics import DescentReport, descent_report, sign_agreement
 from gradfix.errors import CheckpointError, ConfigError, DataError, GradfixError, MismatchError
 from gradfix.masking import mask_task_vector, reference_signs, transport
+from gradfix.merge import mask_then_merge, merge_task_vectors, merge_then_mask, multi_source_merge
+from gradfix.methods import METHODS, register_method, resolve_method
+from gradfix.methods.autotune import choose_on_shots, choose_on_validation, gated
+from gradfix.ops.masks import MASKS, register_mask
+from gradfix.settings import MaskSettings, VoteSettings
 from gradfix.task_vector import TaskVector, random_task_vector
 from gradfix.votes import SignVotes, estimate_signs
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "RECIPES": "gradfix.recipes",
+    "load_recipe": "gradfix.recipes",
+    "evaluate_model": "gradfix.jobs",
+    "merge_checkpoints": "gradfix.jobs",
+    "transport_checkpoints": "gradfix.jobs",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Recipes and checkpoint jobs, imported on first use."""
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gradfix' has no attribute {name!r}")
+
+
 __all__ = [
+    "MASKS",
+    "METHODS",
+    "RECIPES",
     "CheckpointError",
     "ConfigError",
     "DataError",
     "DescentReport",
     "GradfixError",
+    "MaskSettings",
     "MismatchError",
     "SignVotes",
     "TaskVector",
+    "VoteSettings",
     "__version__",
+    "choose_on_shots",
+    "choose_on_validation",
     "descent_report",
     "estimate_signs",
+    "evaluate_model",
+    "gated",
+    "load_recipe",
     "mask_task_vector",
+    "mask_then_merge",
+    "merge_checkpoints",
+    "merge_task_vectors",
+    "merge_then_mask",
+    "multi_source_merge",
     "random_task_vector",
     "reference_signs",
+    "register_mask",
+    "register_method",
+    "resolve_method",
     "sign_agreement",
     "transport",
+    "transport_checkpoints",
 ]
