@@ -28,9 +28,11 @@ from gradfix.merge import mask_then_merge, merge_task_vectors, merge_then_mask
 from gradfix.methods.registry import fixed_alpha, is_auto
 from gradfix.settings import (
     DEFAULT_ALPHA,
+    DEFAULT_MERGE_MASK,
     DEFAULT_SHARD_BYTES,
     DEFAULT_THRESHOLD,
     MaskSettings,
+    MergeSettings,
     VoteSettings,
 )
 from gradfix.task_vector import TaskVector, float_names
@@ -79,17 +81,9 @@ def merge_checkpoints(
     if pipeline not in PIPELINES:
         raise ConfigError(f"unknown pipeline {pipeline!r}; choose one of {', '.join(PIPELINES)}")
     votes = votes or VoteSettings()
-    masking = masking or MaskSettings()
-    if is_auto(masking.alpha) or any(
-        v is not None for v in (masking.thresholds, masking.alphas, masking.validation)
-    ):
-        raise ConfigError("merge takes a fixed --alpha; choosing t and α (auto) is for transport")
-    masking = replace(
-        masking,
-        mask=masking.mask if masking.mask is not None else "agreement",
-        alpha=fixed_alpha(masking.alpha if masking.alpha is not None else DEFAULT_ALPHA),
-        threshold=masking.threshold if masking.threshold is not None else DEFAULT_THRESHOLD,
-    )
+    masking = _resolve_masking(masking or MaskSettings())
+    chosen = list(weights) if weights is not None else None
+    merging = MergeSettings(method, pipeline, density, elect, trim_scope, chosen)  # type: ignore[arg-type]
     target = Path(target_base) if target_base is not None else Path(tasks[0].source_base)
     out = Path(out)
     sources = [Path(p) for t in tasks for p in (t.source_base, t.source_finetuned)]
@@ -100,6 +94,69 @@ def merge_checkpoints(
         if any(t.data is None for t in tasks):
             raise ConfigError(f"the {pipeline} pipeline needs a data file for every task (--data)")
         drawn = [draw_shots(target, replace(votes, data=t.data)) for t in tasks]
+    names, target_names = _checked_names(tasks, target, masking)
+    record = base_record("merge")
+    record["inputs"] = {"target_base": input_record(target, model_files=True)}
+    record["tasks"] = [
+        {"source_base": input_record(t.source_base), "source_finetuned": input_record(t.source_finetuned)}
+        for t in tasks
+    ]
+    references: list[SignVotes] = []
+    for i, (task, shots) in enumerate(zip(tasks, drawn, strict=False)):
+        settings = replace(votes, data=task.data)
+        task_votes, _, _, info = vote_on_target(target, settings, target_names, names, shots)
+        record["tasks"][i]["data"] = {**input_record(str(task.data)), **info}
+        references.append(task_votes)
+    mask_options = {
+        "gamma": masking.gamma,
+        "seed": votes.seed,
+        "unvoted": masking.unvoted,
+        "threshold": masking.threshold,
+    }
+    lazy = _LazyMerge(tasks, names, merging, masking, mask_options, references)
+    merged: Mapping[str, Tensor] = lazy
+    if trim_scope == "model" and method == "ties":  # one threshold over every tensor: merge in memory
+        merged = lazy.materialise()
+    if world()[0] != 0:  # under torchrun only the first process writes
+        return {**record, "written_by_another_process": True}
+    record.update(_settings_record(merging, masking, votes))
+    with atomic_output_dir(out, overwrite=overwrite) as tmp, ExitStack() as stack:
+        # the merged tensors are computed while they are written, with every source open once
+        lazy.readers = [
+            (
+                stack.enter_context(open_checkpoint(t.source_base)),
+                stack.enter_context(open_checkpoint(t.source_finetuned)),
+            )
+            for t in tasks
+        ]
+        target_reader = stack.enter_context(open_checkpoint(target))
+        record["files"] = write_model(tmp, target_reader, WholeUpdate(merged), lazy.alpha, shard_bytes)
+        lazy.finish(record)
+        finish_output(tmp, target, record)
+    return record
+
+
+def _resolve_masking(masking: MaskSettings) -> MaskSettings:
+    """A merge's mask settings with the defaults filled in; choosing (``auto``, grids) is refused."""
+    if is_auto(masking.alpha) or any(
+        v is not None for v in (masking.thresholds, masking.alphas, masking.validation)
+    ):
+        raise ConfigError("merge takes a fixed --alpha; choosing t and α (auto) is for transport")
+    return replace(
+        masking,
+        mask=masking.mask if masking.mask is not None else DEFAULT_MERGE_MASK,
+        alpha=fixed_alpha(masking.alpha if masking.alpha is not None else DEFAULT_ALPHA),
+        threshold=masking.threshold if masking.threshold is not None else DEFAULT_THRESHOLD,
+    )
+
+
+def _checked_names(
+    tasks: Sequence[TaskSpec], target: Path, masking: MaskSettings
+) -> tuple[list[str], list[str]]:
+    """The merged tensor names (checked in every checkpoint) and the target's names.
+
+    Every task's ``τ`` is scanned slice by slice for NaN/Inf and must be non-zero, before any vote.
+    """
     readers: dict[str, Any] = {}
     try:
         for i, task in enumerate(tasks):
@@ -116,71 +173,35 @@ def merge_checkpoints(
     finally:
         for reader in readers.values():
             reader.close()
-    record = base_record("merge")
-    record["inputs"] = {"target_base": input_record(target, model_files=True)}
-    record["tasks"] = [
-        {"source_base": input_record(t.source_base), "source_finetuned": input_record(t.source_finetuned)}
-        for t in tasks
-    ]
-    for i, t in enumerate(tasks):  # NaN/Inf and all-zero checks, slice by slice, before any vote
+    for i, t in enumerate(tasks):
         with open_checkpoint(t.source_base) as rb, open_checkpoint(t.source_finetuned) as rf:
             if not scan_task_vector(rb, rf, names):
                 raise_zero_task_vector(
                     len(names), t.source_base, t.source_finetuned, f"the task vector of task {i + 1}"
                 )
-    merge_options = {"density": density, "elect": elect, "trim_scope": trim_scope, "weights": weights}
-    references: list[SignVotes] = []
-    if pipeline != "plain":
-        for i, task in enumerate(tasks):
-            settings = replace(votes, data=task.data)
-            task_votes, _, _, info = vote_on_target(target, settings, target_names, names, drawn[i])
-            record["tasks"][i]["data"] = {**input_record(str(task.data)), **info}
-            references.append(task_votes)
-    mask_options = {
-        "gamma": masking.gamma,
-        "seed": votes.seed,
-        "unvoted": masking.unvoted,
+    return names, target_names
+
+
+def _settings_record(merging: MergeSettings, masking: MaskSettings, votes: VoteSettings) -> dict[str, Any]:
+    """The settings of a merge as ``gradfix.json`` records them."""
+    return {
+        "method": merging.method,
+        "pipeline": merging.pipeline,
+        "density": merging.density,
+        "elect": merging.elect,
+        "trim_scope": merging.trim_scope,
+        "weights": merging.weights,
+        "alpha": masking.alpha,
+        "mask": masking.mask,
         "threshold": masking.threshold,
+        "gamma": masking.gamma,
+        "recipe": votes.recipe,
+        "shots": parse_shots(votes.shots) if merging.pipeline != "plain" else votes.shots,
+        "seed": votes.seed,
+        "estimator": votes.estimator,
+        "include": masking.include,
+        "exclude": masking.exclude,
     }
-    lazy = _LazyMerge(tasks, names, method, pipeline, masking, merge_options, mask_options, references)
-    merged: Mapping[str, Tensor] = lazy
-    if trim_scope == "model" and method == "ties":  # one threshold over every tensor: merge in memory
-        merged = lazy.materialise()
-    if world()[0] != 0:  # under torchrun only the first process writes
-        return {**record, "written_by_another_process": True}
-    record.update(
-        method=method,
-        pipeline=pipeline,
-        density=density,
-        elect=elect,
-        trim_scope=trim_scope,
-        weights=list(weights) if weights is not None else None,
-        alpha=masking.alpha,
-        mask=masking.mask,
-        threshold=masking.threshold,
-        gamma=masking.gamma,
-        recipe=votes.recipe,
-        shots=parse_shots(votes.shots) if pipeline != "plain" else votes.shots,
-        seed=votes.seed,
-        estimator=votes.estimator,
-        include=masking.include,
-        exclude=masking.exclude,
-    )
-    with atomic_output_dir(out, overwrite=overwrite) as tmp, ExitStack() as stack:
-        # the merged tensors are computed while they are written, with every source open once
-        lazy.readers = [
-            (
-                stack.enter_context(open_checkpoint(t.source_base)),
-                stack.enter_context(open_checkpoint(t.source_finetuned)),
-            )
-            for t in tasks
-        ]
-        target_reader = stack.enter_context(open_checkpoint(target))
-        alpha = float(masking.alpha)  # type: ignore[arg-type]  # fixed above
-        record["files"] = write_model(tmp, target_reader, WholeUpdate(merged), alpha, shard_bytes)
-        lazy.finish(record)
-        finish_output(tmp, target, record)
-    return record
 
 
 class _LazyMerge(Mapping[str, Tensor]):
@@ -196,18 +217,23 @@ class _LazyMerge(Mapping[str, Tensor]):
         self,
         tasks: Sequence[TaskSpec],
         names: Sequence[str],
-        method: str,
-        pipeline: str,
+        merging: MergeSettings,
         masking: MaskSettings,
-        merge_options: dict[str, Any],
         mask_options: dict[str, Any],
         references: list[SignVotes],
     ):
         self.tasks, self.names = list(tasks), list(names)
         self._selected = set(self.names)
         self.readers: list[tuple[CheckpointReader, CheckpointReader]] = []
-        self.method, self.pipeline, self.masking = method, pipeline, masking
-        self.merge_options, self.mask_options = merge_options, mask_options
+        self.method, self.pipeline, self.masking = merging.method, merging.pipeline, masking
+        self.alpha = float(masking.alpha)  # type: ignore[arg-type]  # a fixed α (resolved)
+        self.merge_options: dict[str, Any] = {
+            "density": merging.density,
+            "elect": merging.elect,
+            "trim_scope": merging.trim_scope,
+            "weights": merging.weights,
+        }
+        self.mask_options = mask_options
         self.references = references
         self.pooled = sum(references[1:], references[0]) if references else None
         self.rows: list[TensorDescent] = []
@@ -245,9 +271,7 @@ class _LazyMerge(Mapping[str, Tensor]):
         merged = self._combine(self._task_tensors(name), refs)[name]
         self.nonzero[name] = float((merged != 0).double().mean())
         if self.pooled is not None:
-            self.rows += descent_report(
-                _only(self.pooled, name), {name: merged}, None, float(self.masking.alpha or 0.0)
-            ).tensors
+            self.rows += descent_report(_only(self.pooled, name), {name: merged}, None, self.alpha).tensors
         return merged
 
     def materialise(self) -> TaskVector:
@@ -261,12 +285,12 @@ class _LazyMerge(Mapping[str, Tensor]):
         merged = self._combine(taus, self.references)
         self.nonzero = {n: float((merged[n] != 0).double().mean()) for n in merged}
         if self.pooled is not None:
-            self.rows = descent_report(self.pooled, merged, None, self.masking.alpha).tensors
+            self.rows = descent_report(self.pooled, merged, None, self.alpha).tensors
         return merged
 
     def finish(self, record: dict[str, Any]) -> None:
         """Write the statistics gathered while merging into ``record``."""
-        report = DescentReport(self.rows, self.masking.alpha).to_dict() if self.pooled is not None else None
+        report = DescentReport(self.rows, self.alpha).to_dict() if self.pooled is not None else None
         record.update(descent=report, nonzero_fraction=dict(sorted(self.nonzero.items())))
 
 
