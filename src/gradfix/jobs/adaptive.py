@@ -37,6 +37,7 @@ from gradfix.jobs.inputs import target_label_set
 from gradfix.methods.adaptive import ChoicePlan, choice_grid
 from gradfix.methods.autotune import Choice, choose_on_shots, choose_on_validation, swapped_weights
 from gradfix.methods.registry import Method
+from gradfix.recipes import get_recipe
 from gradfix.settings import MaskSettings, VoteSettings
 from gradfix.votes import SignVotes
 
@@ -55,10 +56,10 @@ def plan_choice(
     grid = choice_grid(method, masking)
     if grid is None or masking.validation is None:
         return grid
-    if votes.recipe == "causal-lm":
+    if not get_recipe(votes.recipe).scores_accuracy:
         raise ConfigError(
-            "--validation scores candidates by accuracy, which the causal-lm recipe has not; leave it "
-            "out to choose on the shots' loss"
+            f"--validation scores candidates by accuracy, which the {votes.recipe} recipe has not; "
+            "leave it out to choose on the shots' loss"
         )
     examples = load_validation(masking.validation, votes.recipe, target)
     return replace(grid, validation=str(masking.validation), examples=examples)
@@ -111,9 +112,7 @@ def check_evidence(plan: ChoicePlan, shots: Shots | None) -> None:
 
 def correct_predictions(recipe: Any) -> Any:
     """``(model, batch) -> 1/0 per sample`` for a recipe with class logits (``None`` otherwise)."""
-    from gradfix.recipes.text import CausalLMRecipe
-
-    if isinstance(recipe, CausalLMRecipe) or not hasattr(recipe, "logits"):
+    if not (hasattr(recipe, "logits") and getattr(recipe, "scores_accuracy", True)):
         return None
 
     def correct(model: nn.Module, batch: Any) -> Tensor:

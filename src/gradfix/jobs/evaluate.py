@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from gradfix.data import check_known_labels, label_set, load_examples
-from gradfix.jobs.inputs import target_label_set
-from gradfix.recipes import load_recipe
+from gradfix.recipes import get_recipe
 
 
 def evaluate_model(
@@ -25,15 +24,17 @@ def evaluate_model(
     For ``text-zero-shot`` the zero-shot head comes from ``head_from`` (a head file or a model
     folder), else from ``zero_shot_head.safetensors`` in the folder (written by transport: the
     target base's own head), else from the model itself. A label of ``data`` that the head (or a
-    classifier's named labels) does not know is an error naming the data file and line.
+    classifier's named labels) does not know is an error naming the data file and line; an
+    unknown recipe is a :class:`ConfigError` listing the known ones.
     """
     examples = load_examples(data)
     labels = label_set(examples)
-    known = target_label_set(recipe_name, model_dir, head_from)
+    family = get_recipe(recipe_name)
+    known = family.known_labels(model_dir, head_from)
     if known is not None:
         check_known_labels(examples, known[0], data, known[1])
-    model, recipe = load_recipe(
-        recipe_name, model_dir, labels, template=template, head_from=head_from, max_length=max_length
+    model, recipe = family.build(
+        model_dir, labels, template=template, head_from=head_from, max_length=max_length
     )
     accuracy = recipe.accuracy(model, examples, batch_size=batch_size)
     return {

@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,12 +27,12 @@ from gradfix.io import (
     open_checkpoint,
     sha256_file,
 )
+from gradfix.recipes import get_recipe
 from gradfix.votes.file import check_votes_files as check_votes_files  # re-exported
 from gradfix.votes.file import load_votes as load_votes
 from gradfix.votes.file import validate_votes_files as validate_votes_files
 
 HEAD_FILE = "zero_shot_head.safetensors"
-_GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
 
 
 def input_record(path: str | Path, model_files: bool = False) -> dict[str, Any]:
@@ -125,36 +123,11 @@ def target_label_set(
 ) -> tuple[list[str], str] | None:
     """The labels a target can score, and whose they are, when it has a fixed set.
 
+    Asks the recipe's family (:meth:`gradfix.recipes.RecipeFamily.known_labels`):
     ``text-zero-shot``: the labels of its saved zero-shot head (``head_from`` or the folder's
     ``zero_shot_head.safetensors``), else none (prompts can embed any label).
     ``sequence-classification``: the names in ``config.json``'s ``id2label`` unless they are the
-    generic ``LABEL_0``, ``LABEL_1``, ... Other recipes: none.
+    generic ``LABEL_0``, ``LABEL_1``, ... Other recipes: none. An unknown recipe is a
+    :class:`ConfigError` listing the known ones.
     """
-    folder = Path(target)
-    if recipe == "text-zero-shot":
-        head = Path(head_from) if head_from is not None else folder / HEAD_FILE
-        if head.is_dir():
-            head = head / HEAD_FILE
-        if not head.is_file():
-            return None
-        try:
-            with open_checkpoint(head) as reader:
-                labels = json.loads(reader.metadata().get("labels", "null"))
-        except (CheckpointError, ValueError):
-            return None  # the recipe reports a malformed head itself
-        if isinstance(labels, list) and all(isinstance(x, str) for x in labels):
-            return labels, f"the zero-shot head {head}"
-        return None
-    if recipe == "sequence-classification":
-        config = folder / "config.json"
-        try:
-            id2label = json.loads(config.read_text(encoding="utf-8")).get("id2label")
-        except (OSError, ValueError, AttributeError):
-            return None
-        if not isinstance(id2label, dict) or not id2label:
-            return None
-        names = [str(v) for v in id2label.values()]
-        if all(_GENERIC_LABEL.match(n) for n in names):
-            return None
-        return names, f"the id2label of {config}"
-    return None
+    return get_recipe(recipe).known_labels(target, head_from)

@@ -174,3 +174,10 @@ def supports_prepared_mask(model: nn.Module, tokenizer: Any, causal: bool = Fals
         reference, prepared = reference[keep], prepared[keep]
     scale = float(reference.abs().max().clamp(min=1.0))
     return bool(torch.allclose(reference, prepared, atol=1e-4 * scale, rtol=1e-4))
+
+
+def mask_choice(model: nn.Module, tokenizer: Any, choice: bool | None, causal: bool) -> bool:
+    """Resolve a recipe's ``use_prepared_mask`` option (``None``: :func:`supports_prepared_mask`)."""
+    if choice is None:
+        return supports_prepared_mask(model, tokenizer, causal=causal)
+    return bool(choice)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +46,12 @@ class Recipe(ABC):
 
     Subclasses implement :meth:`collate` and :meth:`logits`; the default :meth:`loss` is the
     per-sample cross-entropy of the logits against ``batch["labels"]``. ``labels`` lists the class
-    names in index order.
+    names in index order. ``scores_accuracy`` is false for a recipe without class logits (its
+    :meth:`logits` and :meth:`accuracy` raise).
     """
 
     labels: list[str]
+    scores_accuracy: ClassVar[bool] = True
 
     def loss(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
         """Per-sample loss, shape ``[B]``. Pure in ``(model, batch)``; never mutates ``model``."""

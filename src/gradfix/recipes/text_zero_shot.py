@@ -1,9 +1,9 @@
-"""Recipes for Hugging Face text models: zero-shot encoders, sequence classifiers, causal LMs.
+"""The ``text-zero-shot`` recipe: a text encoder scored against a frozen head of class prompts.
 
-Batches are built by each recipe's :meth:`collate` (right padding, truncation to ``max_length``).
-The attention mask is handed to the model as a prepared 4D additive mask when the model gives the
-same outputs with it (checked once at construction), which keeps the loss traceable by
-``torch.func.vmap``; otherwise the 2D mask is passed unchanged.
+Batches of the Hugging Face recipes are built by each recipe's :meth:`collate` (right padding,
+truncation to ``max_length``). The attention mask is handed to the model as a prepared 4D additive
+mask when the model gives the same outputs with it (checked once at construction), which keeps the
+loss traceable by ``torch.func.vmap``; otherwise the 2D mask is passed unchanged.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from torch import Tensor, nn
 
 from gradfix.data import Example
 from gradfix.errors import CheckpointError, ConfigError
+from gradfix.io import open_checkpoint
 from gradfix.recipes import _hf
 from gradfix.recipes.base import Batch, Recipe
+from gradfix.recipes.registry import DEFAULT_LOGIT_SCALE, RecipeFamily, register_recipe
 
 DEFAULT_TEMPLATE = "This text is about {label}."
 HEAD_FILENAME = "zero_shot_head.safetensors"
@@ -52,13 +54,6 @@ def _check_template(template: str) -> None:
         raise ConfigError(f"prompt template {template!r} must contain {{label}}")
 
 
-def _mask_choice(model: nn.Module, tokenizer: Any, choice: bool | None, causal: bool) -> bool:
-    """Resolve the ``use_prepared_mask`` option (``None`` = detect)."""
-    if choice is None:
-        return _hf.supports_prepared_mask(model, tokenizer, causal=causal)
-    return bool(choice)
-
-
 class TextZeroShotRecipe(Recipe):
     """Zero-shot classification with a text encoder, the text analogue of CLIP's zero-shot head.
 
@@ -88,7 +83,7 @@ class TextZeroShotRecipe(Recipe):
         self.logit_scale = float(logit_scale)
         self.max_length = int(max_length)
         _hf.ensure_pad_token(tokenizer)
-        self.use_prepared_mask = _mask_choice(model, tokenizer, use_prepared_mask, causal=False)
+        self.use_prepared_mask = _hf.mask_choice(model, tokenizer, use_prepared_mask, causal=False)
         if head is None:
             head = self.embed(model, [template.format(label=name) for name in self.labels])
         elif head.dim() != 2 or head.shape[0] != len(self.labels):
@@ -209,93 +204,90 @@ class TextZeroShotRecipe(Recipe):
         return cls(model, tokenizer, wanted, template, scale, max_length, rows, use_prepared_mask)
 
 
-class SequenceClassificationRecipe(Recipe):
-    """Per-sample cross-entropy of a sequence classifier's ``logits``.
+def _head_source(model_dir: Path, head_from: str | Path | None) -> Path | None:
+    """The head file or model folder the zero-shot head comes from (``None``: the model itself)."""
+    if head_from is None:
+        own = model_dir / HEAD_FILENAME
+        return own if own.is_file() else None
+    source = Path(head_from)
+    if source.is_file():
+        return source
+    if source.is_dir():
+        if (source / HEAD_FILENAME).is_file():
+            return source / HEAD_FILENAME
+        return None if source.resolve() == model_dir.resolve() else source
+    raise CheckpointError(f"{source}: head_from is neither a zero-shot head file nor a model folder")
 
-    Class order: the model's ``config.label2id`` when its names are exactly ``labels``, otherwise
-    ``labels`` sorted. :class:`ConfigError` if the model's ``num_labels`` differs from the count.
+
+@register_recipe
+class TextZeroShot(RecipeFamily):
+    """``AutoModel`` + :class:`TextZeroShotRecipe`, the head from a file, a model folder or the model.
+
+    The head comes from ``head_from``: a saved head file, or a model folder (its
+    ``zero_shot_head.safetensors`` if it has one, else its own prompt embeddings). By default it is
+    ``model_dir``'s ``zero_shot_head.safetensors`` if present, else the prompts embedded by the
+    loaded model. ``template`` defaults to :data:`DEFAULT_TEMPLATE` (a head file's own template
+    must match it); ``logit_scale`` to the head file's scale, else 20.
     """
 
-    def __init__(
+    name = "text-zero-shot"
+    summary = "a text encoder scored against a frozen head of class prompts (mean-pooled, cosine)"
+    recipe_class = TextZeroShotRecipe
+
+    def build(
         self,
-        model: nn.Module,
-        tokenizer: Any,
+        model_dir: str | Path,
         labels: Sequence[str],
+        *,
+        template: str | None = None,
+        head_from: str | Path | None = None,
         max_length: int = 128,
-        use_prepared_mask: bool | None = None,
-    ):
-        """Bind the tokenizer and fix the label order from the model's config."""
-        names = _hf.check_labels(labels)
-        config = getattr(model, "config", None)
-        num_labels = getattr(config, "num_labels", None)
-        if num_labels is not None and num_labels != len(names):
-            raise ConfigError(
-                f"the model classifies into {num_labels} labels but {len(names)} were given: {names}"
+        logit_scale: float | None = None,
+        attn_implementation: str | None = "eager",
+    ) -> tuple[nn.Module, Recipe]:
+        """Load the encoder and its tokenizer and build the recipe with the head resolved as above."""
+        folder = Path(model_dir)
+        model, tokenizer = _hf.load_pretrained("AutoModel", folder, attn_implementation)
+        source = _head_source(folder, head_from)
+        if source is not None and source.is_file():
+            recipe = TextZeroShotRecipe.from_head_file(
+                model, tokenizer, source, labels, logit_scale=logit_scale, max_length=max_length
             )
-        label2id = dict(getattr(config, "label2id", None) or {})
-        if set(label2id) == set(names) and sorted(label2id.values()) == list(range(len(names))):
-            self.labels = sorted(names, key=lambda name: label2id[name])
-        else:
-            self.labels = sorted(names)
-        self.tokenizer = tokenizer
-        self.max_length = int(max_length)
-        _hf.ensure_pad_token(tokenizer)
-        self.use_prepared_mask = _mask_choice(model, tokenizer, use_prepared_mask, causal=False)
+            if template is not None and template != recipe.template:
+                raise ConfigError(
+                    f"{source}: the zero-shot head was built with template {recipe.template!r}, "
+                    f"not {template!r}; omit the template or rebuild the head"
+                )
+            return model, recipe
+        prompt = DEFAULT_TEMPLATE if template is None else template
+        scale = DEFAULT_LOGIT_SCALE if logit_scale is None else logit_scale
+        head = None
+        if source is not None:
+            head_model, head_tokenizer = _hf.load_pretrained("AutoModel", source, attn_implementation)
+            head = TextZeroShotRecipe(
+                head_model, head_tokenizer, labels, prompt, scale, max_length
+            ).head
+        recipe = TextZeroShotRecipe(model, tokenizer, labels, prompt, scale, max_length, head=head)
+        return model, recipe
 
-    def logits(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-        """The classifier's logits ``[B, C]``."""
-        return _hf.first_output(_hf.forward(model, batch, self.use_prepared_mask))
+    def known_labels(
+        self, target: str | Path, head_from: str | Path | None = None
+    ) -> tuple[list[str], str] | None:
+        """The labels of the saved zero-shot head (``head_from`` or the target's own), else ``None``.
 
-    def collate(self, examples: Sequence[Example]) -> Batch:
-        """Tokenise the texts and add ``labels`` as int64 indices into :attr:`labels`."""
-        batch = _hf.tokenize(self.tokenizer, [ex.text for ex in examples], self.max_length)
-        batch["labels"] = _hf.label_indices([ex.label for ex in examples], self.labels)
-        return batch
-
-
-class CausalLMRecipe(Recipe):
-    """Per-sample mean next-token cross-entropy of a causal language model on the texts.
-
-    Labels of examples are ignored; ``batch["labels"]`` holds the token ids with ``-100`` at
-    padding. There are no class logits, so :meth:`logits` and :meth:`accuracy` raise.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        tokenizer: Any,
-        max_length: int = 128,
-        use_prepared_mask: bool | None = None,
-    ):
-        """Bind the tokenizer (given its end-of-sequence token as padding if it has none)."""
-        self.labels = []
-        self.tokenizer = tokenizer
-        self.max_length = int(max_length)
-        _hf.ensure_pad_token(tokenizer)
-        self.use_prepared_mask = _mask_choice(model, tokenizer, use_prepared_mask, causal=True)
-
-    def collate(self, examples: Sequence[Example]) -> Batch:
-        """Tokenise the texts; ``labels`` are the ids with ``-100`` where there is padding."""
-        batch = _hf.tokenize(self.tokenizer, [ex.text for ex in examples], self.max_length)
-        batch.pop("token_type_ids", None)
-        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        return batch
-
-    def loss(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-        """Mean cross-entropy of each next token over a sample's non-padding tokens, ``[B]``."""
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-        logits = _hf.first_output(_hf.forward(model, inputs, self.use_prepared_mask, causal=True))
-        targets = batch["labels"][:, 1:]
-        token_losses = F.cross_entropy(
-            logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none"
-        )
-        valid = (targets != -100).to(token_losses.dtype)
-        return (token_losses * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
-
-    def logits(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-        """Not available: a causal LM recipe has no classes."""
-        raise ConfigError("the causal-lm recipe has no class logits; evaluate it by its loss")
-
-    def accuracy(self, model: nn.Module, examples: Sequence[Example], batch_size: int = 32) -> float:
-        """Not available: a causal LM recipe has no classes."""
-        raise ConfigError("the causal-lm recipe has no accuracy; evaluate it by its loss")
+        Without a saved head the prompts can embed any label. A head that cannot be read gives
+        ``None`` too: building the recipe reports it.
+        """
+        head = Path(head_from) if head_from is not None else Path(target) / HEAD_FILENAME
+        if head.is_dir():
+            head = head / HEAD_FILENAME
+        if not head.is_file():
+            return None
+        try:
+            with open_checkpoint(head) as reader:
+                labels = json.loads(reader.metadata().get("labels", "null"))
+        except (CheckpointError, ValueError):
+            return None  # the recipe reports a malformed head itself
+        if isinstance(labels, list) and all(isinstance(x, str) for x in labels):
+            return labels, f"the zero-shot head {head}"
+        return None

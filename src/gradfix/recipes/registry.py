@@ -1,0 +1,98 @@
+"""The recipe registry: one :class:`RecipeFamily` object per model family, registered by name.
+
+A family knows how to load a model folder and build its :class:`~gradfix.recipes.base.Recipe`
+(:meth:`RecipeFamily.build`), which labels a target of that family can score
+(:meth:`RecipeFamily.known_labels`) and whether its recipe has class logits to score accuracy
+with (:attr:`RecipeFamily.scores_accuracy`).
+
+Adding a recipe is one new file in this folder that defines a :class:`RecipeFamily` subclass
+decorated with :func:`register_recipe` (imported by ``gradfix.recipes``), plus its test.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar, TypeVar
+
+from torch import nn
+
+from gradfix.errors import ConfigError
+from gradfix.recipes.base import Recipe
+
+DEFAULT_LOGIT_SCALE = 20.0
+"""The zero-shot head's logit scale when neither the caller nor a saved head gives one."""
+
+
+class RecipeFamily(ABC):
+    """A model family and its loss, registered under :attr:`name` with :func:`register_recipe`.
+
+    ``recipe_class`` is the :class:`Recipe` subclass that :meth:`build` returns; whether the family
+    scores accuracy follows from it (:attr:`Recipe.scores_accuracy`).
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    recipe_class: ClassVar[type[Recipe]]
+
+    @property
+    def scores_accuracy(self) -> bool:
+        """Whether the family's recipe has class logits, so accuracy can score a model."""
+        return bool(self.recipe_class.scores_accuracy)
+
+    @abstractmethod
+    def build(
+        self,
+        model_dir: str | Path,
+        labels: Sequence[str],
+        *,
+        template: str | None = None,
+        head_from: str | Path | None = None,
+        max_length: int = 128,
+        logit_scale: float | None = None,
+        attn_implementation: str | None = "eager",
+    ) -> tuple[nn.Module, Recipe]:
+        """Load ``model_dir`` offline (float32, eval mode) and build ``(model, recipe)`` for it."""
+
+    def known_labels(
+        self, target: str | Path, head_from: str | Path | None = None
+    ) -> tuple[list[str], str] | None:
+        """The labels ``target`` can score and whose they are, when it has a fixed set (else ``None``)."""
+        return None
+
+    def __call__(
+        self, model_dir: str | Path, labels: Sequence[str], **options: object
+    ) -> tuple[nn.Module, Recipe]:
+        """Same as :meth:`build`, so a family can stand where a builder function was expected."""
+        return self.build(model_dir, labels, **options)  # type: ignore[arg-type]
+
+
+RECIPES: dict[str, RecipeFamily] = {}
+"""The registered recipe families by name, in registration order (the order the CLI lists)."""
+
+F = TypeVar("F", bound=type[RecipeFamily])
+
+
+def register_recipe(cls: F) -> F:
+    """Class decorator: register one instance of a :class:`RecipeFamily` subclass under its ``name``."""
+    if cls.name in RECIPES:
+        raise ValueError(f"recipe {cls.name!r} is registered twice")
+    RECIPES[cls.name] = cls()
+    return cls
+
+
+def get_recipe(name: str) -> RecipeFamily:
+    """The registered recipe family ``name``; a :class:`ConfigError` listing the choices otherwise."""
+    try:
+        return RECIPES[name]
+    except (KeyError, TypeError):
+        raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)}") from None
+
+
+def reject_zero_shot_options(name: str, template: object, head_from: object) -> None:
+    """ConfigError if options that only the zero-shot recipe uses were given to ``name``."""
+    options = (("template", template), ("head_from", head_from))
+    given = [opt for opt, value in options if value is not None]
+    if given:
+        raise ConfigError(f"{' and '.join(given)}: only text-zero-shot uses it, not {name}")
