@@ -228,10 +228,7 @@ def choose_on_shots(
     if len(shots) != len(labels):
         raise ConfigError(f"{len(shots)} shots but {len(labels)} labels")
     theta = {n: p.detach().clone() for n, p in model.named_parameters() if n in tau}
-    losses: dict[tuple[float, float], list[Tensor]] = {}
-    hits: dict[tuple[float, float], list[Tensor]] = {}
-    base_hits: list[Tensor] = []
-    norms: dict[float, list[float]] = {}
+    scores = _FoldScores()
     for held in shot_folds(labels, folds, seed):
         held_set = set(held)
         voters = [shots[i] for i in range(len(shots)) if i not in held_set]
@@ -243,45 +240,68 @@ def choose_on_shots(
         )
         batch = collate([shots[i] for i in held])
         if correct is not None:
-            base_hits.append(evaluate(model, theta, {}, 0.0, batch, correct))
+            scores.base_hits.append(evaluate(model, theta, {}, 0.0, batch, correct))
         for t in thresholds:
             update = gated(tau, votes, t, unvoted) if (votes is not None or t > 1) else TaskVector(dict(tau))
-            norms.setdefault(t, []).append(_norm(update))
+            scores.norms.setdefault(t, []).append(_norm(update))
             for alpha in alphas:
-                values = evaluate(model, theta, update, alpha, batch, loss_fn)
-                losses.setdefault((t, alpha), []).append(values)
+                scores.losses.setdefault((t, alpha), []).append(
+                    evaluate(model, theta, update, alpha, batch, loss_fn)
+                )
                 if correct is not None:
-                    hits.setdefault((t, alpha), []).append(
+                    scores.hits.setdefault((t, alpha), []).append(
                         evaluate(model, theta, update, alpha, batch, correct)
                     )
-    per_sample = {key: torch.cat(parts) for key, parts in losses.items()}
-    mean = {
-        key: float(v.mean()) if bool(torch.isfinite(v).all()) else math.inf for key, v in per_sample.items()
-    }
-    allowed = list(mean)
-    if correct is not None:
-        accuracy = {key: float(torch.cat(parts).mean()) for key, parts in hits.items()}
-        floor = float(torch.cat(base_hits).mean())
+    return scores.choose(rule, f"{folds}-fold shots, {rule} rule")
+
+
+Candidate = tuple[float, float]
+
+
+@dataclass
+class _FoldScores:
+    """Held-out per-sample losses (and hits) of every candidate ``(t, α)``, gathered over the folds."""
+
+    losses: dict[Candidate, list[Tensor]] = field(default_factory=dict)
+    hits: dict[Candidate, list[Tensor]] = field(default_factory=dict)
+    base_hits: list[Tensor] = field(default_factory=list)
+    norms: dict[float, list[float]] = field(default_factory=dict)
+
+    def allowed(self, mean: Mapping[Candidate, float]) -> list[Candidate]:
+        """The candidates at least as accurate as B on the held-out shots (all without hits)."""
+        if not self.hits:
+            return list(mean)
+        accuracy = {key: float(torch.cat(parts).mean()) for key, parts in self.hits.items()}
+        floor = float(torch.cat(self.base_hits).mean())
         allowed = [key for key in mean if accuracy[key] >= floor - 1e-12]
-        if not allowed:  # α = 0 not in the grid and every candidate below B: the least harmful
-            allowed = [max(accuracy, key=accuracy.get)]
-    best = min(allowed, key=mean.get)
-    chosen = best
-    if rule == "one-se" and math.isfinite(mean[best]):
-        n = per_sample[best].numel()
+        # α = 0 not in the grid and every candidate below B: the least harmful
+        return allowed or [max(accuracy, key=lambda k: accuracy[k])]
 
-        def within(key: tuple[float, float]) -> bool:
-            if not math.isfinite(mean[key]):
-                return False
-            spread = float((per_sample[key] - per_sample[best]).std()) if n > 1 else 0.0
-            return mean[key] - mean[best] <= spread / math.sqrt(n)
+    def choose(self, rule: str, source: str) -> Choice:
+        """The candidate of ``rule`` (``min``, or ``one-se``: the smallest update within one SE)."""
+        per_sample = {key: torch.cat(parts) for key, parts in self.losses.items()}
+        mean = {
+            key: float(v.mean()) if bool(torch.isfinite(v).all()) else math.inf
+            for key, v in per_sample.items()
+        }
+        allowed = self.allowed(mean)
+        best = min(allowed, key=lambda k: mean[k])
+        chosen = best
+        if rule == "one-se" and math.isfinite(mean[best]):
+            n = per_sample[best].numel()
 
-        def size(key: tuple[float, float]) -> float:
-            return abs(key[1]) * sum(norms[key[0]]) / len(norms[key[0]])
+            def within(key: Candidate) -> bool:
+                if not math.isfinite(mean[key]):
+                    return False
+                spread = float((per_sample[key] - per_sample[best]).std()) if n > 1 else 0.0
+                return mean[key] - mean[best] <= spread / math.sqrt(n)
 
-        chosen = min((key for key in allowed if within(key)), key=size)
-    scores = {candidate_key(t, a): -v for (t, a), v in mean.items()}
-    return Choice(chosen[0], chosen[1], -mean[chosen], scores, f"{folds}-fold shots, {rule} rule")
+            def size(key: Candidate) -> float:
+                return abs(key[1]) * sum(self.norms[key[0]]) / len(self.norms[key[0]])
+
+            chosen = min((key for key in allowed if within(key)), key=size)
+        scores = {candidate_key(t, a): -v for (t, a), v in mean.items()}
+        return Choice(chosen[0], chosen[1], -mean[chosen], scores, source)
 
 
 def _norm(update: Mapping[str, Tensor]) -> float:
