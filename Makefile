@@ -1,6 +1,6 @@
 # make demo  - set up .venv/ (if needed) and carry a fine-tune of all-MiniLM-L6-v2 to a new release of it
 # make test  - set up .venv/ (if needed) and run the test suite
-# make lint  - ruff on the sources and tests
+# make lint  - ruff on the sources and tests, the import contracts (import-linter) and mypy on src/
 # make results - every experiment, then docs/results.md (hours on 2 cores; see experiments/run_all.sh)
 
 PYTHON ?= python3
@@ -28,6 +28,8 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples experiments benchmarks
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 results: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[hf,experiments]"

@@ -158,8 +158,11 @@ def _adapter(command: str) -> TypeAdapter[dict[str, Any]]:
     from gradfix.cli.fields import command_options
 
     kinds = {key: option.kind.annotation for key, option in command_options(command).items()}
-    options = TypedDict(f"{command.capitalize()}Options", kinds)  # type: ignore[misc]
-    options.__pydantic_config__ = ConfigDict(strict=True, extra="forbid")  # type: ignore[attr-defined]
+    # A TypedDict class built at run time, from fields a type checker cannot know: called through an
+    # untyped name so that the checker sees a value of unknown type, not a malformed TypedDict.
+    typed_dict: Any = TypedDict
+    options = typed_dict(f"{command.capitalize()}Options", kinds)
+    options.__pydantic_config__ = ConfigDict(strict=True, extra="forbid")
     return TypeAdapter(options)
 
 

@@ -127,7 +127,8 @@ def optional(kind: Kind) -> Kind:
 
 def listed(kind: Kind, expected: str) -> Kind:
     """A list of ``kind`` values; a single value counts as a list of one."""
-    return Kind(Annotated[list[kind.annotation], BeforeValidator(_to_list)], expected, kind.choices, True)
+    items = types.GenericAlias(list, (kind.annotation,))  # list[kind.annotation], built at run time
+    return Kind(Annotated[items, BeforeValidator(_to_list)], expected, kind.choices, True)
 
 
 INT = Kind(Int, "an integer")

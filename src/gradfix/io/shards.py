@@ -294,7 +294,7 @@ def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: not a valid PyTorch checkpoint ({type(exc).__name__}: {_short(exc)})"
         ) from exc
     if _is_tensor_dict(obj):
-        return _dense(path, obj)  # type: ignore[arg-type]
+        return _dense(path, obj)
     if isinstance(obj, Mapping):
         nested = [k for k in ("state_dict", "model") if _is_tensor_dict(obj.get(k))]
         if len(nested) == 1:

@@ -16,11 +16,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-
-try:
-    from safetensors import SafetensorError
-except ImportError:  # older safetensors releases
-    from safetensors._safetensors_rust import SafetensorError
+from safetensors import SafetensorError
 
 from gradfix.errors import CheckpointError, ConfigError, OutputError
 from gradfix.io.streaming import StreamingShardedWriter, TensorPlan

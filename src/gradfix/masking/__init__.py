@@ -8,7 +8,7 @@ update for every mask.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import get_args
+from typing import TYPE_CHECKING, TypedDict, get_args
 
 import torch
 from torch import Tensor
@@ -28,6 +28,9 @@ from gradfix.ops.masks import MASKS, MaskOptions, get_mask, seeded_generator
 from gradfix.settings import DEFAULT_GAMMA, DEFAULT_THRESHOLD, Unvoted
 from gradfix.task_vector import TaskVector
 from gradfix.votes import SignVotes
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 ReferenceLike = SignVotes | TaskVector | Mapping[str, Tensor]
 """What a mask compares ``τ_A`` against: the target's votes ``ŝ`` (GradFix), the target's own task
@@ -106,13 +109,22 @@ def mask_task_vector(
     return TaskVector(out)
 
 
+class MaskKeywords(TypedDict, total=False):
+    """The keyword arguments of :func:`mask_task_vector` that :func:`transport` passes on."""
+
+    gamma: float
+    seed: int
+    unvoted: str
+    threshold: float
+
+
 def transport(
     target_state_dict: Mapping[str, Tensor],
     tau: Mapping[str, Tensor],
     reference: ReferenceLike | None,
     alpha: float = 1.0,
     mask: str = "agreement",
-    **mask_options: object,
+    **mask_options: Unpack[MaskKeywords],
 ) -> dict[str, Tensor]:
     """``θ_B^new = θ_B + α · (m ⊙ τ_A)`` (Eq. 5): a new state dict for the target.
 
@@ -121,7 +133,7 @@ def transport(
     those of :func:`mask_task_vector`. Tensors of the target outside ``τ_A`` are passed through
     unchanged.
     """
-    masked = mask_task_vector(tau, reference, mask, **mask_options)  # type: ignore[arg-type]
+    masked = mask_task_vector(tau, reference, mask, **mask_options)
     return masked.apply_to(target_state_dict, alpha)
 
 

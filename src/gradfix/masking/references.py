@@ -155,8 +155,10 @@ class VoteReference:
         """The estimate ``ŝ``, ``−ḡ``, the margins ``v / n`` of rows ``start:stop``, and ``ḡ``."""
         counts, grad_sum = self.sums(name, start, stop)
         gradient = grad_sum / max(self.num_samples, 1)
-        use_counts = self.estimator == "majority" and counts is not None
-        sign = majority_sign(counts) if use_counts else mean_sign(grad_sum)
+        if self.estimator == "majority" and counts is not None:
+            sign = majority_sign(counts)
+        else:
+            sign = mean_sign(grad_sum)
         margin = counts.float() / self.num_samples if counts is not None and self.num_samples else None
         return ReferenceRows(sign, -gradient, margin), gradient
 

@@ -98,15 +98,22 @@ class CrossStats:
     def __add__(self, other: CrossStats) -> CrossStats:
         if self.widths != other.widths:
             raise MismatchError(f"cannot add statistics of widths {self.widths} and {other.widths}")
-        sums = (None, None)
-        if all(t is not None for t in (self.sum_a, self.sum_b, other.sum_a, other.sum_b)):
-            sums = (self.sum_a + other.sum_a, self.sum_b + other.sum_b)
+        sum_a: Tensor | None = None
+        sum_b: Tensor | None = None
+        if (
+            self.sum_a is not None
+            and self.sum_b is not None
+            and other.sum_a is not None
+            and other.sum_b is not None
+        ):
+            sum_a, sum_b = self.sum_a + other.sum_a, self.sum_b + other.sum_b
         return CrossStats(
             self.cross + other.cross,
             self.gram_a + other.gram_a,
             self.gram_b + other.gram_b,
             self.count + other.count,
-            *sums,
+            sum_a,
+            sum_b,
         )
 
 

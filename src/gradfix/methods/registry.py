@@ -14,14 +14,14 @@ import math
 from abc import ABC
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
 
 from gradfix.errors import ConfigError
 from gradfix.ops.masks import MASKS
-from gradfix.settings import DEFAULT_ALPHA, DEFAULT_METHOD, DEFAULT_THRESHOLD, MaskSettings
+from gradfix.settings import DEFAULT_ALPHA, DEFAULT_METHOD, DEFAULT_THRESHOLD, Alpha, MaskSettings
 from gradfix.task_vector import TaskVector
 
-AUTO = "auto"
+AUTO: Final = "auto"
 """The ``alpha`` setting that chooses α."""
 
 
@@ -64,8 +64,9 @@ class Method(ABC):
             raise ConfigError(
                 f"--method {self.name} does not take --mask {mask}; it takes {', '.join(self.masks)}"
             )
-        alpha = masking.alpha if masking.alpha is not None else self.default_alpha
-        if is_auto(alpha):
+        given = masking.alpha if masking.alpha is not None else self.default_alpha
+        alpha: Alpha
+        if is_auto(given):
             if not self.can_choose:
                 raise ConfigError(
                     f"--alpha auto chooses α for --method adaptive or gradfix; give --alpha a number for "
@@ -73,7 +74,7 @@ class Method(ABC):
                 )
             alpha = AUTO
         else:
-            alpha = fixed_alpha(alpha)
+            alpha = fixed_alpha(given)
         threshold = masking.threshold if masking.threshold is not None else DEFAULT_THRESHOLD
         return replace(masking, mask=mask, alpha=alpha, threshold=threshold)
 

@@ -217,7 +217,7 @@ def _detect_mlp(state_dict: StateDict, names: list[str], conv: bool = False) -> 
         dims_ok = weight is not None and (weight.dim() == 2 or (conv and weight.dim() > 2))
         linear = dims_ok and set(leaves) <= {"weight", "bias"}
         norm = set(leaves) <= set(_NORM_LEAVES) and all(t.dim() == 1 for t in leaves.values())
-        if linear and width in (None, weight.shape[1]):
+        if linear and weight is not None and width in (None, weight.shape[1]):
             layers.append(prefix)
             width = weight.shape[0]
         elif norm and (not layers or all(t.shape[0] == width for t in leaves.values())):
@@ -233,8 +233,9 @@ def _detect_mlp(state_dict: StateDict, names: list[str], conv: bool = False) -> 
     return mlp_spec(layers, norms).restrict(names)
 
 
-_SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm)
-_SUPPORTED += (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_SUPPORTED = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d
+)
 
 
 def spec_for_module(model: nn.Module) -> PermutationSpec:

@@ -267,7 +267,7 @@ def estimate_signs(
         raise ConfigError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params: dict[str, Tensor] = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise GradfixError("the model has no parameter with requires_grad=True to vote on")
     acc = _Accumulator(params, with_counts=estimator == "majority")

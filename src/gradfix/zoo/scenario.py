@@ -63,7 +63,7 @@ class Scenario:
 def scenario_status(scenario: Scenario, root: str | Path | None = None) -> dict[str, Any]:
     """Which entries are built, with their folders and sizes in bytes (nothing is built)."""
     base = cache_root(root)
-    entries = {}
+    entries: dict[str, dict[str, Any]] = {}
     for entry, artifact in scenario.entries.items():
         folder = artifact.folder(base)
         built = artifact.is_built(base)

@@ -23,7 +23,7 @@ import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +93,12 @@ def quiet_hf() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+class _SavesPretrained(Protocol):
+    """A Hugging Face ``PreTrainedModel``, as far as :func:`save_encoder` uses it."""
+
+    def save_pretrained(self, save_directory: str | Path) -> Any: ...
+
+
 def load_encoder(folder: str | Path) -> tuple[nn.Module, Any]:
     """``(BertModel-like encoder, tokenizer)`` from a folder, float32, eval mode, SDPA attention."""
     return load_pretrained("AutoModel", folder, attn_implementation="sdpa")
@@ -108,7 +114,7 @@ def save_encoder(model: nn.Module, base: str | Path, out: Path) -> None:
         if rel.name not in BASE_ONLY_FILES:
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(Path(base) / rel, out / rel)
-    model.save_pretrained(out)
+    cast(_SavesPretrained, model).save_pretrained(out)
 
 
 def _embed(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -134,7 +134,7 @@ def stratified_split(labels: Tensor, sizes: dict[str, int], seed: int) -> dict[s
     taken = dict.fromkeys(classes, 0)
     out: dict[str, Tensor] = {}
     for name, size in sizes.items():
-        chosen = []
+        chosen: list[Tensor] = []
         for i, c in enumerate(classes):
             share = size * len(pools[c]) // len(labels) if i < len(classes) - 1 else None
             if share is None:
