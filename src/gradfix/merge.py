@@ -18,7 +18,8 @@ from torch import Tensor
 
 from gradfix.checks import check_same_architecture
 from gradfix.errors import ConfigError, MismatchError
-from gradfix.masking import MASK_CHOICES, ReferenceLike, mask_task_vector, reference_signs
+from gradfix.masking import ReferenceLike, mask_task_vector, reference_signs
+from gradfix.ops.masks import MASKS, get_mask
 from gradfix.ops.merging import (
     ELECT_METHODS,
     check_density,
@@ -159,13 +160,14 @@ def merge_then_mask(
     ``merge_options`` go to :func:`merge_task_vectors`.
     """
     options = _check_pipeline(task_vectors, references, mask, method, mask_options, merge_options)
-    if mask == "magnitude":
+    if get_mask(mask).reads == "value":
+        usable = ", ".join(name for name, m in MASKS.items() if m.reads != "value")
         raise ConfigError(
-            "merge_then_mask masks with a consensus sign; the 'magnitude' mask needs a "
-            "real-valued reference: choose one of agreement, forcing, random, none"
+            f"merge_then_mask masks with a consensus sign; the {mask!r} mask needs a "
+            f"real-valued reference: choose one of {usable}"
         )
     merged = merge_task_vectors(task_vectors, method, **merge_options)
-    if mask == "none":
+    if not get_mask(mask).needs_reference:
         return merged
     consensus = consensus_signs(references, merged.shapes())
     return mask_task_vector(merged, consensus, mask, **options)
@@ -263,8 +265,7 @@ def _check_pipeline(
             f"got {len(references)} reference(s) for {len(task_vectors)} task vector(s); "
             "give one reference per task vector"
         )
-    if mask not in MASK_CHOICES:
-        raise ConfigError(f"unknown mask {mask!r}; choose one of {', '.join(MASK_CHOICES)}")
+    get_mask(mask)  # a ConfigError listing the masks for an unknown one
     unknown = sorted(set(merge_options) - set(MERGE_OPTIONS))
     if unknown:
         raise ConfigError(

@@ -41,7 +41,7 @@ from gradfix.jobs.inputs import (
 from gradfix.jobs.output import MaskedUpdate, WholeUpdate, finish_output, write_model
 from gradfix.masking import TauRows, VoteReference, mask_task_vector, uncovered_tensors, unvoted_error
 from gradfix.methods import Method, resolve_method
-from gradfix.methods.adaptive import ChoicePlan, output_mask
+from gradfix.methods.adaptive import ChoicePlan, gate_mask
 from gradfix.ops.masks import MaskOptions, get_mask
 from gradfix.settings import DEFAULT_SHARD_BYTES, MaskSettings, VoteSettings
 from gradfix.task_vector import TaskVector, float_names
@@ -213,7 +213,7 @@ def _choose(
     choice = choose(choosing, tau, combined, model, recipe, mapping, shots, votes, masking.unvoted)
     if held is not None:
         held.model = held.combined = None
-    mask = output_mask(choice.threshold)
+    mask = gate_mask(choice.threshold)
     record.update(mask=mask, threshold=choice.threshold, alpha=choice.alpha, choice=choice_record(choice))
     if choosing.validation is not None:
         record["validation"] = {
@@ -269,7 +269,7 @@ def _transport_aligned(
     inputs = [Path(source_base), Path(source_finetuned), Path(target_base), *([Path(data)] if data else [])]
     check_outputs(out, inputs, overwrite)
     drawn = draw_shots(target_base, votes) if data else None
-    if masking.mask != "none" and not data:
+    if get_mask(str(masking.mask)).needs_reference and not data:
         raise ConfigError(f"the {masking.mask!r} mask needs votes: give --data (or use --mask none)")
     tau_a = TaskVector.from_checkpoints(source_base, source_finetuned, masking.include, masking.exclude)
     check_task_vector_nonzero(tau_a, source_base, source_finetuned)

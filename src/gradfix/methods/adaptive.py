@@ -3,7 +3,8 @@
 ``θ_B + α · (m_t ⊙ τ_A)`` with ``m_t`` the vote-margin gate (``t = 0`` is GradFix's agreement
 mask, ``t > 1`` naive addition); ``(t, α)`` is chosen from a grid by :mod:`gradfix.methods.autotune`
 on a validation file, or by cross-validation over the shots. :func:`choice_grid` turns the
-settings into the grid, for this method and for ``gradfix`` with ``alpha="auto"`` (α alone).
+settings into the grid, for this method and for ``gradfix`` with ``alpha="auto"`` (α alone);
+:func:`~gradfix.methods.autotune.gate_mask` names the mask that writes the chosen ``t``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gradfix.errors import ConfigError
-from gradfix.methods.autotune import DEFAULT_ALPHAS, DEFAULT_THRESHOLDS, NAIVE
+from gradfix.methods.autotune import DEFAULT_ALPHAS, DEFAULT_THRESHOLDS, NAIVE, gate_mask
 from gradfix.methods.registry import AUTO, Method, fixed_alpha, is_auto, register_method
 from gradfix.settings import MaskSettings
 
@@ -28,6 +29,7 @@ class Adaptive(Method):
     default_mask = "gate"
     default_alpha = AUTO
     can_choose = True
+    chooses_threshold = True
 
     def resolve(self, masking: MaskSettings) -> MaskSettings:
         """The gate, α ``auto`` by default; a fixed ``threshold`` is refused (it is chosen)."""
@@ -95,21 +97,21 @@ def choice_grid(method: Method, masking: MaskSettings) -> ChoicePlan | None:
     ``t = 0``), an α grid with a fixed α, and bad grid values.
     """
     auto = is_auto(masking.alpha)
-    if not (method.name == "adaptive" or auto):
+    if not (method.chooses_threshold or auto):
         _refuse_grids(masking)
         return None
-    if method.name == "gradfix" and masking.mask != "agreement":
+    if not method.chooses_threshold and masking.mask != "agreement":
         raise ConfigError(
-            f"--alpha auto with --method gradfix chooses α for the agreement mask, not --mask "
+            f"--alpha auto with --method {method.name} chooses α for the agreement mask, not --mask "
             f"{masking.mask}; give --alpha a number, or use --method adaptive"
         )
-    if method.name == "gradfix" and masking.thresholds is not None:
+    if not method.chooses_threshold and masking.thresholds is not None:
         raise ConfigError(
-            "--thresholds are the gate thresholds of --method adaptive; --method gradfix uses t = 0"
+            f"--thresholds are the gate thresholds of --method adaptive; --method {method.name} uses t = 0"
         )
     if not auto and masking.alphas is not None:
         raise ConfigError(f"--alphas is the α grid of --alpha auto, but --alpha is {masking.alpha}")
-    if method.name == "adaptive":
+    if method.chooses_threshold:
         given: list[Any] = (
             list(DEFAULT_THRESHOLDS) if masking.thresholds is None else list(masking.thresholds)
         )
@@ -128,9 +130,4 @@ def choice_grid(method: Method, masking: MaskSettings) -> ChoicePlan | None:
     return ChoicePlan(list(dict.fromkeys(thresholds)), list(dict.fromkeys(alphas)))
 
 
-def output_mask(threshold: float) -> str:
-    """The mask that writes ``m_t ⊙ τ_A`` as :func:`gradfix.methods.autotune.gated` computes it.
-
-    ``t = 0``: the agreement mask; ``t > 0``: the gate (above 1 it keeps every voted coordinate).
-    """
-    return "agreement" if threshold == 0 else "gate"
+__all__ = ["Adaptive", "ChoicePlan", "choice_grid", "gate_mask", "grid_value"]

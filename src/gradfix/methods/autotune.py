@@ -69,14 +69,21 @@ def candidate_key(threshold: float, alpha: float) -> str:
     return f"t={t},a={alpha:g}"
 
 
+def gate_mask(threshold: float) -> str:
+    """The registered mask that writes ``m_t ⊙ τ_A``: ``agreement`` for ``t = 0``, else ``gate``.
+
+    Above 1 the gate keeps every voted coordinate (tensors without votes follow the unvoted policy).
+    """
+    return "agreement" if threshold == 0 else "gate"
+
+
 def gated(
     tau: Mapping[str, Tensor], votes: SignVotes | None, threshold: float, unvoted: str = "error"
 ) -> TaskVector:
     """``m_t ⊙ τ_A`` for the gate threshold ``t`` (``t > 1``: ``τ_A`` itself, no votes needed)."""
     if threshold > 1:
         return TaskVector(dict(tau))
-    mask = "agreement" if threshold == 0 else "gate"
-    return mask_task_vector(tau, votes, mask, threshold=threshold, unvoted=unvoted)
+    return mask_task_vector(tau, votes, gate_mask(threshold), threshold=threshold, unvoted=unvoted)
 
 
 def choose_on_validation(

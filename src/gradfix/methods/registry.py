@@ -53,7 +53,10 @@ class Method(ABC):
     default_mask: ClassVar[str] = "none"
     default_alpha: ClassVar[float | str] = DEFAULT_ALPHA
     can_choose: ClassVar[bool] = False
-    """Whether ``alpha="auto"`` (and the gate threshold grid) is open to it."""
+    """Whether ``alpha="auto"`` is open to it."""
+    chooses_threshold: ClassVar[bool] = False
+    """Whether it always chooses the gate threshold ``t`` (from a grid); the others choosing α
+    keep ``t = 0``, GradFix's agreement mask."""
     aligns: ClassVar[bool] = False
     """Whether ``τ_A`` is first carried into the target's coordinates (:meth:`align`)."""
 
