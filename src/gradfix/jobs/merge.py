@@ -31,8 +31,12 @@ from gradfix.settings import (
     DEFAULT_MERGE_MASK,
     DEFAULT_SHARD_BYTES,
     DEFAULT_THRESHOLD,
+    Elect,
     MaskSettings,
+    MergeMethod,
     MergeSettings,
+    Pipeline,
+    TrimScope,
     VoteSettings,
 )
 from gradfix.task_vector import TaskVector, float_names
@@ -56,11 +60,11 @@ def merge_checkpoints(
     out: str | Path,
     target_base: str | Path | None = None,
     *,
-    method: str = "ties",
-    pipeline: str = "plain",
+    method: MergeMethod = "ties",
+    pipeline: Pipeline = "plain",
     density: float = 0.2,
-    elect: str = "mass",
-    trim_scope: str = "tensor",
+    elect: Elect = "mass",
+    trim_scope: TrimScope = "tensor",
     weights: Sequence[float] | None = None,
     votes: VoteSettings | None = None,
     masking: MaskSettings | None = None,
@@ -83,7 +87,7 @@ def merge_checkpoints(
     votes = votes or VoteSettings()
     masking = _resolve_masking(masking or MaskSettings())
     chosen = list(weights) if weights is not None else None
-    merging = MergeSettings(method, pipeline, density, elect, trim_scope, chosen)  # type: ignore[arg-type]
+    merging = MergeSettings(method, pipeline, density, elect, trim_scope, chosen)
     target = Path(target_base) if target_base is not None else Path(tasks[0].source_base)
     out = Path(out)
     sources = [Path(p) for t in tasks for p in (t.source_base, t.source_finetuned)]
@@ -226,7 +230,8 @@ class _LazyMerge(Mapping[str, Tensor]):
         self._selected = set(self.names)
         self.readers: list[tuple[CheckpointReader, CheckpointReader]] = []
         self.method, self.pipeline, self.masking = merging.method, merging.pipeline, masking
-        self.alpha = float(masking.alpha)  # type: ignore[arg-type]  # a fixed α (resolved)
+        self.alpha = fixed_alpha(masking.alpha)  # resolved: a number
+        self.mask = masking.mask or DEFAULT_MERGE_MASK
         self.merge_options: dict[str, Any] = {
             "density": merging.density,
             "elect": merging.elect,
@@ -258,7 +263,7 @@ class _LazyMerge(Mapping[str, Tensor]):
         return combine(
             taus,
             refs,
-            mask=self.masking.mask,
+            mask=self.mask,
             method=self.method,
             mask_options=self.mask_options,
             **self.merge_options,

@@ -40,7 +40,7 @@ from gradfix.jobs.inputs import (
 )
 from gradfix.jobs.output import MaskedUpdate, WholeUpdate, finish_output, write_model
 from gradfix.masking import TauRows, VoteReference, mask_task_vector, uncovered_tensors, unvoted_error
-from gradfix.methods import Method, resolve_method
+from gradfix.methods import Method, fixed_alpha, resolve_method
 from gradfix.methods.adaptive import ChoicePlan, gate_mask
 from gradfix.ops.masks import MaskOptions, get_mask
 from gradfix.settings import DEFAULT_SHARD_BYTES, MaskSettings, VoteSettings
@@ -104,17 +104,17 @@ def transport_checkpoints(
             overwrite,
             shard_bytes,
         )
-    out, votes_in = Path(out), [Path(p) for p in votes_in]
+    out, files_in = Path(out), [Path(p) for p in votes_in]
     needs_votes = get_mask(str(masking.mask)).needs_reference
     data = votes.data if needs_votes else None
-    inputs = [Path(source_base), Path(source_finetuned), Path(target_base), *votes_in]
+    inputs = [Path(source_base), Path(source_finetuned), Path(target_base), *files_in]
     inputs += [Path(p) for p in (votes.data, choosing.validation if choosing else None) if p]
     check_outputs(out, inputs, overwrite, votes_out)
-    check_votes_files(votes_in if needs_votes else [])
+    check_votes_files(files_in if needs_votes else [])
     drawn = draw_shots(target_base, votes) if data else None
     if choosing is not None:
         check_evidence(choosing, drawn)
-    if needs_votes and not data and not votes_in:
+    if needs_votes and not data and not files_in:
         raise ConfigError(f"the {masking.mask!r} mask needs votes: give --data (or --votes-in)")
     with (
         open_checkpoint(source_base) as rb,
@@ -134,7 +134,7 @@ def transport_checkpoints(
         record = _start_record(source_base, source_finetuned, target_base)
         held = None
         if needs_votes:
-            held = _collect_votes(record, rt, names, votes, drawn, votes_in, votes_out, choosing, overwrite)
+            held = _collect_votes(record, rt, names, votes, drawn, files_in, votes_out, choosing, overwrite)
             if world()[0] != 0:  # under torchrun only the first process writes
                 return {**record, "written_by_another_process": True}
         record.update(_settings_record(chosen.name, votes, masking, bool(data)))
@@ -242,7 +242,7 @@ def _write(
     uncovered = uncovered_tensors(names, nonzero, reference)
     if mask.needs_reference and uncovered and masking.unvoted == "error":
         raise unvoted_error(uncovered)
-    alpha = float(masking.alpha)  # type: ignore[arg-type]  # resolved: a number by now
+    alpha = fixed_alpha(masking.alpha)  # resolved: a number by now
     options = MaskOptions(gamma=masking.gamma, threshold=float(masking.threshold or 0.0), seed=votes.seed)
     tau = TauRows(base=rb, finetuned=rf)
     update = MaskedUpdate(tau, names, reference, mask, options, masking.unvoted == "keep", alpha)
@@ -283,7 +283,7 @@ def _transport_aligned(
         record["data"] = {**input_record(data), **info}
         if world()[0] != 0:
             return {**record, "written_by_another_process": True}
-    alpha = float(masking.alpha)  # type: ignore[arg-type]
+    alpha = fixed_alpha(masking.alpha)
     masked = mask_task_vector(
         tau,
         reference,

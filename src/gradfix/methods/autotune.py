@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from gradfix.errors import ConfigError
 from gradfix.masking import mask_task_vector
+from gradfix.settings import Engine
 from gradfix.task_vector import TaskVector, apply_tensor
 from gradfix.votes import SignVotes, estimate_signs
 
@@ -203,7 +204,7 @@ def choose_on_shots(
     folds: int = 2,
     seed: int = 0,
     unvoted: str = "error",
-    engine: str = "auto",
+    engine: Engine = "auto",
     rule: str = "one-se",
     correct: Callable[[nn.Module, Any], Tensor] | None = None,
 ) -> Choice:

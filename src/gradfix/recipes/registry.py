@@ -14,7 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from torch import nn
 
@@ -62,10 +62,10 @@ class RecipeFamily(ABC):
         return None
 
     def __call__(
-        self, model_dir: str | Path, labels: Sequence[str], **options: object
+        self, model_dir: str | Path, labels: Sequence[str], **options: Any
     ) -> tuple[nn.Module, Recipe]:
         """Same as :meth:`build`, so a family can stand where a builder function was expected."""
-        return self.build(model_dir, labels, **options)  # type: ignore[arg-type]
+        return self.build(model_dir, labels, **options)
 
 
 RECIPES: dict[str, RecipeFamily] = {}
