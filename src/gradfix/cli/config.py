@@ -86,7 +86,7 @@ def validate_options(
     flag (``--batch-size: ...``) or the config key (``--config job.yaml: batch_size: ...``), and
     one listing the valid keys for an unknown config key.
     """
-    from gradfix.cli.fields import command_options
+    from gradfix.cli.fields import command_options, registry_key
 
     options = command_options(command)
     config = {str(k).replace("-", "_"): v for k, v in config.items()}
@@ -97,11 +97,16 @@ def validate_options(
     defaults = {key: copy.copy(option.default) for key, option in options.items()}
     merged = {**defaults, **config, **cli}
     try:
-        validated = _adapter(command).validate_python(merged)
+        validated = _adapter(command, registry_key()).validate_python(merged)
     except ValidationError as exc:
         error = exc.errors()[0]
         key = str(error["loc"][0])
         where = flag_of(key) if key in cli else f"--config {config_path}: {key}"
+        if key == "data" and isinstance(merged[key], (list, tuple)) and not options[key].kind.many:
+            raise ConfigError(
+                f"{where}: {command} takes one data file, got a list of {len(merged[key])}; "
+                "only merge takes a list (one file per task)"
+            ) from None
         raise ConfigError(f"{where}: {_refused(options[key].kind, merged[key], error['loc'])}") from None
     return {key: validated[key] for key in options}
 
@@ -153,8 +158,8 @@ def _refused(kind: Any, value: Any, loc: tuple[Any, ...]) -> str:
 
 
 @cache
-def _adapter(command: str) -> TypeAdapter[dict[str, Any]]:
-    """The pydantic validator of ``command``'s options: a strict ``TypedDict`` of their kinds."""
+def _adapter(command: str, key: tuple[tuple[str, ...], ...]) -> TypeAdapter[dict[str, Any]]:
+    """The pydantic validator of ``command``'s options (for the registries' names ``key``)."""
     from gradfix.cli.fields import command_options
 
     kinds = {key: option.kind.annotation for key, option in command_options(command).items()}

@@ -151,9 +151,22 @@ def _eval(names: dict[str, tuple[str, ...]]) -> dict[str, Option]:
     }
 
 
-@cache
+def registry_key() -> tuple[tuple[str, ...], ...]:
+    """The registered names the options depend on (a new registration gives a new key)."""
+    return tuple(_registry_names().values())
+
+
 def command_options(command: str) -> dict[str, Option]:
-    """Every option of ``command`` (``transport``, ``merge`` or ``eval``), by key (``batch_size``)."""
+    """Every option of ``command`` (``transport``, ``merge`` or ``eval``), by key (``batch_size``).
+
+    Built from the registries as they are now, so a method, mask or recipe registered later is a
+    choice too (cached per set of registered names).
+    """
+    return _command_options(command, registry_key())
+
+
+@cache
+def _command_options(command: str, key: tuple[tuple[str, ...], ...]) -> dict[str, Option]:
     builders = {"transport": _transport, "merge": _merge, "eval": _eval}
     return builders[command](_registry_names())
 

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Final, TypeVar
 
 from gradfix.errors import ConfigError
 from gradfix.ops.masks import MASKS
+from gradfix.registry import Registry
 from gradfix.settings import DEFAULT_ALPHA, DEFAULT_METHOD, DEFAULT_THRESHOLD, Alpha, MaskSettings
 from gradfix.task_vector import TaskVector
 
@@ -88,7 +89,7 @@ class Method(ABC):
         return tau_a
 
 
-METHODS: dict[str, Method] = {}
+METHODS: Registry[Method] = Registry("method")
 """Every registered transport method, by name, in registration order."""
 
 T = TypeVar("T", bound=type[Method])
@@ -96,18 +97,13 @@ T = TypeVar("T", bound=type[Method])
 
 def register_method(cls: T) -> T:
     """Class decorator: register one instance of a :class:`Method` subclass under its ``name``."""
-    if cls.name in METHODS:
-        raise ValueError(f"method {cls.name!r} is registered twice")
-    METHODS[cls.name] = cls()
+    METHODS.register(cls.name, cls())
     return cls
 
 
 def get_method(name: str) -> Method:
     """The registered method ``name``; a :class:`ConfigError` listing the choices otherwise."""
-    try:
-        return METHODS[name]
-    except (KeyError, TypeError):
-        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
+    return METHODS.lookup(name)
 
 
 def resolve_method(name: str | None, masking: MaskSettings) -> tuple[Method, MaskSettings]:

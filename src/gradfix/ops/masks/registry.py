@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import torch
 from torch import Tensor
 
-from gradfix.errors import ConfigError
+from gradfix.registry import Registry
 
 Reads = Literal["nothing", "sign", "value", "margin"]
 """The field of the reference a mask reads."""
@@ -112,7 +112,7 @@ class Mask(ABC):
         """The update ``τ'`` for the rows ``tau`` of ``τ_A`` (a new tensor of ``tau``'s dtype)."""
 
 
-MASKS: dict[str, Mask] = {}
+MASKS: Registry[Mask] = Registry("mask")
 """Every registered mask, by name, in registration order."""
 
 M = TypeVar("M", bound=type[Mask])
@@ -120,18 +120,13 @@ M = TypeVar("M", bound=type[Mask])
 
 def register_mask(cls: M) -> M:
     """Class decorator: register one instance of a :class:`Mask` subclass under its ``name``."""
-    if cls.name in MASKS:
-        raise ValueError(f"mask {cls.name!r} is registered twice")
-    MASKS[cls.name] = cls()
+    MASKS.register(cls.name, cls())
     return cls
 
 
 def get_mask(name: str) -> Mask:
     """The registered mask ``name``; a :class:`ConfigError` listing the choices otherwise."""
-    try:
-        return MASKS[name]
-    except (KeyError, TypeError):
-        raise ConfigError(f"unknown mask {name!r}; choose one of {', '.join(MASKS)}") from None
+    return MASKS.lookup(name)
 
 
 def check_same_shape(a: Tensor, b: Tensor) -> None:
