@@ -1,12 +1,12 @@
 """Time of the streaming safetensors writer against the number of tensors.
 
-Writes N zero-size tensors plus three ordinary ones (N = 20 000, 40 000, 80 000 by default) into a
+Writes N zero-size tensors plus three ordinary ones (N = 25 000, 50 000, 100 000 by default) into a
 temporary folder, once through :class:`gradfix.io.streaming.StreamingShardedWriter` fed tensor by
 tensor and once through :func:`gradfix.io.save_state_dict`, and prints the seconds of each and
 the ratio of each time to the previous one. Writing is linear when doubling N about doubles the
 time (ratio ≈ 2); a quadratic step shows as a ratio near 4.
 
-Run:  python benchmarks/writer_many_tensors.py [--counts 20000 40000 80000]
+Run:  python benchmarks/writer_many_tensors.py [--counts 25000 50000 100000]
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def time_save_state_dict(tensors: dict[str, torch.Tensor], folder: Path) -> floa
 def main() -> None:
     """Print the time of each writer for each count, and the ratio to the previous count."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--counts", type=int, nargs="+", default=[20_000, 40_000, 80_000])
+    parser.add_argument("--counts", type=int, nargs="+", default=[25_000, 50_000, 100_000])
     args = parser.parse_args()
     previous: dict[str, float] = {}
     print(f"{'zero-size tensors':>18} {'writer':>16} {'seconds':>9} {'ratio':>7}")
