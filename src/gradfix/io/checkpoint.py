@@ -9,7 +9,9 @@ Supported layouts:
 
 Safetensors files are read one tensor at a time; shapes and dtypes come from the file headers
 without touching tensor data. PyTorch files are only ever loaded with
-``torch.load(..., weights_only=True)`` and memory-mapped where the file format allows it.
+``torch.load(..., weights_only=True)``, and memory-mapped only once every storage record has been
+checked to hold the bytes its tensors need. Every weight file a folder or an index names must lie
+inside that folder (for a Hub snapshot: in the cache's ``blobs/``), symbolic links included.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from typing import Any
 import torch
 
 from gradfix.errors import CheckpointError
-from gradfix.io.shards import Shard, _SafetensorsShard, _short, _TorchShard
+from gradfix.io.paths import allowed_roots, check_inside, path_exists
+from gradfix.io.shards import Shard, _short, _TorchShard, open_shard
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -58,12 +61,37 @@ def _read_index(index: Path) -> dict[str, str]:
         clash = duplicates[id(weight_map)][0]
         raise CheckpointError(f"{index}: a tensor is listed in two shards ({clash})")
     for name, shard in weight_map.items():
-        if not isinstance(shard, str) or not shard:
-            raise CheckpointError(f"{index}: weight_map entry {name!r} is not a file name")
-        rel = Path(shard)
-        if rel.is_absolute() or ".." in rel.parts:
-            raise CheckpointError(f"{index}: shard {shard!r} lies outside the index's folder")
+        problem = _bad_shard_name(shard)
+        if problem:
+            raise CheckpointError(f"{index}: weight_map entry {_quote(name)}: {problem}")
     return weight_map
+
+
+def _quote(text: object, limit: int = 80) -> str:
+    """``repr`` of a name from a file (control characters escaped), shortened past ``limit``."""
+    shown = repr(text)
+    if len(shown) <= limit:
+        return shown
+    size = f" ({len(text)} characters)" if isinstance(text, str) else ""
+    return f"{shown[: limit - 4]}...{shown[0]}{size}"
+
+
+_MAX_NAME_BYTES = 255
+"""Longest file name (one path component) that common file systems accept."""
+
+
+def _bad_shard_name(shard: object) -> str | None:
+    """Why ``shard`` is not an acceptable shard file name for an index (``None`` if it is)."""
+    if not isinstance(shard, str) or not shard:
+        return f"{_quote(shard)} is not a file name"
+    if any(ord(c) < 32 or ord(c) == 127 for c in shard):
+        return f"shard {_quote(shard)} holds a control character"
+    rel = Path(shard)
+    if rel.is_absolute() or ".." in rel.parts or "\\" in shard:
+        return f"shard {_quote(shard)} lies outside the index's folder"
+    if any(len(part.encode("utf-8", "surrogatepass")) > _MAX_NAME_BYTES for part in rel.parts):
+        return f"shard {_quote(shard)} is not a valid file name (longer than {_MAX_NAME_BYTES} bytes)"
+    return None
 
 
 def _folder_weight_files(folder: Path) -> list[str]:
@@ -71,6 +99,24 @@ def _folder_weight_files(folder: Path) -> list[str]:
 
 
 _Index = tuple[Path, dict[str, str]]
+
+
+def _shard_files(index: Path, weight_map: dict[str, str]) -> list[Path]:
+    """The shard files an index names, each checked to be a file inside the index's folder."""
+    files = [index.parent / s for s in sorted(set(weight_map.values()))]
+    roots = allowed_roots(index.parent)
+    for shard in files:
+        if path_exists(shard):
+            check_inside(index.parent, shard, roots)
+        try:
+            present = shard.is_file()
+        except OSError as exc:
+            reason = _short(exc)
+            raise CheckpointError(f"{index}: shard {_quote(shard.name)} cannot be read ({reason})") from exc
+        if not present:
+            where = _quote(str(shard), 200)
+            raise CheckpointError(f"{index}: shard {_quote(shard.name)} is missing ({where})")
+    return files
 
 
 def _resolve(path: Path) -> tuple[list[Path], _Index | None]:
@@ -87,15 +133,12 @@ def _resolve(path: Path) -> tuple[list[Path], _Index | None]:
                 f"{path}: no recognised checkpoint in this folder (looked for "
                 f"{', '.join(_FOLDER_CANDIDATES)}; {holds})"
             )
+        check_inside(path, found)
         path = found
     name = path.name.lower()
     if name.endswith((".safetensors.index.json", ".bin.index.json")):
         weight_map = _read_index(path)
-        files = [path.parent / s for s in sorted(set(weight_map.values()))]
-        for shard in files:
-            if not shard.is_file():
-                raise CheckpointError(f"{path}: shard {shard.name!r} is missing ({shard})")
-        return files, (path, weight_map)
+        return _shard_files(path, weight_map), (path, weight_map)
     if name.endswith(".safetensors") or name.endswith(TORCH_SUFFIXES):
         return [path], None
     raise CheckpointError(
@@ -116,9 +159,7 @@ class CheckpointReader:
         self.path = Path(path)
         files, index = _resolve(self.path)
         self.files: list[Path] = files
-        self._shards = [
-            _SafetensorsShard(f) if f.name.lower().endswith(".safetensors") else _TorchShard(f) for f in files
-        ]
+        self._shards = [open_shard(f) for f in files]
         self._where: dict[str, int] = {}
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._dtypes: dict[str, torch.dtype] | None = None

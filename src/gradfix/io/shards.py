@@ -21,13 +21,9 @@ import torch
 from safetensors import safe_open
 
 from gradfix.errors import CheckpointError
-
-_ST_DTYPES = {
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16",
-    "I32": "int32", "U32": "uint32", "I64": "int64", "U64": "uint64", "F16": "float16",
-    "BF16": "bfloat16", "F32": "float32", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "C64": "complex64",
-}  # fmt: skip
+from gradfix.io.paths import open_regular
+from gradfix.io.streaming import SAFETENSORS_DTYPES, dtype_code
+from gradfix.io.torch_zip import check_torch_zip
 
 
 def _short(exc: BaseException, limit: int = 200) -> str:
@@ -122,10 +118,10 @@ class _SafetensorsShard:
             code = handle.get_slice(name).get_dtype()
         except Exception as exc:
             raise self._fail(exc, name) from exc
-        dtype = getattr(torch, _ST_DTYPES.get(code, ""), None)
-        if not isinstance(dtype, torch.dtype):
+        dtype = SAFETENSORS_DTYPES.get(code)
+        if dtype is None:
             raise CheckpointError(
-                f"{self.path}: tensor {name!r} has dtype {code}, which this torch cannot hold"
+                f"{self.path}: tensor {name!r} has dtype {code}, which gradfix cannot read and write back"
             )
         return dtype
 
@@ -188,7 +184,7 @@ class _SafetensorsShard:
 
 
 class _TorchShard:
-    """One PyTorch pickle-format file, loaded (memory-mapped) on first use."""
+    """One PyTorch pickle-format file, loaded on first use (memory-mapped once its records are checked)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -223,23 +219,25 @@ class _TorchShard:
 
 
 def _refusal_message(path: Path, exc: UnpicklingError) -> str:
-    """Explain why ``torch.load(weights_only=True)`` rejected a file, on one line."""
-    text = str(exc)
-    match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\s*\n|$)", text, re.S)
-    detail = " ".join((match.group(1) if match else text).split())[:200]
+    """Explain, in gradfix's own words and on one line, why ``weights_only=True`` rejected a file.
+
+    torch's text (advice to re-run with ``weights_only=False`` included) is not quoted; only the
+    name of a global it refused is taken from it.
+    """
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]{1,200})", str(exc))
     convert = (
         "if you trust the file, load it yourself in a trusted environment and save the state "
         "dict with safetensors.torch.save_file, then pass the .safetensors file"
     )
-    if "Unsupported global" in text:
+    if found:
         return (
-            f"{path}: refused: the file holds Python objects other than tensors ({detail}) and "
-            f"loading it would run arbitrary code, so torch.load(weights_only=True) rejected it; "
-            f"{convert}"
+            f"{path}: refused: the file holds Python objects other than tensors (it names "
+            f"{found.group(1)!r}) and loading it would run arbitrary code, so "
+            f"torch.load(weights_only=True) rejected it; {convert}"
         )
     return (
-        f"{path}: refused: torch.load(weights_only=True) cannot read it ({detail}); the file is "
-        f"corrupted or needs full unpickling, which could run arbitrary code; {convert}"
+        f"{path}: refused: torch.load(weights_only=True) cannot read it; the file is corrupted or "
+        f"needs full unpickling, which could run arbitrary code; {convert}"
     )
 
 
@@ -255,6 +253,11 @@ def _dense(path: Path, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.T
         if tensor.layout != torch.strided or tensor.device.type != "cpu" or tensor.is_quantized:
             kind = "quantized" if tensor.is_quantized else f"{tensor.layout} on {tensor.device}"
             raise CheckpointError(f"{path}: tensor {name!r} is {kind}; only dense tensors are supported")
+        if dtype_code(tensor.dtype) is None:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has dtype {tensor.dtype}, which gradfix cannot write to "
+                "safetensors; convert or drop it first"
+            )
     return dict(tensors)
 
 
@@ -274,17 +277,24 @@ def _describe(obj: object) -> str:
 
 
 def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
-    """Load a PyTorch checkpoint with ``weights_only=True`` and return its state dict."""
+    """Load a PyTorch checkpoint with ``weights_only=True`` and return its state dict.
+
+    A zip-format file is memory-mapped only once :func:`check_torch_zip` has found every storage
+    record whole; a legacy (pre-zip) file, or one the check cannot follow, is read without mmap.
+    """
     try:
+        kind = sniff_format(path)
+        if kind not in ("zip", "pickle"):
+            raise CheckpointError(
+                f"{path}: not a valid PyTorch checkpoint (neither a zip archive, a legacy PyTorch "
+                "pickle nor a safetensors file; it is corrupted or in another format)"
+            )
+        mmap = kind == "zip" and check_torch_zip(path)
         with warnings.catch_warnings():  # a corrupted file is reported below, not warned about
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:
-                if "mmap" not in str(exc):
-                    raise
-                # Files in the legacy (pre-zip) format cannot be memory-mapped.
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except CheckpointError:
+        raise
     except UnpicklingError as exc:
         raise CheckpointError(_refusal_message(path, exc)) from None
     except (PermissionError, IsADirectoryError) as exc:
@@ -308,3 +318,41 @@ def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 Shard = _SafetensorsShard | _TorchShard
+
+
+def sniff_format(path: Path) -> str:
+    """What a weight file holds, from its first bytes: ``"zip"``, ``"safetensors"``, ``"pickle"``
+    or ``"other"``.
+
+    A PyTorch zip archive starts with ``PK\\x03\\x04``; a safetensors file with the 8-byte length
+    of a JSON header that starts with ``{``; a legacy PyTorch file with a pickle protocol opcode.
+    """
+    try:
+        with open_regular(path) as handle:  # a FIFO or a device would block or never end
+            head = handle.read(9)
+            size = handle.seek(0, 2)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read file ({_short(exc)})") from exc
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    return "pickle" if head[:1] == b"\x80" else "other"
+
+
+def open_shard(path: Path) -> Shard:
+    """The reader of one weight file, chosen by its content (then by its name when unclear).
+
+    A safetensors file named ``.bin`` is read as safetensors; a PyTorch zip archive named
+    ``.safetensors`` is refused with a message that says what it is.
+    """
+    kind = sniff_format(path)
+    named_safetensors = path.name.lower().endswith(".safetensors")
+    if kind == "zip" and named_safetensors:
+        raise CheckpointError(
+            f"{path}: not a safetensors file but a PyTorch zip checkpoint; rename it to .bin to read it "
+            "(it is then loaded with torch.load(weights_only=True))"
+        )
+    if kind == "safetensors" or (kind == "other" and named_safetensors):
+        return _SafetensorsShard(path)
+    return _TorchShard(path)

@@ -29,21 +29,30 @@ SINGLE_FILE_NAME = "model.safetensors"
 INDEX_FILE_NAME = "model.safetensors.index.json"
 """The index of a sharded output (``weight_map``: tensor name → shard file)."""
 
-_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
+_DTYPE_CODES = (
+    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
+    ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"),
+    ("U64", "uint64"), ("U32", "uint32"), ("U16", "uint16"), ("U8", "uint8"), ("BOOL", "bool"),
+    ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+    ("F8_E8M0", "float8_e8m0fnu"),
+)  # fmt: skip
+_DTYPES: dict[torch.dtype, str] = {
+    getattr(torch, name): code
+    for code, name in _DTYPE_CODES
+    if isinstance(getattr(torch, name, None), torch.dtype)
 }
-if hasattr(torch, "float8_e4m3fn"):
-    _DTYPES[torch.float8_e4m3fn] = "F8_E4M3"
-    _DTYPES[torch.float8_e5m2] = "F8_E5M2"
+"""Every dtype gradfix reads and writes back unchanged, with its safetensors code (those this torch
+has). Complex tensors are left out: every reader refuses them up front."""
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {code: dtype for dtype, code in _DTYPES.items()}
+"""Safetensors dtype code → torch dtype: what the readers accept and the writer writes back."""
+
+
+def dtype_code(dtype: torch.dtype) -> str | None:
+    """The safetensors code of ``dtype``, or ``None`` when gradfix cannot write it."""
+    return _DTYPES.get(dtype)
+
+
 _ELEMENT_SIZES: dict[torch.dtype, int] = {}
 
 
