@@ -114,7 +114,7 @@ def _load_csv(path: Path, text_field: str, label_field: str, delimiter: str) -> 
         try:
             columns = reader.fieldnames
         except csv.Error as exc:
-            raise DataError(f"{path}, line 1: malformed header ({exc})") from exc
+            raise DataError(f"{path}, line {reader.reader.line_num or 1}: malformed header ({exc})") from exc
         if not columns:
             raise DataError(f"{path}: file is empty (no header row, no examples)")
         missing = [f for f in (text_field, label_field) if f not in columns]
@@ -128,8 +128,8 @@ def _load_csv(path: Path, text_field: str, label_field: str, delimiter: str) -> 
                 row = next(reader)
             except StopIteration:
                 break
-            except csv.Error as exc:
-                raise DataError(f"{path}, line {reader.line_num}: malformed row ({exc})") from exc
+            except csv.Error as exc:  # DictReader.line_num is still the previous row's: ask its reader
+                raise DataError(f"{path}, line {reader.reader.line_num}: malformed row ({exc})") from exc
             where = f"{path}, line {reader.line_num}"
             text = _field_value(row, text_field, where, "text", allow_int=False)
             label = _field_value(row, label_field, where, "label", allow_int=False)

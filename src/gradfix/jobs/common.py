@@ -27,7 +27,7 @@ from gradfix.data import (
     parse_shots,
     sample_shots,
 )
-from gradfix.errors import ConfigError
+from gradfix.errors import ConfigError, DataError
 from gradfix.io import CheckpointReader, atomic_output_file, open_checkpoint, sort_safetensors_metadata
 from gradfix.io.checkpoint import row_slices
 from gradfix.jobs.inputs import HEAD_FILE, input_record, target_label_set
@@ -183,6 +183,7 @@ def vote_on_target(
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         votes = SignVotes.zeros(trainable, settings.estimator)
     votes = all_reduce_votes(votes)
+    _check_some_votes(votes, shots, settings.recipe)
     info = {
         "labels": shots.labels,
         "num_examples": len(shots.examples),
@@ -190,6 +191,20 @@ def vote_on_target(
         "drawn_lines": [ex.line for ex in shots.drawn],
     }
     return rename_votes(votes, mapping), model, recipe, info
+
+
+def _check_some_votes(votes: SignVotes, shots: Shots, recipe: str) -> None:
+    """Raise when no sample gave any tensor a gradient because the data has a single class.
+
+    With one class, a loss over the data's labels (a softmax over one logit) is constant, so the
+    target gives no votes at all; saying so beats listing every tensor as unvoted later.
+    """
+    if len(shots.labels) != 1 or not votes.grad_sum or any(votes.hits.values()):
+        return
+    raise DataError(
+        f"{shots.data}: every example has the label {shots.labels[0]!r}; with one class the {recipe} "
+        "loss has no gradient, so the target gave no votes; give data with at least two labels"
+    )
 
 
 def scan_task_vector(base: CheckpointReader, finetuned: CheckpointReader, names: Sequence[str]) -> set[str]:

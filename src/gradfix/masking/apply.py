@@ -146,7 +146,8 @@ def unvoted_error(uncovered: Sequence[str]) -> GradfixError:
     """The error for tensors of ``τ_A`` without votes under ``unvoted="error"`` (names the first ten)."""
     more = f" and {len(uncovered) - 10} more" if len(uncovered) > 10 else ""
     return GradfixError(
-        f"{len(uncovered)} tensor(s) of the task vector have no votes from the target (frozen, unused "
-        f"by the loss, or missing from the reference): {', '.join(uncovered[:10])}{more}; exclude them "
+        f"{len(uncovered)} tensor(s) of the task vector have no votes from the target (no sample gave "
+        f"them a gradient: frozen, or unused by the loss; or the votes files lack them): "
+        f"{', '.join(uncovered[:10])}{more}; exclude them "
         "(--exclude), or set --unvoted to 'drop' (zero them) or 'keep' (add them unmasked)"
     )

@@ -5,7 +5,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from gradfix.errors import CheckpointError, ConfigError, DataError
+from gradfix.recipes import _hf_checks
 
 _ENCODER_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -28,33 +30,65 @@ def require_transformers() -> Any:
     return transformers
 
 
+_UNUSED_BY_CLASS = {"AutoModel": ("pooler.",)}
+"""Tensors a loaded class may lack: an encoder's outputs are read token by token, never pooled."""
+
+
 def load_pretrained(
     auto_class_name: str, model_dir: str | Path, attn_implementation: str | None = "eager"
 ) -> tuple[nn.Module, Any]:
     """Load ``(model, tokenizer)`` offline from a folder, in float32 and eval mode.
 
     ``attn_implementation`` is passed to ``from_pretrained`` (``None``: the library's default).
-    Eager attention has ``vmap`` batching rules, so per-sample gradients run batched.
+    Eager attention has ``vmap`` batching rules, so per-sample gradients run batched. Before
+    anything is loaded, ``config.json`` is checked against the weights' headers and the folder
+    must hold tokenizer files; after loading, a tensor the weights lack or hold in another shape
+    and a tokenizer far smaller than the embedding are refused (:mod:`gradfix.recipes._hf_checks`),
+    so no part of the model is ever initialised at random.
     """
     transformers = require_transformers()
     folder = Path(model_dir)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: model folder not found")
+    _hf_checks.check_config_against_weights(folder)
+    _hf_checks.check_tokenizer_files(folder)
     auto_class = getattr(transformers, auto_class_name)
-    try:
-        kwargs: dict[str, Any] = {"dtype": torch.float32, "local_files_only": True}
-        if attn_implementation is not None:
-            kwargs["attn_implementation"] = attn_implementation
-        model = auto_class.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{folder}: cannot load a model with {auto_class_name}: {exc}") from exc
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{folder}: cannot load the tokenizer: {exc}") from exc
+    kwargs: dict[str, Any] = {
+        "dtype": torch.float32,
+        "local_files_only": True,
+        "output_loading_info": True,
+        "ignore_mismatched_sizes": True,  # reported by check_loading_info, not as a long table
+    }
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    with _quiet(transformers):
+        try:
+            model, info = auto_class.from_pretrained(folder, **kwargs)
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+            reason = " ".join(str(exc).split())[:300]
+            raise CheckpointError(f"{folder}: cannot load a model with {auto_class_name}: {reason}") from exc
+        _hf_checks.check_loading_info(folder, model, info, _UNUSED_BY_CLASS.get(auto_class_name, ()))
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            reason = " ".join(str(exc).split())[:300]
+            raise CheckpointError(f"{folder}: cannot load the tokenizer: {reason}") from exc
+    _hf_checks.check_tokenizer_size(folder, model, tokenizer)
     model.float()
     model.eval()
     return model, tokenizer
+
+
+@contextmanager
+def _quiet(transformers: Any) -> Iterator[None]:
+    """Keep ``transformers`` to errors while loading: its load report would print a long table."""
+    logging = transformers.utils.logging
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def ensure_pad_token(tokenizer: Any) -> None:

@@ -4,7 +4,7 @@ This module is the only one that knows the format:
 
 - tensors ``grad_sum/<name>`` (``Σ_j g^(j)``, floating point) for every tensor voted on, and
   ``counts/<name>`` (``Σ_j sign(−g^(j))``, an integer dtype, same shape) for all of them or none;
-- header metadata ``gradfix_kind`` (:data:`VOTES_KIND`), ``num_samples`` (a non-negative
+- header metadata ``gradfix_kind`` (:data:`VOTES_KIND`), ``num_samples`` (a positive
   integer), ``estimator`` (``majority`` or ``mean``) and ``hits`` (JSON ``{name: samples}``, each
   at most ``num_samples``).
 
@@ -77,7 +77,7 @@ def read_votes_header(
     """Read and check the header of an open votes file (``path`` names it in messages).
 
     Refused with a :class:`CheckpointError`: a file that is not a votes file, a malformed header
-    (``num_samples`` not a non-negative integer up to :data:`MAX_SAMPLES`, an unknown estimator,
+    (``num_samples`` not a positive integer up to :data:`MAX_SAMPLES`, an unknown estimator,
     ``hits`` not a mapping of voted tensor to an integer from 0 to ``num_samples``), a
     ``grad_sum`` that is not floating point, vote counts missing for some tensors, shaped unlike
     their gradient sums or not of an integer dtype, and (``check_counts``, read slice by slice)
@@ -122,9 +122,12 @@ def _num_samples(path: Path, meta: Mapping[str, str]) -> int:
     text = meta["num_samples"]
     if not _DIGITS.fullmatch(text):
         raise _invalid(path, f"num_samples {_short(text)} is not a non-negative integer")
-    if len(text) > 20 or int(text) > MAX_SAMPLES:
+    digits = text.lstrip("0")
+    if not digits:
+        raise _invalid(path, f"num_samples {_short(text)} is zero; a votes file counts at least one sample")
+    if len(digits) > 20 or int(digits) > MAX_SAMPLES:
         raise _invalid(path, f"num_samples {_short(text)} is larger than 2**62")
-    return int(text)
+    return int(digits)
 
 
 def _hits(
@@ -307,14 +310,27 @@ def load_votes(paths: Sequence[str | Path], tau_shapes: Mapping[str, tuple[int, 
 def _check_architectures(
     models: Mapping[str, Mapping[str, tuple[int, ...]]], tau_shapes: Mapping[str, tuple[int, ...]]
 ) -> None:
-    """Votes files of one architecture, whose tensors shared with ``τ`` have ``τ``'s shapes."""
+    """Votes files of one architecture, sharing tensors with ``τ`` (with ``τ``'s shapes)."""
     if not models:
         return
     check_same_architecture(dict(models))
-    first = next(iter(models.values()))
+    path, first = next(iter(models.items()))
     shared = [n for n in first if n in tau_shapes]
+    if tau_shapes and not shared:
+        raise _foreign(path, first, tau_shapes)
     check_same_architecture(
         {"votes files": {n: first[n] for n in shared}, "task vector": dict(tau_shapes)}, shared
+    )
+
+
+def _foreign(path: str, voted: Mapping[str, object], tau_shapes: Mapping[str, object]) -> CheckpointError:
+    """The error for votes that share no tensor name with ``τ``: taken on another model."""
+    if not voted:
+        return CheckpointError(f"{path}: the votes file holds no voted tensors")
+    return CheckpointError(
+        f"{path}: none of the votes file's {len(voted)} tensors (e.g. {_short(next(iter(voted)))}) is a "
+        f"tensor of the task vector (e.g. {_short(next(iter(tau_shapes)))}); the votes file was taken on "
+        "another model (or on tensors that --include/--exclude now leave out)"
     )
 
 
