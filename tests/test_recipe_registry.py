@@ -41,7 +41,7 @@ class _ToyLinear(RecipeFamily):
     summary = "a linear classifier on 4 features"
     recipe_class = ModuleRecipe
 
-    def build(self, model_dir, labels: Sequence[str], **options) -> tuple[nn.Module, Recipe]:
+    def build(self, model_dir, labels: Sequence[str], options) -> tuple[nn.Module, Recipe]:
         """The linear layer with the folder's weights and a cross-entropy recipe over ``labels``."""
         model = nn.Linear(4, len(labels))
         model.load_state_dict(torch.load(Path(model_dir) / "toy.pt"))

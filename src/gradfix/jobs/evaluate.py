@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from gradfix.data import check_known_labels, label_set, load_examples
-from gradfix.recipes import get_recipe
+from gradfix.recipes import BuildOptions, get_recipe
 
 
 def evaluate_model(
@@ -33,9 +33,8 @@ def evaluate_model(
     known = family.known_labels(model_dir, head_from)
     if known is not None:
         check_known_labels(examples, known[0], data, known[1])
-    model, recipe = family.build(
-        model_dir, labels, template=template, head_from=head_from, max_length=max_length
-    )
+    options = BuildOptions(template=template, head_from=head_from, max_length=max_length)
+    model, recipe = family.build(model_dir, labels, options)
     accuracy = recipe.accuracy(model, examples, batch_size=batch_size)
     return {
         "model": str(model_dir),

@@ -17,6 +17,7 @@ from gradfix.recipes.module import ModuleRecipe
 from gradfix.recipes.registry import (
     DEFAULT_LOGIT_SCALE,
     RECIPES,
+    BuildOptions,
     RecipeFamily,
     get_recipe,
     register_recipe,
@@ -37,6 +38,7 @@ __all__ = [
     "DEFAULT_TEMPLATE",
     "HEAD_FILENAME",
     "RECIPES",
+    "BuildOptions",
     "CausalLMRecipe",
     "ModuleRecipe",
     "Recipe",
@@ -79,12 +81,5 @@ def load_recipe(
     the default ``"eager"`` lets ``torch.func.vmap`` batch per-sample gradients (``None`` keeps
     the library's default, e.g. SDPA).
     """
-    return get_recipe(name).build(
-        model_dir,
-        labels,
-        template=template,
-        head_from=head_from,
-        max_length=max_length,
-        logit_scale=logit_scale,
-        attn_implementation=attn_implementation,
-    )
+    options = BuildOptions(template, head_from, max_length, logit_scale, attn_implementation)
+    return get_recipe(name).build(model_dir, labels, options)

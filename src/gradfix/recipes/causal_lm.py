@@ -13,7 +13,7 @@ from gradfix.data import Example
 from gradfix.errors import ConfigError
 from gradfix.recipes import _hf
 from gradfix.recipes.base import Batch, Recipe
-from gradfix.recipes.registry import RecipeFamily, register_recipe, reject_zero_shot_options
+from gradfix.recipes.registry import BuildOptions, RecipeFamily, register_recipe, reject_zero_shot_options
 
 
 class CausalLMRecipe(Recipe):
@@ -75,17 +75,9 @@ class CausalLM(RecipeFamily):
     recipe_class = CausalLMRecipe
 
     def build(
-        self,
-        model_dir: str | Path,
-        labels: Sequence[str],
-        *,
-        template: str | None = None,
-        head_from: str | Path | None = None,
-        max_length: int = 128,
-        logit_scale: float | None = None,
-        attn_implementation: str | None = "eager",
+        self, model_dir: str | Path, labels: Sequence[str], options: BuildOptions
     ) -> tuple[nn.Module, Recipe]:
         """Load the language model and its tokenizer (``labels`` are not used)."""
-        reject_zero_shot_options(self.name, template, head_from)
-        model, tokenizer = _hf.load_pretrained("AutoModelForCausalLM", model_dir, attn_implementation)
-        return model, CausalLMRecipe(model, tokenizer, max_length)
+        reject_zero_shot_options(self.name, options)
+        model, tokenizer = _hf.load_pretrained("AutoModelForCausalLM", model_dir, options.attn_implementation)
+        return model, CausalLMRecipe(model, tokenizer, options.max_length)

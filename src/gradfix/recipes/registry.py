@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -20,9 +21,23 @@ from torch import nn
 
 from gradfix.errors import ConfigError
 from gradfix.recipes.base import Recipe
+from gradfix.registry import Registry
 
 DEFAULT_LOGIT_SCALE = 20.0
 """The zero-shot head's logit scale when neither the caller nor a saved head gives one."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How a family builds its recipe: the zero-shot head's prompt, source and scale, the token
+    limit, and the attention implementation passed to ``from_pretrained`` (``"eager"`` lets
+    ``torch.func.vmap`` batch per-sample gradients; ``None`` keeps the library's default)."""
+
+    template: str | None = None
+    head_from: str | Path | None = None
+    max_length: int = 128
+    logit_scale: float | None = None
+    attn_implementation: str | None = "eager"
 
 
 class RecipeFamily(ABC):
@@ -43,15 +58,7 @@ class RecipeFamily(ABC):
 
     @abstractmethod
     def build(
-        self,
-        model_dir: str | Path,
-        labels: Sequence[str],
-        *,
-        template: str | None = None,
-        head_from: str | Path | None = None,
-        max_length: int = 128,
-        logit_scale: float | None = None,
-        attn_implementation: str | None = "eager",
+        self, model_dir: str | Path, labels: Sequence[str], options: BuildOptions
     ) -> tuple[nn.Module, Recipe]:
         """Load ``model_dir`` offline (float32, eval mode) and build ``(model, recipe)`` for it."""
 
@@ -64,11 +71,12 @@ class RecipeFamily(ABC):
     def __call__(
         self, model_dir: str | Path, labels: Sequence[str], **options: Any
     ) -> tuple[nn.Module, Recipe]:
-        """Same as :meth:`build`, so a family can stand where a builder function was expected."""
-        return self.build(model_dir, labels, **options)
+        """:meth:`build` with the options as keywords, so a family can stand where a builder
+        function was expected."""
+        return self.build(model_dir, labels, BuildOptions(**options))
 
 
-RECIPES: dict[str, RecipeFamily] = {}
+RECIPES: Registry[RecipeFamily] = Registry("recipe", "known recipes:")
 """The registered recipe families by name, in registration order (the order the CLI lists)."""
 
 F = TypeVar("F", bound=type[RecipeFamily])
@@ -76,23 +84,18 @@ F = TypeVar("F", bound=type[RecipeFamily])
 
 def register_recipe(cls: F) -> F:
     """Class decorator: register one instance of a :class:`RecipeFamily` subclass under its ``name``."""
-    if cls.name in RECIPES:
-        raise ValueError(f"recipe {cls.name!r} is registered twice")
-    RECIPES[cls.name] = cls()
+    RECIPES.register(cls.name, cls())
     return cls
 
 
 def get_recipe(name: str) -> RecipeFamily:
     """The registered recipe family ``name``; a :class:`ConfigError` listing the choices otherwise."""
-    try:
-        return RECIPES[name]
-    except (KeyError, TypeError):
-        raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)}") from None
+    return RECIPES.lookup(name)
 
 
-def reject_zero_shot_options(name: str, template: object, head_from: object) -> None:
+def reject_zero_shot_options(name: str, options: BuildOptions) -> None:
     """ConfigError if options that only the zero-shot recipe uses were given to ``name``."""
-    options = (("template", template), ("head_from", head_from))
-    given = [opt for opt, value in options if value is not None]
+    pairs = (("template", options.template), ("head_from", options.head_from))
+    given = [opt for opt, value in pairs if value is not None]
     if given:
         raise ConfigError(f"{' and '.join(given)}: only text-zero-shot uses it, not {name}")

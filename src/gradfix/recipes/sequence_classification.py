@@ -14,7 +14,7 @@ from gradfix.data import Example
 from gradfix.errors import ConfigError
 from gradfix.recipes import _hf
 from gradfix.recipes.base import Batch, Recipe
-from gradfix.recipes.registry import RecipeFamily, register_recipe, reject_zero_shot_options
+from gradfix.recipes.registry import BuildOptions, RecipeFamily, register_recipe, reject_zero_shot_options
 
 _GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
 
@@ -72,22 +72,14 @@ class SequenceClassification(RecipeFamily):
     recipe_class = SequenceClassificationRecipe
 
     def build(
-        self,
-        model_dir: str | Path,
-        labels: Sequence[str],
-        *,
-        template: str | None = None,
-        head_from: str | Path | None = None,
-        max_length: int = 128,
-        logit_scale: float | None = None,
-        attn_implementation: str | None = "eager",
+        self, model_dir: str | Path, labels: Sequence[str], options: BuildOptions
     ) -> tuple[nn.Module, Recipe]:
         """Load the classifier and its tokenizer; ``template`` and ``head_from`` are refused."""
-        reject_zero_shot_options(self.name, template, head_from)
+        reject_zero_shot_options(self.name, options)
         model, tokenizer = _hf.load_pretrained(
-            "AutoModelForSequenceClassification", model_dir, attn_implementation
+            "AutoModelForSequenceClassification", model_dir, options.attn_implementation
         )
-        return model, SequenceClassificationRecipe(model, tokenizer, labels, max_length)
+        return model, SequenceClassificationRecipe(model, tokenizer, labels, options.max_length)
 
     def known_labels(
         self, target: str | Path, head_from: str | Path | None = None

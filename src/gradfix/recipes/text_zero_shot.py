@@ -22,7 +22,7 @@ from gradfix.errors import CheckpointError, ConfigError
 from gradfix.io import open_checkpoint
 from gradfix.recipes import _hf
 from gradfix.recipes.base import Batch, Recipe
-from gradfix.recipes.registry import DEFAULT_LOGIT_SCALE, RecipeFamily, register_recipe
+from gradfix.recipes.registry import DEFAULT_LOGIT_SCALE, BuildOptions, RecipeFamily, register_recipe
 
 DEFAULT_TEMPLATE = "This text is about {label}."
 HEAD_FILENAME = "zero_shot_head.safetensors"
@@ -144,6 +144,7 @@ class TextZeroShotRecipe(Recipe):
             "logit_scale": json.dumps(self.logit_scale),
         }
         save_file({"head": self.head.contiguous()}, str(out), metadata=metadata)
+        out.chmod(0o644)  # safetensors writes the file private (0600); it is part of a model folder
         return out
 
     @staticmethod
@@ -235,17 +236,11 @@ class TextZeroShot(RecipeFamily):
     recipe_class = TextZeroShotRecipe
 
     def build(
-        self,
-        model_dir: str | Path,
-        labels: Sequence[str],
-        *,
-        template: str | None = None,
-        head_from: str | Path | None = None,
-        max_length: int = 128,
-        logit_scale: float | None = None,
-        attn_implementation: str | None = "eager",
+        self, model_dir: str | Path, labels: Sequence[str], options: BuildOptions
     ) -> tuple[nn.Module, Recipe]:
         """Load the encoder and its tokenizer and build the recipe with the head resolved as above."""
+        template, head_from, max_length = options.template, options.head_from, options.max_length
+        logit_scale, attn_implementation = options.logit_scale, options.attn_implementation
         folder = Path(model_dir)
         model, tokenizer = _hf.load_pretrained("AutoModel", folder, attn_implementation)
         source = _head_source(folder, head_from)
