@@ -166,7 +166,7 @@ def main() -> None:
     report = record.get("descent") or {}
     print(
         f"\nthe adaptive transport kept {report.get('kept_fraction', float('nan')):.1%} of τ_A's "
-        "coordinates; "
+        "non-zero coordinates; "
         f"first-order loss change <g, Δ> = {report.get('total_inner', float('nan')):.3e}"
     )
     agreement = "the same weights as" if same else "weights that DIFFER from"
