@@ -13,10 +13,14 @@ re-exported here and bound by name when the parser is built.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from types import FrameType
 
 from gradfix.cli.commands import run_eval, run_merge, run_transport
 from gradfix.cli.config import fill_unset, given_options, load_config, validate_options
@@ -76,26 +80,70 @@ def _end_process_group() -> None:
         dist.destroy_process_group()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: raised like Ctrl-C, so that partial outputs are removed."""
+
+    def __init__(self, signum: int) -> None:
+        """Remember which signal stopped the command."""
+        super().__init__(signum)
+        self.signum = signum
+
+
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    for other in _STOP_SIGNALS:  # a second signal must not cut the clean-up short
+        signal.signal(other, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals_raise() -> Iterator[None]:
+    """While the command runs, SIGTERM and SIGHUP raise :class:`Terminated` (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _stop) for signum in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gradfix`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        args = _validated(args)
-        if args.command in ("transport", "merge"):
-            from gradfix.votes.distributed import init_from_environment
-            from gradfix.votes.native import keep_freed_memory
+        with _stop_signals_raise():
+            args = _validated(args)
+            if args.command in ("transport", "merge"):
+                from gradfix.votes.distributed import init_from_environment
+                from gradfix.votes.native import keep_freed_memory
 
-            keep_freed_memory()  # freed tensors are reused, not page-faulted in again
-            init_from_environment()  # under torchrun: each process votes on its share
-        result = args.handler(args)
+                keep_freed_memory()  # freed tensors are reused, not page-faulted in again
+                init_from_environment()  # under torchrun: each process votes on its share
+            result = args.handler(args)
         if isinstance(result, dict) and result.get("written_by_another_process"):
             return 0
     except GradfixError as exc:
         # A user error: one line, no traceback. Anything else is a bug and keeps its traceback.
         print(f"gradfix {args.command}: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        # A path given by the user (or named in its config) that cannot be used: one line too.
+        reason = _one_line(exc.strerror or str(exc))
+        print(f"gradfix {args.command}: error: {exc.filename}: {reason}", file=sys.stderr)
+        return 2
+    except Terminated as exc:
+        name = signal.Signals(exc.signum).name
+        print(f"gradfix: stopped by {name}; no output was written", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("gradfix: interrupted; no output was written", file=sys.stderr)
         return 130

@@ -17,18 +17,32 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from gradfix.errors import ConfigError, GradfixError, OutputError
+from gradfix.io.paths import check_not_over, path_exists, path_stat
 from gradfix.io.writer import WRITE_ERRORS, os_reason
 
 
 def _exists(path: Path) -> bool:
-    return path.exists() or path.is_symlink()
+    """Whether anything is at ``path``; a path that cannot be looked at counts as absent."""
+    try:
+        return path_exists(path)
+    except ConfigError:
+        return False
 
 
 def check_output_free(dest: str | Path, overwrite: bool = False) -> None:
-    """Raise ConfigError if ``dest`` exists and ``overwrite`` is false (call before long work)."""
+    """Raise ConfigError if ``dest`` exists and ``overwrite`` is false (call before long work).
+
+    The current folder, or a folder above it, is never replaced. A path that cannot be looked at
+    (a name too long, no permission) is a ConfigError naming it.
+    """
     dest = Path(dest)
-    if _exists(dest) and not overwrite:
+    exists = path_exists(dest)
+    if exists and not overwrite:
         raise ConfigError(f"{dest}: output already exists; pass --overwrite to replace it")
+    if exists:
+        here, real = Path.cwd().resolve(), dest.resolve()
+        if real == here or real in here.parents:
+            raise ConfigError(f"{dest}: is the current folder or a folder above it; choose another output")
 
 
 def _make_parents(parent: Path) -> list[Path]:
@@ -49,6 +63,28 @@ def _remove_empty(folders: list[Path]) -> None:
     for folder in folders:
         with contextlib.suppress(OSError):
             folder.rmdir()
+
+
+def _replace(tmp: Path, dest: Path, parent: Path) -> None:
+    """Move the finished ``tmp`` onto the existing ``dest``; on any failure ``dest`` is as it was.
+
+    The old ``dest`` is first moved aside into a hidden folder, removed once ``tmp`` is in place
+    (or moved back if that fails). The hidden folder is removed in every case but one: when the
+    old output could not be moved back, it stays there rather than being deleted.
+    """
+    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=parent))
+    try:
+        os.replace(dest, old / "previous")
+    except BaseException:
+        _remove_empty([old])
+        raise
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        os.replace(old / "previous", dest)
+        _remove_empty([old])
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -77,15 +113,7 @@ def atomic_output_dir(dest: str | Path, overwrite: bool = False) -> Iterator[Pat
         if _exists(dest):
             if not overwrite:
                 raise ConfigError(f"{dest}: output already exists; pass --overwrite to replace it")
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=parent))
-            os.replace(dest, old / "previous")
-            try:
-                os.replace(tmp, dest)
-            except BaseException:
-                os.replace(old / "previous", dest)
-                shutil.rmtree(old, ignore_errors=True)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
+            _replace(tmp, dest, parent)
         else:
             os.replace(tmp, dest)
     except BaseException as exc:
@@ -132,14 +160,28 @@ def atomic_output_file(dest: str | Path, overwrite: bool = False) -> Iterator[Pa
         raise
 
 
-def check_output_not_input(dest: str | Path, inputs: Iterable[str | Path]) -> None:
-    """Raise ConfigError if ``dest`` is, lies inside, or contains any of ``inputs``."""
+def check_output_not_input(
+    dest: str | Path, inputs: Iterable[str | Path], *, compare_files: bool = True
+) -> None:
+    """Raise ConfigError if ``dest`` is, lies inside or contains any of ``inputs`` or their files.
+
+    Paths are compared once resolved (``..`` and symlinks), then (unless ``compare_files`` is
+    false) by device and inode with every file each input contributes
+    (:func:`gradfix.io.paths.check_not_over`): an output that would replace or contain a file an
+    input links to (a Hub snapshot's blob) is refused too. Every path is looked at first, so one
+    that cannot be used is named before anything else.
+    """
+    given = list(inputs)
+    for path in (dest, *given):
+        path_stat(Path(path).expanduser())
     out = Path(dest).expanduser().resolve()
-    for given in inputs:
-        inp = Path(given).expanduser().resolve()
+    for one in given:
+        inp = Path(one).expanduser().resolve()
         if out == inp:
-            raise ConfigError(f"output {dest} is the same path as input {given}")
+            raise ConfigError(f"output {dest} is the same path as input {one}")
         if inp in out.parents:
-            raise ConfigError(f"output {dest} lies inside input {given}")
+            raise ConfigError(f"output {dest} lies inside input {one}")
         if out in inp.parents:
-            raise ConfigError(f"output {dest} contains input {given}")
+            raise ConfigError(f"output {dest} contains input {one}")
+    if compare_files:
+        check_not_over(dest, given)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 
 from gradfix.errors import CheckpointError, ConfigError, OutputError
+from gradfix.io.paths import allowed_roots, check_inside, folder_files, open_regular, path_stat
 from gradfix.io.streaming import StreamingShardedWriter, TensorPlan
 from gradfix.settings import DEFAULT_SHARD_BYTES
 
@@ -120,14 +122,18 @@ def os_reason(exc: BaseException) -> str:
 
 
 def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    """Hex SHA-256 of a regular file, read in 1 MiB blocks.
+
+    A FIFO, a device (``/dev/zero``) or a socket is refused without reading it (it could block or
+    never end); any failure to read is a :class:`CheckpointError` naming the file.
+    """
     digest = hashlib.sha256()
     try:
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:
             while block := handle.read(1 << 20):
                 digest.update(block)
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read file for hashing ({exc.strerror})") from exc
+        raise CheckpointError(f"{path}: cannot read file for hashing ({os_reason(exc)})") from exc
     return digest.hexdigest()
 
 
@@ -140,17 +146,20 @@ def list_model_files(src_dir: str | Path) -> list[Path]:
     """The non-weight files of a model folder (config, tokenizer, ...) that ``copy_model_files`` copies.
 
     Weight files, shard indexes, ``gradfix.json`` and hidden files or folders are left out. The
-    paths are sorted and relative to ``src_dir``; a file ``src_dir`` has none.
+    paths are sorted and relative to ``src_dir``; a file ``src_dir`` has none. Every file listed
+    passes :func:`gradfix.io.paths.check_inside`: a symlink that leaves the folder (or, for a Hub
+    snapshot, the cache's ``blobs/``) or anything but a regular file is a :class:`CheckpointError`.
     """
     src = Path(src_dir)
-    if src.is_file():
-        return []
-    if not src.is_dir():
+    info = path_stat(src)
+    if info is None:
         raise CheckpointError(f"{src}: no such model folder")
-    found: list[Path] = []
-    for root, dirs, files in os.walk(src):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend((Path(root) / name).relative_to(src) for name in sorted(files) if _is_model_file(name))
+    if not stat.S_ISDIR(info.st_mode):
+        return []
+    roots = allowed_roots(src)
+    found = [f.relative_to(src) for f in folder_files(src) if _is_model_file(f.name)]
+    for rel in found:
+        check_inside(src, src / rel, roots)
     return found
 
 
@@ -161,22 +170,23 @@ def copy_model_files(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
     """Copy the non-weight files of a model folder (config, tokenizer, ...) recursively.
 
     Weight files, shard indexes, ``gradfix.json`` and hidden files or folders are skipped;
-    symlinks (as in the Hugging Face cache) are copied as the files they point to. Returns
-    the copied paths relative to ``src_dir``, using ``/``. A file ``src_dir`` copies nothing.
+    symlinks are copied as the files they point to, but only when they stay inside the folder (or,
+    for a Hub snapshot, the cache's ``blobs/``) and lead to a regular file: anything else is
+    refused before the first copy (:func:`list_model_files`). Returns the copied paths relative to
+    ``src_dir``, using ``/``. A file ``src_dir`` copies nothing.
     """
     src, dst = Path(src_dir), Path(dst_dir)
-    if src.is_file():
+    files = list_model_files(src)
+    if not files:
         return []
-    if not src.is_dir():
-        raise CheckpointError(f"{src}: no such model folder")
-    if src.resolve() == dst.resolve():
+    if os.path.realpath(src) == os.path.realpath(dst):
         raise ConfigError(f"{dst}: cannot copy model files onto their own folder")
     copied: list[str] = []
-    for rel in list_model_files(src):
+    for rel in files:
         source, target = src / rel, dst / rel
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
+            shutil.copy2(source, target)  # list_model_files checked it is a regular file in the folder
         except OSError as exc:
             if exc.errno in _WRITE_ERRNOS:
                 raise OutputError(f"cannot copy {source} ({os_reason(exc)})") from exc

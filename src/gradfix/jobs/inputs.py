@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from gradfix.io import (
     open_checkpoint,
     sha256_file,
 )
+from gradfix.io.paths import allowed_roots, check_inside, path_exists, path_stat
 from gradfix.recipes import get_recipe
 from gradfix.votes.file import check_votes_files as check_votes_files  # re-exported
 from gradfix.votes.file import load_votes as load_votes
@@ -40,13 +42,18 @@ def input_record(path: str | Path, model_files: bool = False) -> dict[str, Any]:
 
     For a checkpoint folder every weight file that is read is hashed, and with ``model_files``
     also its config and tokenizer files (those copied into the output). Keys are paths relative
-    to the folder, sorted.
+    to the folder, sorted. Only regular files inside the folder (or, for a Hub snapshot, the
+    cache's ``blobs/``) are hashed: a symlink out of it, a FIFO or a device is refused.
     """
     path = Path(path)
-    if path.is_file():
+    info = path_stat(path)
+    if info is not None and not stat.S_ISDIR(info.st_mode):
         return {"path": str(path), "sha256": {path.name: sha256_file(path)}}
     with open_checkpoint(path) as reader:
         files = [f.relative_to(path) for f in reader.files]
+    roots = allowed_roots(path)
+    for rel in files:
+        check_inside(path, path / rel, roots)
     if model_files:
         files += list_model_files(path)
     digests = {rel.as_posix(): sha256_file(path / rel) for rel in sorted(set(files))}
@@ -61,18 +68,23 @@ def check_outputs(
 ) -> None:
     """Refuse, before any work, outputs that would overwrite inputs or existing results.
 
-    ``out`` (and ``votes_out``) may not be, lie inside or contain any input; an existing ``out`` or
-    ``votes_out`` needs ``overwrite``; ``votes_out`` may not lie inside ``out`` (which is built
-    elsewhere and moved into place at the end).
+    ``out`` (and ``votes_out``) may not be, lie inside or contain any input, nor any file an input
+    resolves to (compared by device and inode: a Hub snapshot's blobs count); an input folder's
+    files may not link outside it, and every input must be a folder or a regular file. An
+    existing ``out`` or ``votes_out`` needs ``overwrite``; ``votes_out`` may not lie inside ``out``
+    (which is built elsewhere and moved into place at the end). A path that cannot be looked at
+    (a name too long, no permission) is named on one line.
     """
     check_output_not_input(out, inputs)
     check_output_free(out, overwrite)
     if votes_out is not None:
         votes_path = Path(votes_out)
-        check_output_not_input(votes_path, [*inputs, out])
-        if votes_path.is_dir():
+        check_output_not_input(votes_path, inputs)
+        check_output_not_input(votes_path, [out], compare_files=False)
+        info = path_stat(votes_path)
+        if info is not None and stat.S_ISDIR(info.st_mode):
             raise ConfigError(f"{votes_path}: --votes-out must be a file, not a folder")
-        if votes_path.exists() and not overwrite:
+        if path_exists(votes_path) and not overwrite:
             raise ConfigError(f"{votes_path}: votes file already exists; pass --overwrite to replace it")
 
 
