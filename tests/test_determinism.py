@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,6 +86,30 @@ def test_same_inputs_and_seed_give_bit_identical_outputs(models, tmp_path) -> No
     assert other["seed"] == 4 and other["data"]["drawn_lines"] != drawn
 
 
+def test_one_and_two_threads_write_the_same_bytes(models, tmp_path) -> None:
+    """Votes file, gradfix.json and weights are byte-identical with 1 and 2 threads (each run in its
+    own process: the thread count is read from OMP_NUM_THREADS at start, as a user would set it)."""
+    written = {}
+    for threads in ("1", "2"):
+        run = tmp_path / f"threads{threads}"
+        env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        args = _transport(models, run / "out", "--data", str(models["few"]), "--method", "gradfix")
+        # 6 examples in batches of 5 and 1: the batch of one sample runs products MKL splits by thread
+        args += ["--batch-size", "5", "--votes-out", str(run / "votes.safetensors")]
+        code = "import sys; from gradfix.cli.main import main; sys.exit(main(sys.argv[1:]))"
+        done = subprocess.run(
+            [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        written[threads] = _files(run)
+    assert set(written["1"]) >= {"votes.safetensors", "out/gradfix.json", "out/model.safetensors"}
+    for name, data in written["1"].items():
+        assert written["2"][name] == data, name
+    record = json.loads(written["1"]["out/gradfix.json"])
+    assert record["num_samples"] == 6
+
+
 def test_votes_split_across_runs_add_up_to_one_vote(models, tmp_path) -> None:
     halves = [
         json.loads(line)["label"] for h in ("half1", "half2") for line in models[h].read_text().splitlines()
@@ -99,8 +126,14 @@ def test_votes_split_across_runs_add_up_to_one_vote(models, tmp_path) -> None:
     whole = _transport(models, tmp_path / "whole", "--data", str(models["all"]), *common)
     assert main([*whole, "--votes-out", str(whole_votes)]) == 0
     resumed = _transport(
-        models, tmp_path / "resumed", "--method", "gradfix", "--votes-in", str(parts[0]),
-        "--votes-in", str(parts[1]),
+        models,
+        tmp_path / "resumed",
+        "--method",
+        "gradfix",
+        "--votes-in",
+        str(parts[0]),
+        "--votes-in",
+        str(parts[1]),
     )
     assert main(resumed) == 0
 

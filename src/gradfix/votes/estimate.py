@@ -18,7 +18,7 @@ from gradfix.ops.signs import count_dtype, majority_sign, mean_sign
 from gradfix.settings import Engine, Estimator
 from gradfix.votes import native
 from gradfix.votes.file import read_votes, write_votes
-from gradfix.votes.hooks import hook_gradients, hooked_parameters, outside_use
+from gradfix.votes.hooks import hook_gradients, hooked_parameters, outside_use, thread_invariant_kernels
 from gradfix.votes.per_sample import (
     LossFn,
     Workspace,
@@ -262,6 +262,12 @@ def estimate_signs(
     ``chunk_size`` samples), ``loop`` (one backward pass per sample), or ``auto``: hooks, with the
     first batch watched for parameters used outside their module's call (a tied weight, a weight
     used directly; see :func:`gradfix.votes.hooks.outside_use`): those move to the loop.
+
+    The result does not depend on the number of threads: the sums over samples are added in sample
+    order, each coordinate by one thread (C kernel) or by PyTorch reductions whose order is fixed;
+    the few PyTorch kernels whose rounding changes with the thread count run on one thread
+    (:class:`gradfix.votes.hooks.thread_invariant_kernels`), and MKL's matrix products are in its
+    strict reproducible mode (:func:`gradfix.votes.native.reproducible_blas`).
     """
     if estimator not in ESTIMATORS:
         raise ConfigError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
@@ -279,10 +285,11 @@ def estimate_signs(
         for batch in batches:
             size = batch_size(batch)
             acc.widen_for(size)
-            if estimator == "mean":
-                _summed_backward(model, params, batch, loss_fn, acc, size)
-            else:
-                runner.run(batch)
+            with thread_invariant_kernels():  # the same bits with any number of threads
+                if estimator == "mean":
+                    _summed_backward(model, params, batch, loss_fn, acc, size)
+                else:
+                    runner.run(batch)
             acc.n += size
             bar.update(size)
     finally:

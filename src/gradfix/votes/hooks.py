@@ -5,6 +5,10 @@ recorded output passes its gradient to the rule registered for that module's typ
 (:mod:`gradfix.votes.layers`), which forms its per-sample parameter gradients
 (``∂ℓ_b/∂W = Σ_t δ_{b,t} x_{b,t}ᵀ`` for a linear layer) and hands them to the sink, layer by
 layer, while the backward goes on.
+
+:func:`gradfix.votes.estimate_signs` runs every engine under :class:`thread_invariant_kernels`, so
+that the per-sample gradients (and the vote sums added from them) are the same bits whatever the
+number of threads.
 """
 
 from __future__ import annotations
@@ -17,10 +21,68 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from gradfix.votes.layers import covering_rule, module_sums
 from gradfix.votes.per_sample import GradientSink, LossFn, Workspace, batch_size, check_losses
+
+# -- thread-count-independent kernels -------------------------------------------------------------
+_aten = torch.ops.aten
+
+
+def _affine_grads_asked(args: tuple[Any, ...]) -> bool:
+    """Whether a ``native_layer_norm_backward`` call asks for the weight or bias gradient."""
+    mask = args[-1] if args else None
+    return not isinstance(mask, (list, tuple)) or len(mask) < 3 or bool(mask[1] or mask[2])
+
+
+_THREAD_DEPENDENT: dict[Any, Any] = {
+    # rows whose length is not a multiple of the vector width round differently with 1 or more threads
+    _aten._softmax_backward_data.default: None,
+    # the weight and bias gradients are summed over rows in one part per thread (the input's is not)
+    _aten.native_layer_norm_backward.default: _affine_grads_asked,
+}
+"""PyTorch CPU kernels whose results change in the last bits with the number of threads (found
+by running each with 1 and 2 threads: embedding backward, batch and group norms, convolutions,
+log-softmax, reductions over a sample's tokens and element-wise ops gave the same bits; matrix
+products are MKL's, made reproducible by :func:`gradfix.votes.native.reproducible_blas`), with an
+optional test of the call's arguments."""
+
+
+class thread_invariant_kernels(TorchDispatchMode):  # used like a function: ``with …():``
+    """Within the block, the CPU kernels whose rounding depends on the thread count run on one thread.
+
+    PyTorch's CPU softmax backward (on rows whose length is not a multiple of the vector width:
+    attention over most sequence lengths) and layer-norm backward (its weight and bias gradients)
+    give results that differ in the last bits between 1 and 2 threads, which would make the
+    per-sample gradients, and so the vote sums and the descent figures read from them, depend on
+    the thread count. Those calls (:data:`_THREAD_DEPENDENT`) are run with one thread, which is
+    also what a one-thread run computes; every other operation runs as usual. The cost is small:
+    those kernels are a few percent of a backward, and every other operation passes through this
+    mode's Python dispatch once.
+    """
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _THREAD_DEPENDENT:
+            test = _THREAD_DEPENDENT[func]
+            threads = torch.get_num_threads()
+            if threads > 1 and (test is None or test(args)) and _on_cpu(args):
+                torch.set_num_threads(1)
+                try:
+                    return func(*args, **kwargs)
+                finally:
+                    torch.set_num_threads(threads)
+        return func(*args, **kwargs)
+
+
+def _on_cpu(args: tuple[Any, ...]) -> bool:
+    """Whether the first tensor among ``args`` is on the CPU."""
+    for arg in args:
+        if isinstance(arg, Tensor):
+            return arg.device.type == "cpu"
+    return False
 
 
 # -- hooks --------------------------------------------------------------------------------------

@@ -10,6 +10,10 @@ sum, sign, sum, cast, any). ``vote_counts.c`` does it in one:
   to the cost of one batched backward;
 - :func:`add_votes` counts per-sample gradients given in memory (other layers, other engines).
 
+Each coordinate's sums are added by one thread, sample after sample, so they are the same bits
+whatever the number of threads. Importing this module also asks MKL for products that do not
+depend on the thread count (:func:`reproducible_blas`).
+
 The kernel is plain C (no Python headers), built once per machine with ``$CC`` (default ``cc``)
 into ``native/`` under gradfix's cache (``$GRADFIX_CACHE``, default ``~/.cache/gradfix``), with
 OpenMP when the compiler has it, and loaded with :mod:`ctypes`. Without a compiler, or with
@@ -168,6 +172,53 @@ def _library() -> ctypes.CDLL | None:
             return lib
     log.info("could not build %s with %s: per-sample votes use PyTorch operations only", SOURCE.name, cc)
     return None
+
+
+_MKL_CBWR_AUTO, _MKL_CBWR_STRICT = 2, 0x10000  # mkl.h: MKL_CBWR_AUTO, MKL_CBWR_STRICT
+
+
+def reproducible_blas() -> bool:
+    """Ask MKL (PyTorch's BLAS on x86) for matrix products that do not depend on the thread count.
+
+    MKL's ``sgemm`` splits some products (small ones among them: a linear layer over the ten
+    tokens of one sample) differently with 1 and 2 threads, so that the activations and gradients
+    of a forward and backward, and the vote sums, would differ in the last bits between the two.
+    MKL's strict conditional numerical reproducibility (``MKL_CBWR=AUTO,STRICT``) makes them
+    bitwise the same whatever the number of threads. It is a setting of the process that MKL
+    accepts only before its first call: this module asks for it when imported (``import gradfix``
+    does), which is in time unless MKL has already worked in this process. Returns whether it is
+    in effect: False without MKL (another BLAS), when ``MKL_CBWR`` is set in the environment (the
+    user's choice is kept), or when it is too late.
+    """
+    if os.environ.get("MKL_CBWR"):
+        return False
+    for lib in _mkl_holders():
+        for name in ("mkl_cbwr_set", "mkl_serv_cbwr_set"):
+            setter = getattr(lib, name, None)
+            if setter is None:
+                continue
+            setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+            done = setter(_MKL_CBWR_AUTO | _MKL_CBWR_STRICT) == 0
+            if not done:
+                log.debug("MKL refused strict reproducibility (%s: it has already been used)", name)
+            return done
+    return False
+
+
+def _mkl_holders() -> list[ctypes.CDLL]:
+    """The loaded libraries that may hold MKL: PyTorch's CPU library (MKL linked in), the process."""
+    found = []
+    for path in (Path(torch.__file__).parent / "lib" / "libtorch_cpu.so", None):
+        try:
+            found.append(ctypes.CDLL(str(path) if path is not None else None))
+        except OSError:
+            continue
+    return found
+
+
+BLAS_REPRODUCIBLE = reproducible_blas()
+"""Whether MKL's products were made independent of the thread count when this module was imported
+(see :func:`reproducible_blas`)."""
 
 
 LINEAR_CHUNK_BYTES = 8 * 2**20

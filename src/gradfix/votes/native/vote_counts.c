@@ -15,6 +15,10 @@
  * in]), one register tile of R x W coordinates at a time, and counted while
  * still in registers: they are never written to memory.  Each thread takes whole tiles; a tile's
  * running sums stay local for all samples and are written once.
+ *
+ * Work is split among threads by coordinates, never by samples: each coordinate's sum is added by
+ * one thread in sample order (and a product over tokens in token order), so grad_sum is the same
+ * bits whatever the number of threads.
  */
 #include <stdint.h>
 #include <stdlib.h>
