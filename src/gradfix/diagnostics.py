@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from gradfix.checks import check_same_architecture
+from gradfix.ops.reductions import ordered_dot
 from gradfix.votes import SignVotes
 
 
@@ -107,7 +108,7 @@ def descent_report(
         ref = source[name] if source is not None else delta
         same = torch.sign(delta) * torch.sign(ref)
         g = grads.get(name)
-        inner = float((g.double() * delta.double()).sum()) * alpha if g is not None else 0.0
+        inner = ordered_dot(g, delta) * alpha if g is not None else 0.0
         kept, flipped, nonzero = int((same > 0).sum()), int((same < 0).sum()), int(ref.ne(0).sum())
         rows.append(TensorDescent(name, delta.numel(), kept, flipped, inner, nonzero))
     return DescentReport(rows, alpha)

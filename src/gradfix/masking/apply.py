@@ -22,6 +22,7 @@ from gradfix.io import CheckpointReader
 from gradfix.io.checkpoint import SLICE_BYTES, row_slices
 from gradfix.masking.references import Reference
 from gradfix.ops.masks import Mask, MaskOptions, SliceContext, TensorStats
+from gradfix.ops.reductions import ordered_dot
 
 
 class TauRows:
@@ -64,9 +65,9 @@ def tensor_stats(
     for start, stop in slices:
         t = tau.rows(name, start, stop).to(torch.float64)
         r = reference.rows(name, start, stop)[0].value_or_sign(torch.float64).to(torch.float64)
-        tau_sq += float(t.pow(2).sum())
-        value_sq += float(r.pow(2).sum())
-        inner += float((t * r).sum())
+        tau_sq += ordered_dot(t, t)
+        value_sq += ordered_dot(r, r)
+        inner += ordered_dot(t, r)
         numel += t.numel()
     return TensorStats(numel, tau_sq, value_sq, inner)
 
@@ -126,8 +127,7 @@ class TensorTally:
         self.nonzero += int(rows.tau.ne(0).sum())
         self.numel += rows.tau.numel()
         if rows.gradient is not None:
-            product = rows.gradient.to(torch.float64) * rows.update.to(torch.float64)
-            self.inner += float(product.sum()) * self.alpha
+            self.inner += ordered_dot(rows.gradient, rows.update) * self.alpha
 
     def descent(self) -> TensorDescent:
         """The tensor's row of the descent report."""

@@ -7,16 +7,17 @@ from torch import Tensor
 
 from gradfix.ops.masks.agreement import agreement_mask
 from gradfix.ops.masks.registry import Mask, ReferenceRows, SliceContext, check_same_shape, register_mask
+from gradfix.ops.reductions import ordered_dot
 
 
 def descends(tau: Tensor, reference: Tensor) -> bool:
     """Whether ``τ`` as a whole points downhill for the real-valued reference: ``⟨r, τ⟩ > 0``.
 
-    The inner product is summed in float64. ``r`` is the mean anti-gradient ``−ḡ`` (votes) or the
-    oracle ``τ_B``; a zero inner product is not a descent.
+    The inner product is summed in float64, the same at any thread count. ``r`` is the mean
+    anti-gradient ``−ḡ`` (votes) or the oracle ``τ_B``; a zero inner product is not a descent.
     """
     check_same_shape(tau, reference)
-    return float(torch.sum(tau.to(torch.float64) * reference.to(torch.float64))) > 0
+    return ordered_dot(tau, reference) > 0
 
 
 def tensorwise_mask(
