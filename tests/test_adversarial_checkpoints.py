@@ -10,7 +10,6 @@ accepts, hostile shard indexes and symbolic links that leave the model folder.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
@@ -26,8 +25,8 @@ from typing import Any
 
 import pytest
 import torch
+from cli_checks import file_hashes, one_error_line, transport_models
 from safetensors.torch import save_file
-from tiny_models import make_tiny_bert, perturbed_copy
 
 from gradfix.cli.main import main
 from gradfix.errors import CheckpointError, GradfixError
@@ -58,13 +57,7 @@ def _no_hang() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("adversarial")
-    a = make_tiny_bert(root / "A", seed=0)
-    return {
-        "A": a,
-        "A-ft": perturbed_copy(a, root / "A-ft", 0.02, seed=1),
-        "B": make_tiny_bert(root / "B", seed=3),
-    }
+    return transport_models(tmp_path_factory.mktemp("adversarial"))
 
 
 def _transport(models: dict[str, Path], out: Path, **roles: Path) -> list[str]:
@@ -77,20 +70,11 @@ def _transport(models: dict[str, Path], out: Path, **roles: Path) -> list[str]:
 
 
 def _hashes(*paths: Path) -> dict[str, str]:
-    files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*"))) if f.is_file()]
-    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    return file_hashes(*paths)
 
 
 def _one_error_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    """Run the CLI, expect status 2 and exactly one printable error line; return it."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("gradfix")]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("gradfix transport: error: ")
-    assert lines[0].isprintable() and len(lines[0]) < 1500, lines[0]
-    return lines[0]
+    return one_error_line(argv, capsys, longest=1500)
 
 
 def _target_folder(models: dict[str, Path], folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:

@@ -10,7 +10,6 @@ fine after all, in the correct result.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -19,8 +18,9 @@ from typing import Any
 
 import pytest
 import torch
+from cli_checks import file_hashes, one_error_line, transport_models
 from safetensors.torch import save_file
-from tiny_models import make_tiny_bert, perturbed_copy, topic_examples, write_jsonl
+from tiny_models import make_tiny_bert, topic_examples, write_jsonl
 
 from gradfix.cli.config import validated_options
 from gradfix.cli.main import main
@@ -34,14 +34,7 @@ TOPICS = ["business", "sports", "tech"]
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("adversarial")
-    a = make_tiny_bert(root / "A", seed=0)
-    return {
-        "A": a,
-        "A-ft": perturbed_copy(a, root / "A-ft", 0.02, seed=1),
-        "B": make_tiny_bert(root / "B", seed=3),
-        "few": write_jsonl(root / "few.jsonl", topic_examples(4, seed=0)),
-    }
+    return transport_models(tmp_path_factory.mktemp("adversarial"))
 
 
 def _transport(m: dict[str, Path], out: Path, *extra: str, **roles: Path) -> list[str]:
@@ -63,20 +56,11 @@ def _voting(m: dict[str, Path], data: Path | None = None) -> list[str]:
 
 
 def _error(argv: list[str], capsys: pytest.CaptureFixture[str], command: str = "transport") -> str:
-    """Run the CLI, expect status 2 and exactly one error line, and no traceback; return the line."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("gradfix")]
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"gradfix {command}: error: ")
-    assert err.rstrip("\n").endswith(lines[0])
-    return lines[0]
+    return one_error_line(argv, capsys, command)
 
 
 def _hashes(*paths: Path) -> dict[str, str]:
-    files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*"))) if f.is_file()]
-    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    return file_hashes(*paths)
 
 
 def _refused(

@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_models import make_tiny_bert, perturbed_copy, topic_examples, write_jsonl
+from cli_checks import one_error_line, transport_models
+from tiny_models import topic_examples, write_jsonl
 
 import gradfix.io.outputs as outputs_module
 import gradfix.io.streaming as streaming_module
@@ -38,14 +39,7 @@ VOTE = ("--mask", "agreement", "--shots", "2")  # a mask that reads --data (the 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("adversarial")
-    a = make_tiny_bert(root / "A", seed=0)
-    return {
-        "A": a,
-        "A-ft": perturbed_copy(a, root / "A-ft", 0.02, seed=1),
-        "B": make_tiny_bert(root / "B", seed=3),
-        "few": write_jsonl(root / "few.jsonl", topic_examples(4, seed=0)),
-    }
+    return transport_models(tmp_path_factory.mktemp("adversarial"))
 
 
 def _args(m: dict[str, Any], out: Path, *extra: str, **roles: Any) -> list[str]:
@@ -65,16 +59,11 @@ def _args(m: dict[str, Any], out: Path, *extra: str, **roles: Any) -> list[str]:
 
 
 def _error(argv: list[str], capsys: pytest.CaptureFixture[str], *named: Path | str) -> str:
-    """Run the CLI, expect status 2 and one error line naming every path of ``named``; return it."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("gradfix")]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("gradfix transport: error: ")
+    """One error line (see :func:`one_error_line`) naming every path of ``named``."""
+    line = one_error_line(argv, capsys)
     for path in named:
-        assert str(path) in lines[0], lines[0]
-    return lines[0]
+        assert str(path) in line, line
+    return line
 
 
 def _snapshot(root: Path) -> dict[str, Any]:
