@@ -112,6 +112,27 @@ class TaskVector(Mapping[str, Tensor]):
             return cls(tensors)
 
     @classmethod
+    def from_adapter(
+        cls,
+        base: str | Path,
+        adapter: str | Path,
+        include: Sequence[str] | str | None = (),
+        exclude: Sequence[str] | str | None = (),
+    ) -> TaskVector:
+        """``τ`` of a PEFT LoRA adapter folder over the base checkpoint's tensor names.
+
+        Each LoRA-adapted weight gives ``ΔW = s · B @ A``; tensors the adapter saves in full
+        (``modules_to_save``) give ``saved − base``. Only the tensors the adapter changes (and the
+        name filters keep) are in ``τ``; they are computed one at a time (float32).
+        """
+        from gradfix.io import open_checkpoint
+        from gradfix.io.adapters import open_adapter
+
+        with open_checkpoint(base) as rb, open_adapter(adapter, rb.names(), rb.shapes()) as ad:
+            names = select_names(ad.names(), include or None, exclude or None)
+            return cls({name: ad.tensor(name, rb) for name in names})
+
+    @classmethod
     def load(cls, path: str | Path) -> TaskVector:
         """Load a task vector written by :meth:`save`."""
         path = Path(path)
