@@ -31,6 +31,7 @@ from gradfix.errors import ConfigError, DataError
 from gradfix.io import CheckpointReader, atomic_output_file, open_checkpoint, sort_safetensors_metadata
 from gradfix.io.checkpoint import row_slices
 from gradfix.jobs.inputs import HEAD_FILE, input_record, target_label_set
+from gradfix.masking import TauRows
 from gradfix.recipes import load_recipe
 from gradfix.settings import DEFAULT_SHARD_BYTES, MaskSettings, VoteSettings
 from gradfix.votes import SignVotes, estimate_signs
@@ -217,6 +218,21 @@ def scan_task_vector(base: CheckpointReader, finetuned: CheckpointReader, names:
             b, f = base.rows(name, start, stop), finetuned.rows(name, start, stop)
             ok = finite.check(base.file_of(name), name, b) & finite.check(finetuned.file_of(name), name, f)
             if ok and name not in nonzero and bool((f.float() - b.float()).ne(0).any()):
+                nonzero.add(name)
+    finite.raise_if_any()
+    return nonzero
+
+
+def scan_rows(
+    tau: TauRows, names: Sequence[str], shapes: Mapping[str, tuple[int, ...]], source: str | Path
+) -> set[str]:
+    """Read ``τ_A`` (an adapter's ``ΔW``) slice by slice: raise on NaN/Inf, return the non-zero tensors."""
+    finite = FiniteCheck()
+    nonzero: set[str] = set()
+    for name in names:
+        for start, stop in row_slices(shapes[name]):
+            rows = tau.rows(name, start, stop)
+            if finite.check(source, name, rows) and name not in nonzero and bool(rows.ne(0).any()):
                 nonzero.add(name)
     finite.raise_if_any()
     return nonzero

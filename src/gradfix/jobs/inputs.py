@@ -28,6 +28,7 @@ from gradfix.io import (
     open_checkpoint,
     sha256_file,
 )
+from gradfix.io.adapters import CONFIG_NAME, WEIGHTS_NAME, is_adapter_folder
 from gradfix.io.paths import allowed_roots, check_inside, path_exists, path_stat
 from gradfix.recipes import get_recipe
 from gradfix.votes.file import check_votes_files as check_votes_files  # re-exported
@@ -49,8 +50,11 @@ def input_record(path: str | Path, model_files: bool = False) -> dict[str, Any]:
     info = path_stat(path)
     if info is not None and not stat.S_ISDIR(info.st_mode):
         return {"path": str(path), "sha256": {path.name: sha256_file(path)}}
-    with open_checkpoint(path) as reader:
-        files = [f.relative_to(path) for f in reader.files]
+    if is_adapter_folder(path):  # a PEFT adapter: its config and weights
+        files = [Path(name) for name in (CONFIG_NAME, WEIGHTS_NAME) if (path / name).exists()]
+    else:
+        with open_checkpoint(path) as reader:
+            files = [f.relative_to(path) for f in reader.files]
     roots = allowed_roots(path)
     for rel in files:
         check_inside(path, path / rel, roots)

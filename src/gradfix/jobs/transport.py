@@ -9,6 +9,7 @@ method chooses, and stream ``θ_B + α · mask(τ_A)`` through the one output lo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from gradfix.data import label_set, parse_shots
 from gradfix.diagnostics import descent_report
 from gradfix.errors import ConfigError
 from gradfix.io import CheckpointReader, atomic_output_dir, open_checkpoint
+from gradfix.io.adapters import is_adapter_folder, open_adapter
 from gradfix.jobs.adaptive import check_evidence, choice_record, choose, plan_choice
 from gradfix.jobs.common import (
     Shots,
@@ -25,6 +27,7 @@ from gradfix.jobs.common import (
     draw_shots,
     load_target,
     save_votes,
+    scan_rows,
     scan_task_vector,
     vote_on_target,
 )
@@ -116,21 +119,12 @@ def transport_checkpoints(
         check_evidence(choosing, drawn)
     if needs_votes and not data and not files_in:
         raise ConfigError(f"the {masking.mask!r} mask needs votes: give --data (or --votes-in)")
-    with (
-        open_checkpoint(source_base) as rb,
-        open_checkpoint(source_finetuned) as rf,
-        open_checkpoint(target_base) as rt,
-    ):
-        names = float_names(rf.dtypes(), rb.dtypes(), include=masking.include, exclude=masking.exclude)
-        labelled = {
-            f"source base {source_base}": rb,
-            f"source fine-tune {source_finetuned}": rf,
-            f"target base {target_base}": rt,
-        }
-        check_checkpoints(labelled, names, source_finetuned)
-        nonzero = scan_task_vector(rb, rf, names)
-        if not nonzero:
-            raise_zero_task_vector(len(names), source_base, source_finetuned)
+    with ExitStack() as stack:
+        rb = stack.enter_context(open_checkpoint(source_base))
+        rt = stack.enter_context(open_checkpoint(target_base))
+        tau, names, nonzero = _open_task_vector(
+            stack, source_base, source_finetuned, target_base, rb, rt, masking
+        )
         record = _start_record(source_base, source_finetuned, target_base)
         held = None
         if needs_votes:
@@ -141,12 +135,44 @@ def transport_checkpoints(
         record["num_samples"] = held.reference.num_samples if held is not None else 0
         try:
             if choosing is not None:
-                masking = _choose(choosing, masking, record, votes, (rb, rf, rt), names, nonzero, held, drawn)
-            _write(out, overwrite, shard_bytes, (rb, rf, rt), names, nonzero, held, masking, votes, record)
+                masking = _choose(choosing, masking, record, votes, (tau, rt), names, nonzero, held, drawn)
+            _write(out, overwrite, shard_bytes, (tau, rt), names, nonzero, held, masking, votes, record)
         finally:
             if held is not None:
                 held.reference.close()
     return record
+
+
+def _open_task_vector(
+    stack: ExitStack,
+    source_base: str | Path,
+    source_finetuned: str | Path,
+    target_base: str | Path,
+    rb: CheckpointReader,
+    rt: CheckpointReader,
+    masking: MaskSettings,
+) -> tuple[TauRows, list[str], set[str]]:
+    """``τ_A``'s rows, its checked tensor names and the non-zero ones, from a fine-tuned checkpoint
+    or a PEFT LoRA adapter folder (whose task vector covers only the modules it adapts)."""
+    labelled = {f"source base {source_base}": rb, f"target base {target_base}": rt}
+    if is_adapter_folder(source_finetuned):
+        adapter = stack.enter_context(open_adapter(source_finetuned, rb.names(), rb.shapes()))
+        dtypes = rb.dtypes()
+        names = float_names(
+            {n: dtypes[n] for n in adapter.names()}, include=masking.include, exclude=masking.exclude
+        )
+        check_checkpoints(labelled, names, source_finetuned)
+        tau = TauRows(base=rb, adapter=adapter)
+        nonzero = scan_rows(tau, names, rb.shapes(), source_finetuned)
+    else:
+        rf = stack.enter_context(open_checkpoint(source_finetuned))
+        names = float_names(rf.dtypes(), rb.dtypes(), include=masking.include, exclude=masking.exclude)
+        check_checkpoints({**labelled, f"source fine-tune {source_finetuned}": rf}, names, source_finetuned)
+        tau = TauRows(base=rb, finetuned=rf)
+        nonzero = scan_task_vector(rb, rf, names)
+    if not nonzero:
+        raise_zero_task_vector(len(names), source_base, source_finetuned)
+    return tau, names, nonzero
 
 
 def _collect_votes(
@@ -187,14 +213,14 @@ def _choose(
     masking: MaskSettings,
     record: dict[str, Any],
     votes: VoteSettings,
-    readers: tuple[CheckpointReader, CheckpointReader, CheckpointReader],
+    readers: tuple[TauRows, CheckpointReader],
     names: Sequence[str],
     nonzero: set[str],
     held: _Votes | None,
     drawn: Shots | None,
 ) -> MaskSettings:
     """Choose ``(t, α)``, record the choice, and return ``masking`` set to write it."""
-    rb, rf, rt = readers
+    rows, rt = readers
     reference = held.reference if held is not None else None
     uncovered = uncovered_tensors(names, nonzero, reference)
     if uncovered and masking.unvoted == "error":
@@ -207,7 +233,8 @@ def _choose(
         mapping = align_names([n for n, _ in model.named_parameters()], rt.names())
     # the unvoted policy holds for every candidate, naive addition (t > 1) included
     dropped = set(uncovered) if masking.unvoted == "drop" else set()
-    tau = {n: rf.get(n).float() - rb.get(n).float() for n in names if n in nonzero and n not in dropped}
+    shapes = rt.shapes()
+    tau = {n: rows.whole(n, shapes[n]) for n in names if n in nonzero and n not in dropped}
     combined = held.combined if held is not None else None
     shots = drawn.drawn if drawn is not None else None
     choice = choose(choosing, tau, combined, model, recipe, mapping, shots, votes, masking.unvoted)
@@ -227,7 +254,7 @@ def _write(
     out: Path,
     overwrite: bool,
     shard_bytes: int,
-    readers: tuple[CheckpointReader, CheckpointReader, CheckpointReader],
+    readers: tuple[TauRows, CheckpointReader],
     names: Sequence[str],
     nonzero: set[str],
     held: _Votes | None,
@@ -236,7 +263,7 @@ def _write(
     record: dict[str, Any],
 ) -> None:
     """Stream ``θ_B + α · mask(τ_A)`` into ``out`` with the record and the target's other files."""
-    rb, rf, rt = readers
+    tau, rt = readers
     mask = get_mask(str(masking.mask))
     reference = held.reference if held is not None else None
     uncovered = uncovered_tensors(names, nonzero, reference)
@@ -244,7 +271,6 @@ def _write(
         raise unvoted_error(uncovered)
     alpha = fixed_alpha(masking.alpha)  # resolved: a number by now
     options = MaskOptions(gamma=masking.gamma, threshold=float(masking.threshold or 0.0), seed=votes.seed)
-    tau = TauRows(base=rb, finetuned=rf)
     update = MaskedUpdate(tau, names, reference, mask, options, masking.unvoted == "keep", alpha)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         record["files"] = write_model(tmp, rt, update, alpha, shard_bytes)
@@ -271,7 +297,8 @@ def _transport_aligned(
     drawn = draw_shots(target_base, votes) if data else None
     if get_mask(str(masking.mask)).needs_reference and not data:
         raise ConfigError(f"the {masking.mask!r} mask needs votes: give --data (or use --mask none)")
-    tau_a = TaskVector.from_checkpoints(source_base, source_finetuned, masking.include, masking.exclude)
+    read = TaskVector.from_adapter if is_adapter_folder(source_finetuned) else TaskVector.from_checkpoints
+    tau_a = read(source_base, source_finetuned, masking.include, masking.exclude)
     check_task_vector_nonzero(tau_a, source_base, source_finetuned)
     tau = method.align(tau_a, source_base, target_base, seed=votes.seed)
     record = _start_record(source_base, source_finetuned, target_base)

@@ -19,6 +19,7 @@ from torch import Tensor
 from gradfix.diagnostics import TensorDescent
 from gradfix.errors import GradfixError
 from gradfix.io import CheckpointReader
+from gradfix.io.adapters import LoraAdapter
 from gradfix.io.checkpoint import SLICE_BYTES, row_slices
 from gradfix.masking.references import Reference
 from gradfix.ops.masks import Mask, MaskOptions, SliceContext, TensorStats
@@ -26,23 +27,31 @@ from gradfix.ops.reductions import ordered_dot
 
 
 class TauRows:
-    """Rows of ``τ_A``, tensor by tensor: from two open checkpoints or from a mapping."""
+    """Rows of ``τ_A``, tensor by tensor: from a mapping, from two open checkpoints, or from a
+    PEFT LoRA adapter over its base (:class:`gradfix.io.adapters.LoraAdapter`)."""
 
     def __init__(
         self,
         tensors: Mapping[str, Tensor] | None = None,
         base: CheckpointReader | None = None,
         finetuned: CheckpointReader | None = None,
+        adapter: LoraAdapter | None = None,
     ):
-        self.tensors, self.base, self.finetuned = tensors, base, finetuned
+        self.tensors, self.base, self.finetuned, self.adapter = tensors, base, finetuned, adapter
 
     def rows(self, name: str, start: int, stop: int) -> Tensor:
-        """``τ_A`` of rows ``start:stop`` (``finetuned − base`` in float32 from checkpoints)."""
+        """``τ_A`` of rows ``start:stop`` (float32 from checkpoints or an adapter)."""
         if self.tensors is not None:
             t = self.tensors[name]
             return t if t.dim() == 0 else t[start:stop]
+        if self.adapter is not None:
+            return self.adapter.rows(name, start, stop, self.base)
         assert self.base is not None and self.finetuned is not None
         return self.finetuned.rows(name, start, stop).float() - self.base.rows(name, start, stop).float()
+
+    def whole(self, name: str, shape: Sequence[int]) -> Tensor:
+        """The whole tensor ``name`` of ``τ_A``."""
+        return self.rows(name, 0, shape[0] if len(shape) else 1)
 
 
 @dataclass(frozen=True)
