@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tiny_models import make_tiny_bert, perturbed_copy, topic_examples, write_jsonl
@@ -24,6 +26,26 @@ def transport_models(root: Path, wide: bool = False) -> dict[str, Path]:
     if wide:
         models["wide"] = make_tiny_bert(root / "wide", seed=4, hidden=48, heads=2)
     return models
+
+
+def transport_args(
+    m: dict[str, Any], out: Path, *extra: str, options: Sequence[str] = (), **roles: Any
+) -> list[str]:
+    """``gradfix transport`` from ``m``'s ``A``/``A-ft`` onto ``B`` voting on ``few`` (any of them
+    replaced through ``roles``), with ``options`` before the output options and ``extra`` last."""
+    paths = {"A": m["A"], "A-ft": m["A-ft"], "B": m["B"], "few": m["few"], **roles}
+    return [
+        "transport",
+        "--source-base", str(paths["A"]),
+        "--source-finetuned", str(paths["A-ft"]),
+        "--target-base", str(paths["B"]),
+        "--data", str(paths["few"]),
+        *options,
+        "--exclude", "pooler.*",
+        "--out", str(out),
+        "--no-progress",
+        *extra,
+    ]  # fmt: skip
 
 
 def one_error_line(

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from cli_checks import one_error_line, transport_models
+from cli_checks import one_error_line, transport_args, transport_models
 from tiny_models import topic_examples, write_jsonl
 
 import gradfix.io.outputs as outputs_module
@@ -43,19 +43,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _args(m: dict[str, Any], out: Path, *extra: str, **roles: Any) -> list[str]:
-    paths = {"A": m["A"], "A-ft": m["A-ft"], "B": m["B"], "few": m["few"], **roles}
-    return [
-        "transport",
-        "--source-base", str(paths["A"]),
-        "--source-finetuned", str(paths["A-ft"]),
-        "--target-base", str(paths["B"]),
-        "--data", str(paths["few"]),
-        "--mask", "none",
-        "--exclude", "pooler.*",
-        "--out", str(out),
-        "--no-progress",
-        *extra,
-    ]  # fmt: skip
+    return transport_args(m, out, *extra, options=("--mask", "none"), **roles)
 
 
 def _error(argv: list[str], capsys: pytest.CaptureFixture[str], *named: Path | str) -> str:

@@ -169,10 +169,3 @@ def _adapter(command: str, key: tuple[tuple[str, ...], ...]) -> TypeAdapter[dict
     options = typed_dict(f"{command.capitalize()}Options", kinds)
     options.__pydantic_config__ = ConfigDict(strict=True, extra="forbid")
     return TypeAdapter(options)
-
-
-def as_list(value: Any) -> list[Any]:
-    """``None`` → ``[]``, a scalar → ``[scalar]``, a list → itself."""
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]

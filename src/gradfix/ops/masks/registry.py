@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -139,6 +138,3 @@ def rms(x: Tensor) -> Tensor:
     """Root-mean-square of ``x`` (1 for an all-zero tensor, so that dividing by it is harmless)."""
     value = x.pow(2).mean().sqrt()
     return value if value > 0 else torch.ones((), dtype=x.dtype)
-
-
-MaskFn = Callable[[Tensor, ReferenceRows, SliceContext], Tensor]
