@@ -17,8 +17,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from gradfix.errors import ConfigError, GradfixError, OutputError
-from gradfix.io.paths import check_not_over, path_exists, path_stat
-from gradfix.io.writer import WRITE_ERRORS, os_reason
+from gradfix.io.paths import check_not_over, os_reason, path_exists, path_stat
+from gradfix.io.writer import WRITE_ERRORS
 
 
 def _exists(path: Path) -> bool:

@@ -28,8 +28,8 @@ FileId = tuple[int, int]
 _ABSENT = {errno.ENOENT, errno.ENOTDIR}
 
 
-def _reason(exc: BaseException) -> str:
-    """Short, one-line reason of an I/O failure (as :func:`gradfix.io.writer.os_reason`)."""
+def os_reason(exc: BaseException) -> str:
+    """Short, one-line reason of an I/O failure (``strerror`` when there is one)."""
     text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     return " ".join(str(text).split())[:200]
 
@@ -47,7 +47,7 @@ def path_stat(path: str | Path, follow: bool = True) -> os.stat_result | None:
             return None
         if exc.errno == errno.ELOOP and follow:
             raise ConfigError(f"{path}: cannot use this path (a loop of symbolic links)") from exc
-        raise ConfigError(f"{path}: cannot use this path ({_reason(exc)})") from exc
+        raise ConfigError(f"{path}: cannot use this path ({os_reason(exc)})") from exc
 
 
 def path_exists(path: str | Path) -> bool:
@@ -119,7 +119,7 @@ def folder_files(folder: Path) -> list[Path]:
             found.extend(Path(root) / name for name in sorted(files) if not name.startswith("."))
     except OSError as exc:
         where = getattr(exc, "filename", None) or folder
-        raise ConfigError(f"{where}: cannot read the folder ({_reason(exc)})") from exc
+        raise ConfigError(f"{where}: cannot read the folder ({os_reason(exc)})") from exc
     return found
 
 

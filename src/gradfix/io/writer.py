@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 
 from gradfix.errors import CheckpointError, ConfigError, OutputError
-from gradfix.io.paths import allowed_roots, check_inside, folder_files, open_regular, path_stat
+from gradfix.io.paths import allowed_roots, check_inside, folder_files, open_regular, os_reason, path_stat
 from gradfix.io.streaming import StreamingShardedWriter, TensorPlan
 from gradfix.settings import DEFAULT_SHARD_BYTES
 
@@ -113,12 +113,6 @@ def save_state_dict(
         writer.abort()  # partial files are left for the caller's atomic output folder to discard
         raise
     return writer.close()
-
-
-def os_reason(exc: BaseException) -> str:
-    """Short, one-line reason of an I/O failure (``strerror`` when there is one)."""
-    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    return " ".join(str(text).split())[:200]
 
 
 def sha256_file(path: str | Path) -> str:
