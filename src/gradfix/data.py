@@ -21,17 +21,29 @@ _CSV_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 ALL_SHOTS = "all"
 
 
+UNLABELLED = ""
+"""The label of an example of a family that needs none (e.g. a causal LM's text): all such
+examples form one class, so ``shots`` of them are drawn."""
+
+
 @dataclass(frozen=True)
 class Example:
-    """One labelled example: the input ``text``, its class name ``label`` and where it was read.
+    """One example: the input ``text``, its class name ``label`` and where it was read.
 
     ``line`` is the 1-based line of the data file the example ends on (0 when it was not read
-    from a file); it is not part of equality or hashing.
+    from a file); it is not part of equality or hashing. ``fields`` holds what a recipe family
+    reads besides the text (e.g. ``{"completion": ...}`` or an image path), as sorted
+    ``(key, value)`` pairs so that examples stay hashable; see :meth:`Example.get`.
     """
 
     text: str
     label: str
     line: int = field(default=0, compare=False)
+    fields: tuple[tuple[str, Any], ...] = ()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of extra field ``key`` (``default`` when absent)."""
+        return dict(self.fields).get(key, default)
 
 
 def load_examples(path: str | Path, text_field: str = "text", label_field: str = "label") -> list[Example]:

@@ -135,7 +135,11 @@ def multi_source_merge(
     """
     references = [reference] * len(task_vectors)
     return mask_then_merge(
-        task_vectors, references, mask=mask, method=method, mask_options=mask_options,
+        task_vectors,
+        references,
+        mask=mask,
+        method=method,
+        mask_options=mask_options,
         **merge_options,
     )
 
@@ -214,10 +218,7 @@ def _check_task_vectors(task_vectors: Sequence[Mapping[str, Tensor]]) -> list[st
     if len(task_vectors) == 0:
         raise ConfigError("need at least one task vector to merge")
     check_same_architecture(
-        {
-            f"task vector {i}": {n: tuple(t.shape) for n, t in tv.items()}
-            for i, tv in enumerate(task_vectors)
-        }
+        {f"task vector {i}": {n: tuple(t.shape) for n, t in tv.items()} for i, tv in enumerate(task_vectors)}
     )
     return list(task_vectors[0])
 
@@ -268,16 +269,12 @@ def _check_pipeline(
     get_mask(mask)  # a ConfigError listing the masks for an unknown one
     unknown = sorted(set(merge_options) - set(MERGE_OPTIONS))
     if unknown:
-        raise ConfigError(
-            f"unknown merge option(s) {', '.join(unknown)}; valid: {', '.join(MERGE_OPTIONS)}"
-        )
+        raise ConfigError(f"unknown merge option(s) {', '.join(unknown)}; valid: {', '.join(MERGE_OPTIONS)}")
     options = dict(mask_options or {})
     valid_mask_options = ("gamma", "seed", "unvoted", "threshold")
     bad = sorted(set(options) - set(valid_mask_options))
     if bad:
-        raise ConfigError(
-            f"unknown mask option(s) {', '.join(bad)}; valid: {', '.join(valid_mask_options)}"
-        )
+        raise ConfigError(f"unknown mask option(s) {', '.join(bad)}; valid: {', '.join(valid_mask_options)}")
     _check_merge_options(
         method,
         merge_options.get("density", 0.2),

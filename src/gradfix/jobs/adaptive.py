@@ -30,7 +30,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from gradfix.data import Example, check_known_labels, load_examples
+from gradfix.data import Example, check_known_labels
 from gradfix.errors import ConfigError, DataError, GradfixError
 from gradfix.jobs.common import Shots, rename_votes
 from gradfix.jobs.inputs import target_label_set
@@ -68,7 +68,7 @@ def plan_choice(
 def load_validation(path: str | Path, recipe: str, target: str | Path) -> list[Example]:
     """Read the validation file (same formats as ``--data``); errors name ``--validation``."""
     try:
-        examples = load_examples(path)
+        examples = get_recipe(recipe).read_examples(path)
         known = target_label_set(recipe, target)
         if known is not None:
             check_known_labels(examples, known[0], path, known[1])

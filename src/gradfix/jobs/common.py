@@ -23,7 +23,6 @@ from gradfix.data import (
     batched,
     check_known_labels,
     label_set,
-    load_examples,
     parse_shots,
     sample_shots,
 )
@@ -32,7 +31,7 @@ from gradfix.io import CheckpointReader, atomic_output_file, open_checkpoint, so
 from gradfix.io.checkpoint import row_slices
 from gradfix.jobs.inputs import HEAD_FILE, input_record, target_label_set
 from gradfix.masking import TauRows
-from gradfix.recipes import load_recipe
+from gradfix.recipes import get_recipe, load_recipe
 from gradfix.settings import DEFAULT_SHARD_BYTES, MaskSettings, VoteSettings
 from gradfix.votes import SignVotes, estimate_signs
 from gradfix.votes.distributed import all_reduce_votes, world
@@ -113,7 +112,7 @@ def draw_shots(target: str | Path, settings: VoteSettings) -> Shots:
     if not settings.data:
         raise ConfigError("voting needs a labelled data file (--data)")
     shots_setting = parse_shots(settings.shots)
-    examples = load_examples(settings.data)
+    examples = get_recipe(settings.recipe).read_examples(settings.data)
     labels = label_set(examples)
     known = target_label_set(settings.recipe, target)
     if known is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gradfix.data import check_known_labels, label_set, load_examples
+from gradfix.data import check_known_labels, label_set
 from gradfix.recipes import BuildOptions, get_recipe
 
 
@@ -27,9 +27,9 @@ def evaluate_model(
     classifier's named labels) does not know is an error naming the data file and line; an
     unknown recipe is a :class:`ConfigError` listing the known ones.
     """
-    examples = load_examples(data)
-    labels = label_set(examples)
     family = get_recipe(recipe_name)
+    examples = family.read_examples(data)
+    labels = label_set(examples)
     known = family.known_labels(model_dir, head_from)
     if known is not None:
         check_known_labels(examples, known[0], data, known[1])

@@ -24,9 +24,7 @@ def require_transformers() -> Any:
     try:
         import transformers
     except ImportError as exc:
-        raise ConfigError(
-            "this recipe needs the Hugging Face libraries: pip install gradfix[hf]"
-        ) from exc
+        raise ConfigError("this recipe needs the Hugging Face libraries: pip install gradfix[hf]") from exc
     return transformers
 
 
@@ -122,9 +120,7 @@ def label_indices(labels: Sequence[str], names: Sequence[str]) -> Tensor:
     out = []
     for position, label in enumerate(labels, start=1):
         if label not in index:
-            raise DataError(
-                f"example {position} has label {label!r}, which is not one of {list(names)}"
-            )
+            raise DataError(f"example {position} has label {label!r}, which is not one of {list(names)}")
         out.append(index[label])
     return torch.tensor(out, dtype=torch.int64)
 

@@ -65,9 +65,7 @@ class ModuleRecipe(Recipe):
     def _per_sample(self, losses: Any, size: int) -> Tensor:
         """Check a loss tensor has the batch axis first and reduce it to ``[B]``."""
         if not isinstance(losses, Tensor):
-            raise ConfigError(
-                f"loss {self.loss_name!r} returned {type(losses).__name__}, expected a tensor"
-            )
+            raise ConfigError(f"loss {self.loss_name!r} returned {type(losses).__name__}, expected a tensor")
         if losses.dim() == 0:
             raise ConfigError(
                 f"loss {self.loss_name!r} returned a scalar; it must return one loss per sample "
@@ -92,8 +90,7 @@ class ModuleRecipe(Recipe):
                 x, y = item
             except (TypeError, ValueError) as exc:
                 raise DataError(
-                    f"example {position}: expected an (input, target) pair, got "
-                    f"{type(item).__name__}"
+                    f"example {position}: expected an (input, target) pair, got {type(item).__name__}"
                 ) from exc
             inputs.append(torch.as_tensor(x))
             targets.append(torch.as_tensor(y))

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, TypeVar
 
 from torch import nn
 
+from gradfix.data import Example, load_examples
 from gradfix.errors import ConfigError
 from gradfix.recipes.base import Recipe
 from gradfix.registry import Registry
@@ -61,6 +62,11 @@ class RecipeFamily(ABC):
         self, model_dir: str | Path, labels: Sequence[str], options: BuildOptions
     ) -> tuple[nn.Module, Recipe]:
         """Load ``model_dir`` offline (float32, eval mode) and build ``(model, recipe)`` for it."""
+
+    def read_examples(self, path: str | Path) -> list[Example]:
+        """The examples of data file ``path`` in this family's format (default: ``{"text", "label"}``
+        JSON lines or CSV/TSV, :func:`gradfix.data.load_examples`); errors name the file and line."""
+        return load_examples(path)
 
     def known_labels(
         self, target: str | Path, head_from: str | Path | None = None

@@ -177,9 +177,7 @@ class TextZeroShotRecipe(Recipe):
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
             raise CheckpointError(f"{src}: metadata 'labels' must be a list of strings")
         if head.dim() != 2 or head.shape[0] != len(labels):
-            raise CheckpointError(
-                f"{src}: head shape {list(head.shape)} does not match {len(labels)} labels"
-            )
+            raise CheckpointError(f"{src}: head shape {list(head.shape)} does not match {len(labels)} labels")
         return labels, head.float(), str(template), logit_scale
 
     @classmethod
@@ -198,8 +196,7 @@ class TextZeroShotRecipe(Recipe):
         wanted = list(saved) if labels is None else _hf.check_labels(labels)
         missing = [name for name in wanted if name not in saved]
         if missing:
-            raise ConfigError(f"{path}: the zero-shot head has no row for label(s) {missing}; "
-                              f"it has {saved}")
+            raise ConfigError(f"{path}: the zero-shot head has no row for label(s) {missing}; it has {saved}")
         rows = head[[saved.index(name) for name in wanted]]
         scale = saved_scale if logit_scale is None else logit_scale
         return cls(model, tokenizer, wanted, template, scale, max_length, rows, use_prepared_mask)
@@ -259,9 +256,7 @@ class TextZeroShot(RecipeFamily):
         head = None
         if source is not None:
             head_model, head_tokenizer = _hf.load_pretrained("AutoModel", source, attn_implementation)
-            head = TextZeroShotRecipe(
-                head_model, head_tokenizer, labels, prompt, scale, max_length
-            ).head
+            head = TextZeroShotRecipe(head_model, head_tokenizer, labels, prompt, scale, max_length).head
         recipe = TextZeroShotRecipe(model, tokenizer, labels, prompt, scale, max_length, head=head)
         return model, recipe
 
