@@ -94,9 +94,13 @@ class TaskVector(Mapping[str, Tensor]):
         Tensors are read one at a time, so only ``τ`` itself is held in memory. Names and shapes
         must agree as in :meth:`from_state_dicts`. Each tensor is checked for NaN and Inf as it is
         read; one :class:`~gradfix.errors.NonFiniteError` names every file and tensor that has them.
+        ``finetuned`` may also be a PEFT LoRA adapter folder (:meth:`from_adapter`).
         """
         from gradfix.io import open_checkpoint
+        from gradfix.io.adapters import is_adapter_folder
 
+        if is_adapter_folder(finetuned):
+            return cls.from_adapter(base, finetuned, include, exclude)
         with open_checkpoint(base) as rb, open_checkpoint(finetuned) as rf:
             names = float_names(rf.dtypes(), rb.dtypes(), include=include, exclude=exclude)
             check_same_architecture({str(base): rb.shapes(), str(finetuned): rf.shapes()}, names)

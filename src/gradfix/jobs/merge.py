@@ -15,15 +15,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from gradfix.data import parse_shots
 from gradfix.diagnostics import DescentReport, TensorDescent, descent_report
 from gradfix.errors import ConfigError
-from gradfix.io import CheckpointReader, atomic_output_dir, open_checkpoint
-from gradfix.jobs.common import base_record, draw_shots, scan_task_vector, vote_on_target
+from gradfix.io import atomic_output_dir, open_checkpoint
+from gradfix.io.adapters import is_adapter_folder, open_adapter
+from gradfix.jobs.common import base_record, draw_shots, scan_rows, scan_task_vector, vote_on_target
 from gradfix.jobs.inputs import check_checkpoints, check_outputs, input_record, raise_zero_task_vector
 from gradfix.jobs.output import WholeUpdate, finish_output, write_model
+from gradfix.masking import TauRows
 from gradfix.merge import mask_then_merge, merge_task_vectors, merge_then_mask
 from gradfix.methods.registry import fixed_alpha, is_auto
 from gradfix.settings import (
@@ -126,13 +129,7 @@ def merge_checkpoints(
     record.update(_settings_record(merging, masking, votes))
     with atomic_output_dir(out, overwrite=overwrite) as tmp, ExitStack() as stack:
         # the merged tensors are computed while they are written, with every source open once
-        lazy.readers = [
-            (
-                stack.enter_context(open_checkpoint(t.source_base)),
-                stack.enter_context(open_checkpoint(t.source_finetuned)),
-            )
-            for t in tasks
-        ]
+        lazy.sources = [_open_task(stack, t) for t in tasks]
         target_reader = stack.enter_context(open_checkpoint(target))
         record["files"] = write_model(tmp, target_reader, WholeUpdate(merged), lazy.alpha, shard_bytes)
         lazy.finish(record)
@@ -159,31 +156,76 @@ def _checked_names(
 ) -> tuple[list[str], list[str]]:
     """The merged tensor names (checked in every checkpoint) and the target's names.
 
-    Every task's ``τ`` is scanned slice by slice for NaN/Inf and must be non-zero, before any vote.
+    A task given as a PEFT LoRA adapter folder changes only the tensors it adapts; when every task
+    is an adapter, only the tensors some adapter changes are merged. Every task's ``τ`` is scanned
+    slice by slice for NaN/Inf and must be non-zero, before any vote.
     """
     readers: dict[str, Any] = {}
+    touched: set[str] = set()
     try:
         for i, task in enumerate(tasks):
-            for role in ("source_base", "source_finetuned"):
-                label = f"task {i + 1} {role.replace('_', ' ')} {getattr(task, role)}"
-                readers[label] = open_checkpoint(getattr(task, role))
+            base = open_checkpoint(task.source_base)
+            readers[f"task {i + 1} source base {task.source_base}"] = base
+            if is_adapter_folder(task.source_finetuned):
+                with open_adapter(task.source_finetuned, base.names(), base.shapes()) as adapter:
+                    touched.update(adapter.names())
+            else:
+                label = f"task {i + 1} source fine-tuned {task.source_finetuned}"
+                readers[label] = open_checkpoint(task.source_finetuned)
+                touched.update(base.names())
         readers[f"target base {target}"] = open_checkpoint(target)
         sources_only = [r for label, r in readers.items() if not label.startswith("target base")]
         names = float_names(
             *(r.dtypes() for r in sources_only), include=masking.include, exclude=masking.exclude
         )
+        names = [n for n in names if n in touched]
         check_checkpoints(readers, names, tasks[0].source_finetuned)
         target_names = readers[f"target base {target}"].names()
     finally:
         for reader in readers.values():
             reader.close()
     for i, t in enumerate(tasks):
-        with open_checkpoint(t.source_base) as rb, open_checkpoint(t.source_finetuned) as rf:
-            if not scan_task_vector(rb, rf, names):
+        with ExitStack() as stack:
+            source = _open_task(stack, t)
+            task_names = [n for n in names if n in source.touched]
+            tau = source.tau
+            if tau.finetuned is not None and tau.base is not None:
+                nonzero = scan_task_vector(tau.base, tau.finetuned, task_names)
+            else:
+                nonzero = scan_rows(tau, task_names, source.shapes, t.source_finetuned)
+            if not nonzero:
                 raise_zero_task_vector(
-                    len(names), t.source_base, t.source_finetuned, f"the task vector of task {i + 1}"
+                    len(task_names), t.source_base, t.source_finetuned, f"the task vector of task {i + 1}"
                 )
     return names, target_names
+
+
+@dataclass
+class _OpenTask:
+    """One task's ``τ`` as rows (from a fine-tuned checkpoint or an adapter) and the tensors it
+    can change (an adapter's modules; every tensor of a checkpoint)."""
+
+    tau: TauRows
+    touched: frozenset[str]
+    shapes: Mapping[str, tuple[int, ...]]
+
+    def whole(self, name: str) -> Tensor:
+        """``τ`` of tensor ``name`` in float32 (zeros where this task changes nothing)."""
+        shape = tuple(self.shapes[name])
+        if name not in self.touched:
+            return torch.zeros(shape)
+        return self.tau.whole(name, shape).float()
+
+
+def _open_task(stack: ExitStack, task: TaskSpec) -> _OpenTask:
+    """Open one task's sources on ``stack``."""
+    base = stack.enter_context(open_checkpoint(task.source_base))
+    shapes = base.shapes()
+    if is_adapter_folder(task.source_finetuned):
+        adapter = stack.enter_context(open_adapter(task.source_finetuned, base.names(), shapes))
+        return _OpenTask(TauRows(base=base, adapter=adapter), frozenset(adapter.names()), shapes)
+    finetuned = stack.enter_context(open_checkpoint(task.source_finetuned))
+    return _OpenTask(TauRows(base=base, finetuned=finetuned), frozenset(base.names()), shapes)
 
 
 def _settings_record(merging: MergeSettings, masking: MaskSettings, votes: VoteSettings) -> dict[str, Any]:
@@ -228,7 +270,7 @@ class _LazyMerge(Mapping[str, Tensor]):
     ):
         self.tasks, self.names = list(tasks), list(names)
         self._selected = set(self.names)
-        self.readers: list[tuple[CheckpointReader, CheckpointReader]] = []
+        self.sources: list[_OpenTask] = []
         self.method, self.pipeline, self.masking = merging.method, merging.pipeline, masking
         self.alpha = fixed_alpha(masking.alpha)  # resolved: a number
         self.mask = masking.mask or DEFAULT_MERGE_MASK
@@ -254,7 +296,7 @@ class _LazyMerge(Mapping[str, Tensor]):
         return len(self.names)
 
     def _task_tensors(self, name: str) -> list[TaskVector]:
-        return [TaskVector({name: rf.get(name).float() - rb.get(name).float()}) for rb, rf in self.readers]
+        return [TaskVector({name: source.whole(name)}) for source in self.sources]
 
     def _combine(self, taus: Sequence[Mapping[str, Tensor]], refs: Sequence[Any]) -> TaskVector:
         if self.pipeline == "plain":
@@ -281,12 +323,9 @@ class _LazyMerge(Mapping[str, Tensor]):
 
     def materialise(self) -> TaskVector:
         """Every tensor merged at once (needed when TIES trims over the whole model)."""
-        taus = [
-            TaskVector.from_checkpoints(
-                t.source_base, t.source_finetuned, self.masking.include, self.masking.exclude
-            )
-            for t in self.tasks
-        ]
+        with ExitStack() as stack:
+            sources = [_open_task(stack, t) for t in self.tasks]
+            taus = [TaskVector({n: source.whole(n) for n in self.names}) for source in sources]
         merged = self._combine(taus, self.references)
         self.nonzero = {n: float((merged[n] != 0).double().mean()) for n in merged}
         if self.pooled is not None:
