@@ -92,8 +92,11 @@ def model_owners(folder: Path, checkpoint_names: list[str]) -> tuple[dict[str, M
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     arch = (getattr(config, "architectures", None) or [""])[0]
     cls = getattr(transformers, arch, None)
-    with torch.device("meta"):
-        model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+    try:
+        with torch.device("meta"):
+            model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+    except Exception as exc:  # a model class that cannot be built: name it, no traceback
+        raise ConfigError(f"{folder}: cannot build its model class {arch or 'AutoModel'} ({exc})") from exc
     conv1d = getattr(getattr(transformers, "pytorch_utils", None), "Conv1D", None)
     modules = dict(model.named_modules(remove_duplicate=False))
     params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
