@@ -13,6 +13,7 @@ from tiny_models import load_saved_model, make_tiny_gpt2, perturbed_copy
 
 from gradfix import TaskVector
 from gradfix.cli.main import main
+from gradfix.errors import ConfigError
 from gradfix.io import load_state_dict, open_checkpoint
 from gradfix.ops.lowrank import truncated_svd
 
@@ -247,3 +248,39 @@ def test_a_target_without_config_is_refused(models, tmp_path, capsys) -> None:
     line = one_error_line(argv, capsys)
     assert "needs the target as a folder with config.json" in line
     assert not out.exists()
+
+
+def test_the_layout_saves_what_lora_cannot_hold_and_drops_what_peft_cannot() -> None:
+    from gradfix.io.adapter_writer import ModuleParam, plan_adapter
+
+    owners = {
+        "emb.pos.weight": ModuleParam("emb.pos", "weight", "embedding"),
+        "emb.cls": ModuleParam("emb", "cls", "other"),  # its module holds a LoRA module
+        "fc.weight": ModuleParam("fc", "weight", "linear"),
+        "fc.bias": ModuleParam("fc", "bias", "linear"),
+        "norm.weight": ModuleParam("norm", "weight", "other"),
+        "scale": ModuleParam("", "scale", "other"),  # the root's own parameter
+    }
+    shapes = {"emb.pos.weight": (9, 4), "emb.cls": (4,), "fc.weight": (3, 4), "fc.bias": (3,)}
+    shapes |= {"norm.weight": (4,), "scale": (), "buffer": (2,)}
+    names = [*owners, "buffer"]
+    layout = plan_adapter(names, shapes, dict.fromkeys(names, torch.float16), owners, 3)
+    forms = {e.name: (e.form, e.keys) for e in layout.entries}
+    assert forms["emb.pos.weight"] == (
+        "lora",
+        ("base_model.model.emb.pos.lora_embedding_A", "base_model.model.emb.pos.lora_embedding_B"),
+    )
+    assert forms["fc.bias"] == ("full", ("base_model.model.fc.base_layer.bias",))
+    assert forms["norm.weight"] == ("full", ("base_model.model.norm.weight",))
+    assert {n for n, (form, _) in forms.items() if form == "dropped"} == {"emb.cls", "scale", "buffer"}
+    assert layout.target_modules == ["emb.pos", "fc"] and layout.modules_to_save == ["norm"]
+    assert layout.bias == "lora_only" and not layout.fan_in_fan_out
+    plan = {p.name: (p.dtype, p.shape) for p in layout.plan()}
+    assert plan["base_model.model.emb.pos.lora_embedding_A"] == (torch.float32, (3, 9))  # ΔWᵀ = B A
+    assert plan["base_model.model.fc.lora_B.weight"] == (torch.float32, (3, 3))
+    assert plan["base_model.model.norm.weight"] == (torch.float16, (4,))
+    conv = {**owners, "c.weight": ModuleParam("c", "weight", "conv1d")}
+    with pytest.raises(ConfigError, match=r"both nn\.Linear and Conv1D"):
+        plan_adapter(["fc.weight", "c.weight"], shapes | {"c.weight": (4, 4)}, {}, conv, 3)
+    with pytest.raises(ConfigError, match=r"--adapter-rank 4 is larger than 1 module\(s\) allow: fc \(3×4"):
+        plan_adapter(names, shapes, dict.fromkeys(names, torch.float16), owners, 4)
