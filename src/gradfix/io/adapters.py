@@ -4,9 +4,12 @@ A folder holding ``adapter_config.json`` and ``adapter_model.safetensors`` (as w
 ``PeftModel.save_pretrained``) describes, for each adapted module, ``ΔW = s · B @ A`` with
 ``s = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``), ``r`` and ``lora_alpha``
 overridden per module by ``rank_pattern`` / ``alpha_pattern``. Tensors saved in full
-(``modules_to_save``, trained biases) replace the base tensor, so their task vector is
-``saved − base``. :func:`open_adapter` reads the folder lazily; :meth:`LoraAdapter.rows` computes
-any rows of one ``ΔW`` on demand, so a large model's task vector is never held all at once.
+(``modules_to_save``, trained biases, ``<module>.base_layer.bias`` of ``bias="lora_only"``) replace
+the base tensor, so their task vector is ``saved − base``. The names PEFT gives these tensors
+(:func:`lora_names`, :func:`saved_name`) are shared with the writer
+(:mod:`gradfix.io.adapter_writer`). :func:`open_adapter` reads the folder lazily;
+:meth:`LoraAdapter.rows` computes any rows of one ``ΔW`` on demand, so a large model's task vector
+is never held all at once.
 """
 
 from __future__ import annotations
