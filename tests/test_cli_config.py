@@ -55,6 +55,8 @@ MASKING: dict[str, tuple[Values, Values]] = {
     "threshold": NON_NEGATIVE,
     "out": STRINGS,
     "shard_size": SIZES,
+    "out_format": _choices(["full", "adapter"], ["lora", "Adapter"]),
+    "adapter_rank": POSITIVE,
 }
 TABLE: dict[str, dict[str, tuple[Values, Values]]] = {
     "transport": {

@@ -25,6 +25,8 @@ Elect = Literal["mass", "count"]
 TrimScope = Literal["tensor", "model"]
 Shots = int | Literal["all"]
 Alpha = float | Literal["auto"]
+OutFormat = Literal["full", "adapter"]
+"""What a transport writes: the full weights of the target, or a PEFT LoRA adapter for it."""
 
 DEFAULT_RECIPE = "text-zero-shot"
 DEFAULT_SHARD_BYTES = 2 * 2**30
@@ -112,3 +114,6 @@ class OutputSettings:
     overwrite: bool = False
     shard_size: str = DEFAULT_SHARD_SIZE
     """Largest weight file, as the command line writes it (e.g. ``2GiB``, ``500MB``)."""
+    out_format: OutFormat = "full"
+    adapter_rank: int | None = None
+    """Rank of every LoRA module of an ``adapter`` output (needed by it, refused by ``full``)."""

@@ -85,6 +85,14 @@ def _print_transport(record: dict[str, Any], out: str) -> None:
         )
     else:
         print(f"no mask: every coordinate of τ_A was added (times alpha = {alpha:g})")
+    adapter = record.get("adapter")
+    if adapter:
+        print(
+            f"LoRA adapter of rank {adapter['rank']} ({len(adapter['target_modules'])} LoRA modules, "
+            f"{len(adapter['modules_to_save'])} saved whole) keeps {100 * adapter['kept_share']:.2f} % "
+            "of the update's energy"
+            + (f"; {len(adapter['dropped'])} tensor(s) dropped" if adapter["dropped"] else "")
+        )
     print(f"wrote {out}")
 
 
@@ -105,6 +113,8 @@ def run_transport(args: argparse.Namespace) -> dict[str, Any]:
         votes_in=list(args.votes_in),
         votes_out=args.votes_out,
         method=args.method,
+        out_format=args.out_format,
+        adapter_rank=args.adapter_rank,
     )
     if record.get("written_by_another_process"):
         return record
@@ -136,6 +146,10 @@ def run_merge(args: argparse.Namespace) -> dict[str, Any]:
 
     tasks = _merge_tasks(args)
     _require(args, "out")
+    if args.out_format != "full" or args.adapter_rank is not None:
+        raise ConfigError(
+            "merge: writes full weights only; --out-format adapter and --adapter-rank are for transport"
+        )
     record = merge_checkpoints(
         tasks,
         args.out,

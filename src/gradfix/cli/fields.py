@@ -96,7 +96,8 @@ def _voting(names: dict[str, tuple[str, ...]], skip: tuple[str, ...] = ()) -> di
 
 
 def _output() -> dict[str, Option]:
-    return {**_from_settings(OutputSettings, {"shard_size": SIZE}), "json": Option(BOOL, False)}
+    kinds = {"shard_size": SIZE, "adapter_rank": optional(POSITIVE_INT)}
+    return {**_from_settings(OutputSettings, kinds), "json": Option(BOOL, False)}
 
 
 def _transport(names: dict[str, tuple[str, ...]]) -> dict[str, Option]:

@@ -44,7 +44,10 @@ data: JSON lines {"text": ..., "label": ...} or CSV with text,label columns; `--
 per class are drawn from it with `--seed`. The output folder holds model.safetensors (sharded
 when large), the target's config and tokenizer files, zero_shot_head.safetensors (text-zero-shot:
 the target's own head, used by `gradfix eval`), and gradfix.json (inputs with sha256, settings,
-kept fraction per tensor, first-order descent report).
+kept fraction per tensor, first-order descent report). With --out-format adapter --adapter-rank R
+it holds adapter_config.json and adapter_model.safetensors instead of the weights and the target's
+files: a PEFT LoRA adapter for the target (PeftModel.from_pretrained(B, out)), each updated
+Linear/Embedding/Conv1D weight as its rank-R truncated SVD, the other updated tensors in full.
 """
 
 EPILOG_MERGE = """\
@@ -165,6 +168,21 @@ def add_masking(p: argparse.ArgumentParser, command: str) -> None:
     g.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out")
     _add(g, command, "shard_size", "largest weight file, e.g. 2GiB, 500MB or a number of bytes",
          metavar="SIZE")  # fmt: skip
+    _add(
+        g,
+        command,
+        "out_format",
+        "full: the target's weights with the update added; adapter: the update α·(m ⊙ τ_A) as a PEFT "
+        "LoRA adapter for the target (needs --adapter-rank; transport only, not transfusion/theseus)",
+    )
+    _add(
+        g,
+        command,
+        "adapter_rank",
+        "rank of every LoRA module of --out-format adapter (truncated SVD per module; gradfix.json "
+        "records the share of the update's energy it keeps)",
+        metavar="R",
+    )
 
 
 def _method_help() -> str:

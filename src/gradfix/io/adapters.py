@@ -4,9 +4,12 @@ A folder holding ``adapter_config.json`` and ``adapter_model.safetensors`` (as w
 ``PeftModel.save_pretrained``) describes, for each adapted module, ``ΔW = s · B @ A`` with
 ``s = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``), ``r`` and ``lora_alpha``
 overridden per module by ``rank_pattern`` / ``alpha_pattern``. Tensors saved in full
-(``modules_to_save``, trained biases) replace the base tensor, so their task vector is
-``saved − base``. :func:`open_adapter` reads the folder lazily; :meth:`LoraAdapter.rows` computes
-any rows of one ``ΔW`` on demand, so a large model's task vector is never held all at once.
+(``modules_to_save``, trained biases, ``<module>.base_layer.bias`` of ``bias="lora_only"``) replace
+the base tensor, so their task vector is ``saved − base``. The names PEFT gives these tensors
+(:func:`lora_names`, :func:`saved_name`) are shared with the writer
+(:mod:`gradfix.io.adapter_writer`). :func:`open_adapter` reads the folder lazily;
+:meth:`LoraAdapter.rows` computes any rows of one ``ΔW`` on demand, so a large model's task vector
+is never held all at once.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from gradfix.io.checkpoint import CheckpointReader, open_checkpoint
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."
+"""The prefix of every tensor name in a PEFT adapter file (``PeftModel`` wraps the model twice)."""
 # config entries naming LoRA variants whose ΔW is not ``s · B @ A``: refused when set
 _UNSUPPORTED = (
     "use_dora",
@@ -44,7 +48,24 @@ _UNSUPPORTED = (
 )
 # ``<module>.lora_A.weight``, ``<module>.lora_A.<adapter>.weight``, ``<module>.lora_embedding_A``
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>embedding_)?(?P<ab>[AB])(?:\.[^.]+)*$")
-_SAVED = re.compile(r"\.modules_to_save(?:\.[^.]+)?(?=\.[^.]+$)")
+# ``<module>.modules_to_save[.<adapter>].<param>``, ``<module>.base_layer.bias`` (``bias="lora_only"``)
+_SAVED = re.compile(r"\.(?:modules_to_save(?:\.[^.]+)?|base_layer)(?=\.[^.]+$)")
+
+
+def lora_names(module: str, embedding: bool = False) -> tuple[str, str]:
+    """PEFT's file names of ``A`` and ``B`` of LoRA module ``module`` (as ``save_pretrained`` writes
+    them): ``base_model.model.<module>.lora_A.weight`` or, for an embedding, ``...lora_embedding_A``."""
+    if embedding:
+        return f"{PEFT_PREFIX}{module}.lora_embedding_A", f"{PEFT_PREFIX}{module}.lora_embedding_B"
+    return f"{PEFT_PREFIX}{module}.lora_A.weight", f"{PEFT_PREFIX}{module}.lora_B.weight"
+
+
+def saved_name(module: str, param: str, lora_module: bool = False) -> str:
+    """PEFT's file name of tensor ``param`` of ``module`` saved in full:
+    ``base_model.model.<module>.<param>``, or ``...<module>.base_layer.<param>`` for the bias of a
+    LoRA module (``bias="lora_only"``)."""
+    inner = f"{module}.base_layer" if lora_module else module
+    return f"{PEFT_PREFIX}{inner}.{param}"
 
 
 class RowSource(Protocol):
@@ -172,7 +193,7 @@ class LoraAdapter:
         pairs: dict[str, dict[str, str]] = {}
         embedding: set[str] = set()
         for tensor in self._reader.names():
-            inner = tensor[len(_PREFIX) :] if tensor.startswith(_PREFIX) else tensor
+            inner = tensor[len(PEFT_PREFIX) :] if tensor.startswith(PEFT_PREFIX) else tensor
             m = _LORA.match(inner)
             if m:
                 pairs.setdefault(m["module"], {})[m["ab"]] = tensor
@@ -274,4 +295,15 @@ def open_adapter(
     return LoraAdapter(path, base_names, base_shapes)
 
 
-__all__ = ["LoraAdapter", "RowSource", "is_adapter_folder", "open_adapter", "pattern_key"]
+__all__ = [
+    "CONFIG_NAME",
+    "PEFT_PREFIX",
+    "WEIGHTS_NAME",
+    "LoraAdapter",
+    "RowSource",
+    "is_adapter_folder",
+    "lora_names",
+    "open_adapter",
+    "pattern_key",
+    "saved_name",
+]

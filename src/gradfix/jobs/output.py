@@ -143,12 +143,16 @@ def raise_if_overflow(target: str | Path, alpha: float, overflow: Sequence[str])
         )
 
 
-def finish_output(out: Path, target: str | Path, record: dict[str, Any], recipe: Any = None) -> list[str]:
-    """Copy the target's config and tokenizer files, save the zero-shot head, write ``gradfix.json``.
+def finish_output(
+    out: Path, target: str | Path, record: dict[str, Any], recipe: Any = None, model_files: bool = True
+) -> list[str]:
+    """Copy the target's config and tokenizer files (unless ``model_files`` is false: an adapter
+    output), save the zero-shot head, write ``gradfix.json``.
 
     ``record["files"]`` (the weight files) gains the head file; returns that list.
     """
-    copy_model_files(target, out)
+    if model_files:
+        copy_model_files(target, out)
     files = list(record.get("files", []))
     try:
         if recipe is not None and hasattr(recipe, "save_head"):

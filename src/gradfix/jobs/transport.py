@@ -19,6 +19,7 @@ from gradfix.diagnostics import descent_report
 from gradfix.errors import ConfigError
 from gradfix.io import CheckpointReader, atomic_output_dir, open_checkpoint
 from gradfix.io.adapters import is_adapter_folder, open_adapter
+from gradfix.jobs.adapter_output import AdapterOutput, check_out_format, prepare_adapter, write_adapter
 from gradfix.jobs.adaptive import check_evidence, choice_record, choose, plan_choice
 from gradfix.jobs.common import (
     Shots,
@@ -75,6 +76,8 @@ def transport_checkpoints(
     votes_in: Sequence[str | Path] = (),
     votes_out: str | Path | None = None,
     method: str | None = None,
+    out_format: str = "full",
+    adapter_rank: int | None = None,
 ) -> dict[str, Any]:
     """Transport ``τ_A = source_finetuned − source_base`` onto ``target_base`` and write ``out``.
 
@@ -91,9 +94,14 @@ def transport_checkpoints(
     written in row slices, so memory does not grow with the model. The output folder is written
     under a temporary name and moved into place only when complete. Returns the record written to
     ``out/gradfix.json``; a method that chooses records its choice under ``"choice"``.
+
+    ``out_format="adapter"`` writes the update ``α · mask(τ_A)`` as a PEFT LoRA adapter of rank
+    ``adapter_rank`` for the target instead (:mod:`gradfix.jobs.adapter_output`; not with the
+    aligned methods), recorded under ``"adapter"``.
     """
     votes = votes or VoteSettings()
     chosen, masking = resolve_method(method, masking or MaskSettings())
+    as_adapter = check_out_format(out_format, adapter_rank, chosen.name, chosen.aligns)
     choosing = plan_choice(chosen, masking, votes, target_base)
     if chosen.aligns:
         return _transport_aligned(
@@ -125,6 +133,7 @@ def transport_checkpoints(
         tau, names, nonzero = _open_task_vector(
             stack, source_base, source_finetuned, target_base, rb, rt, masking
         )
+        adapter = prepare_adapter(target_base, rt, sorted(nonzero), adapter_rank or 0) if as_adapter else None
         record = _start_record(source_base, source_finetuned, target_base)
         held = None
         if needs_votes:
@@ -132,11 +141,14 @@ def transport_checkpoints(
             if world()[0] != 0:  # under torchrun only the first process writes
                 return {**record, "written_by_another_process": True}
         record.update(_settings_record(chosen.name, votes, masking, bool(data)))
+        record.update(out_format=out_format, adapter_rank=adapter_rank)
         record["num_samples"] = held.reference.num_samples if held is not None else 0
         try:
             if choosing is not None:
                 masking = _choose(choosing, masking, record, votes, (tau, rt), names, nonzero, held, drawn)
-            _write(out, overwrite, shard_bytes, (tau, rt), names, nonzero, held, masking, votes, record)
+            _write(
+                out, overwrite, shard_bytes, (tau, rt), names, nonzero, held, masking, votes, record, adapter
+            )
         finally:
             if held is not None:
                 held.reference.close()
@@ -261,8 +273,10 @@ def _write(
     masking: MaskSettings,
     votes: VoteSettings,
     record: dict[str, Any],
+    adapter: AdapterOutput | None = None,
 ) -> None:
-    """Stream ``θ_B + α · mask(τ_A)`` into ``out`` with the record and the target's other files."""
+    """Stream ``θ_B + α · mask(τ_A)`` into ``out`` with the record and the target's other files
+    (or, with ``adapter``, the update as a LoRA adapter with the record)."""
     tau, rt = readers
     mask = get_mask(str(masking.mask))
     reference = held.reference if held is not None else None
@@ -273,10 +287,13 @@ def _write(
     options = MaskOptions(gamma=masking.gamma, threshold=float(masking.threshold or 0.0), seed=votes.seed)
     update = MaskedUpdate(tau, names, reference, mask, options, masking.unvoted == "keep", alpha)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        record["files"] = write_model(tmp, rt, update, alpha, shard_bytes)
+        if adapter is not None:
+            record.update(write_adapter(tmp, rt, update, alpha, adapter))
+        else:
+            record["files"] = write_model(tmp, rt, update, alpha, shard_bytes)
         report = update.report()
         record.update(kept_fraction=update.kept_fraction(), descent=report.to_dict() if report else None)
-        finish_output(tmp, rt.path, record, held.recipe if held is not None else None)
+        finish_output(tmp, rt.path, record, held.recipe if held is not None else None, adapter is None)
 
 
 def _transport_aligned(
