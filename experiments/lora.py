@@ -145,7 +145,7 @@ def run_level(level: str, work: Path) -> dict[str, Any]:
                     out = Path(tmp) / f"{method}-{seed}-r{rank}"
                     record = transport(scenario, scenario / "B", adapter, out, method, seed,
                                        "--out-format", "adapter", "--adapter-rank", str(rank))  # fmt: skip
-                    energy = record.get("adapter", {}).get("energy_kept")
+                    energy = record.get("adapter", {}).get("kept_share")
                     rows.append({**row, "output": f"adapter r={rank}", "energy_kept": energy,
                                  "accuracy": evaluate(evaluate.adapter_state(out))})  # fmt: skip
                     shutil.rmtree(out)
