@@ -19,6 +19,7 @@ from gradfix.diagnostics import descent_report
 from gradfix.errors import ConfigError
 from gradfix.io import CheckpointReader, atomic_output_dir, open_checkpoint
 from gradfix.io.adapters import is_adapter_folder, open_adapter
+from gradfix.io.hub import resolve_models
 from gradfix.jobs.adaptive import check_evidence, choice_record, choose, plan_choice
 from gradfix.jobs.common import (
     Shots,
@@ -75,8 +76,13 @@ def transport_checkpoints(
     votes_in: Sequence[str | Path] = (),
     votes_out: str | Path | None = None,
     method: str | None = None,
+    revision: str | None = None,
 ) -> dict[str, Any]:
     """Transport ``τ_A = source_finetuned − source_base`` onto ``target_base`` and write ``out``.
+
+    A model that is a Hugging Face Hub id (``org/name``, ``org/name@rev``) is resolved to its
+    snapshot in the local cache, downloaded if need be, at ``revision`` unless it names its own
+    (:func:`gradfix.io.hub.resolve_model`).
 
     ``method`` is a registered method (:data:`gradfix.methods.METHODS`), resolved with
     ``masking`` as the command line resolves it (:func:`gradfix.methods.resolve_method`: no
@@ -92,6 +98,9 @@ def transport_checkpoints(
     under a temporary name and moved into place only when complete. Returns the record written to
     ``out/gradfix.json``; a method that chooses records its choice under ``"choice"``.
     """
+    source_base, source_finetuned, target_base = resolve_models(
+        (source_base, source_finetuned, target_base), revision
+    )
     votes = votes or VoteSettings()
     chosen, masking = resolve_method(method, masking or MaskSettings())
     choosing = plan_choice(chosen, masking, votes, target_base)
