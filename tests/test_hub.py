@@ -24,7 +24,7 @@ import gradfix.io.hub as hub_module
 from gradfix.cli.config import validated_options
 from gradfix.cli.main import main
 from gradfix.io.hub import MODEL_FILES, TORCH_WEIGHTS, parse_hub_id, resolve_model
-from gradfix.jobs import transport_checkpoints
+from gradfix.jobs import input_record, transport_checkpoints
 from gradfix.settings import MaskSettings
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread")]
@@ -181,6 +181,9 @@ def test_the_api_takes_hub_ids_and_a_revision(models, cached, tmp_path) -> None:
     assert record["inputs"]["source_base"]["hub"]["revision_requested"] == "main"
     assert record["inputs"]["target_base"]["hub"]["commit"] == commit_of("B2")
     assert (tmp_path / "out" / "model.safetensors").is_file()
+    # a snapshot folder given as a path is recorded with its repository and commit too
+    direct = input_record(cached["B"])["hub"]
+    assert direct == {"repo_id": IDS["B"], "revision_requested": None, "commit": commit_of("B")}
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -272,23 +275,51 @@ def test_the_environment_switches_downloads_off_in_a_fresh_process(models, cache
 
 
 # -- downloads (huggingface_hub's download replaced: nothing leaves the machine) --------------------
-def test_a_download_fetches_only_what_gradfix_reads(models, cache, tmp_path, monkeypatch) -> None:
+def _fake_hub(cache: Path, files: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Downloads on (for gradfix), served from ``files`` by a stand-in for ``snapshot_download``
+    that writes only the files its ``allow_patterns`` match; returns the calls it gets."""
+    from fnmatch import fnmatch
+
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
     calls: list[dict[str, Any]] = []
 
     def fake_download(repo_id: str, **kwargs: Any) -> str:
         calls.append({"repo_id": repo_id, **kwargs})
         if kwargs.get("local_files_only"):
-            from huggingface_hub.errors import LocalEntryNotFoundError
-
             raise LocalEntryNotFoundError("not cached")
-        return str(add_snapshot(cache, repo_id, models["B"], commit_of("fetched")))
+        snapshot = cache / ("models--" + repo_id.replace("/", "--")) / "snapshots" / commit_of(repo_id)
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            if any(fnmatch(name, pattern) for pattern in kwargs["allow_patterns"]):
+                (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+                (snapshot / name).write_bytes(data)
+        return str(snapshot)
 
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
     monkeypatch.setattr(hub_module, "hub_offline", lambda: False)
-    folder = resolve_model("org/fetched@v1")
-    assert Path(folder) == cache / "models--org--fetched" / "snapshots" / commit_of("fetched")
+    return calls
+
+
+def test_a_download_fetches_only_what_gradfix_reads(models, cache, monkeypatch) -> None:
+    repo = {p.name: p.read_bytes() for p in models["B"].iterdir() if p.is_file()}
+    repo.update({"pytorch_model.bin": b"old", "onnx/model.onnx": b"onnx", "tf_model.h5": b"tf"})
+    repo["1_Pooling/config.json"] = b"{}"
+    calls = _fake_hub(cache, repo, monkeypatch)
+    folder = Path(resolve_model("org/fetched@v1"))
+    assert folder.name == commit_of("org/fetched")
     assert [c.get("local_files_only", False) for c in calls] == [True, False]
     assert all(c["revision"] == "v1" and c["allow_patterns"] == list(MODEL_FILES) for c in calls)
-    assert "*.bin" not in MODEL_FILES and all(p.endswith(".bin") for p in TORCH_WEIGHTS)
+    fetched = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert "model.safetensors" in fetched and "config.json" in fetched and "1_Pooling/config.json" in fetched
+    assert not {"pytorch_model.bin", "onnx/model.onnx", "tf_model.h5"} & set(fetched)
+
+
+def test_pytorch_weights_are_fetched_only_without_safetensors(models, cache, monkeypatch) -> None:
+    repo = {"config.json": (models["B"] / "config.json").read_bytes(), "pytorch_model.bin": b"weights"}
+    calls = _fake_hub(cache, repo, monkeypatch)
+    folder = Path(resolve_model("org/old-style"))
+    assert [c["allow_patterns"] for c in calls[1:]] == [list(MODEL_FILES), list(TORCH_WEIGHTS)]
+    assert (folder / "pytorch_model.bin").read_bytes() == b"weights"
