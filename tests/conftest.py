@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+
+# No test reaches the Hugging Face Hub: set before huggingface_hub is imported (it reads this once).
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch

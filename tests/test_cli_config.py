@@ -63,6 +63,7 @@ TABLE: dict[str, dict[str, tuple[Values, Values]]] = {
         "source_base": STRINGS,
         "source_finetuned": STRINGS,
         "target_base": STRINGS,
+        "revision": STRINGS,
         "data": STRINGS,
         "votes_in": MANY_STRINGS,
         "votes_out": STRINGS,
@@ -79,6 +80,7 @@ TABLE: dict[str, dict[str, tuple[Values, Values]]] = {
         "source_base": MANY_STRINGS,
         "source_finetuned": MANY_STRINGS,
         "target_base": STRINGS,
+        "revision": STRINGS,
         "data": MANY_STRINGS,
         "method": _choices(MERGE_METHODS, ["adaptive", "TIES"]),
         "pipeline": _choices(["plain", "mask-then-merge", "merge-then-mask"], ["mask"]),
@@ -93,6 +95,7 @@ TABLE: dict[str, dict[str, tuple[Values, Values]]] = {
     },
     "eval": {
         "model": STRINGS,
+        "revision": STRINGS,
         "data": STRINGS,
         "recipe": VOTING["recipe"],
         "template": STRINGS,

@@ -107,6 +107,17 @@ class EvalSettings:
 
 
 @dataclass
+class HubSettings:
+    """Which revision of the models given as Hugging Face Hub ids (``org/name``) to use.
+
+    ``revision`` (a branch, tag or commit hash; ``None``: ``main``) applies to every Hub id of a
+    command that does not name its own (``org/name@revision``); see :mod:`gradfix.io.hub`.
+    """
+
+    revision: str | None = None
+
+
+@dataclass
 class OutputSettings:
     """Where and how a job writes its output folder."""
 

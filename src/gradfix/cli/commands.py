@@ -115,6 +115,7 @@ def run_transport(args: argparse.Namespace) -> dict[str, Any]:
         method=args.method,
         out_format=args.out_format,
         adapter_rank=args.adapter_rank,
+        revision=args.revision,
     )
     if record.get("written_by_another_process"):
         return record
@@ -164,6 +165,7 @@ def run_merge(args: argparse.Namespace) -> dict[str, Any]:
         masking=_masking(args),
         overwrite=args.overwrite,
         shard_bytes=args.shard_size,
+        revision=args.revision,
     )
     if record.get("written_by_another_process"):
         return record
@@ -190,6 +192,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         head_from=args.head_from,
         batch_size=args.batch_size,
         max_length=args.max_length,
+        revision=args.revision,
     )
     if not args.json:
         print(f"accuracy {result['accuracy']:.4f} on {result['examples']} examples ({args.model})")

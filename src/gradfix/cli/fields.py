@@ -37,6 +37,7 @@ from gradfix.settings import (
     DEFAULT_MERGE_MASK,
     DEFAULT_THRESHOLD,
     EvalSettings,
+    HubSettings,
     MaskSettings,
     MergeSettings,
     OutputSettings,
@@ -85,6 +86,10 @@ def _paths(*names: str) -> dict[str, Option]:
     return {name: Option(optional(STR)) for name in names}
 
 
+def _hub() -> dict[str, Option]:
+    return _from_settings(HubSettings, {})
+
+
 def _voting(names: dict[str, tuple[str, ...]], skip: tuple[str, ...] = ()) -> dict[str, Option]:
     kinds = {
         "recipe": choice(names["recipes"]),
@@ -111,6 +116,7 @@ def _transport(names: dict[str, tuple[str, ...]]) -> dict[str, Option]:
     }
     return {
         **_paths("source_base", "source_finetuned", "target_base"),
+        **_hub(),
         "votes_in": Option(STR_LIST, []),
         "votes_out": Option(optional(STR)),
         "method": Option(optional(choice(names["methods"]))),
@@ -131,6 +137,7 @@ def _merge(names: dict[str, tuple[str, ...]]) -> dict[str, Option]:
         "source_base": Option(STR_LIST, []),
         "source_finetuned": Option(STR_LIST, []),
         **_paths("target_base"),
+        **_hub(),
         "data": Option(STR_LIST, []),
         "tasks": Option(optional(TASKS)),
         **_from_settings(MergeSettings, {"method": choice(names["merge_methods"]), "density": DENSITY}),
@@ -147,6 +154,7 @@ def _eval(names: dict[str, tuple[str, ...]]) -> dict[str, Option]:
     kinds = {"recipe": choice(names["recipes"]), "batch_size": POSITIVE_INT, "max_length": POSITIVE_INT}
     return {
         **_paths("model", "data"),
+        **_hub(),
         **_from_settings(EvalSettings, kinds),
         "json": Option(BOOL, False),
     }

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gradfix.checks import select_names
+from gradfix.cli.options import REVISION_HELP
 from gradfix.diagnostics import sign_agreement, tensor_summary
 from gradfix.errors import ConfigError
 from gradfix.task_vector import TaskVector
@@ -20,6 +21,7 @@ examples:
   gradfix inspect --base A/ --finetuned A-ft/ --other-base B/ --other-finetuned B-ft/
                                                           # sign agreement of two task vectors
   gradfix inspect tau_a.safetensors tau_b.safetensors     # the same for saved task vectors
+  gradfix inspect org/name --revision v2                  # a Hugging Face Hub model (cache first)
 """
 
 
@@ -39,6 +41,7 @@ def add_inspect_parser(sub: Any, common: Callable[[argparse.ArgumentParser], Non
     p.add_argument("--include", action="append", metavar="GLOB", help="only tensors whose name matches")
     p.add_argument("--exclude", action="append", metavar="GLOB", help="skip tensors whose name matches")
     p.add_argument("--top", type=int, default=None, help="print at most this many rows (default all)")
+    p.add_argument("--revision", metavar="REV", help=REVISION_HELP)
     common(p)
     p.set_defaults(handler=run_inspect)
 
@@ -110,8 +113,21 @@ def _share(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.2%}"
 
 
+def _resolve_hub_ids(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with every model given as a Hugging Face Hub id replaced by its local snapshot."""
+    from gradfix.io.hub import resolve_models
+
+    roles = [r for r in ("base", "finetuned", "other_base", "other_finetuned") if getattr(args, r)]
+    given = [*(args.paths or []), *(getattr(args, r) for r in roles)]
+    local = [str(p) for p in resolve_models(given, args.revision)]
+    count = len(args.paths or [])
+    named = dict(zip(roles, local[count:], strict=True))
+    return argparse.Namespace(**{**vars(args), "paths": local[:count], **named})
+
+
 def run_inspect(args: argparse.Namespace) -> dict[str, Any]:
     """Summarise one checkpoint or task vector, or compare the signs of two task vectors."""
+    args = _resolve_hub_ids(args)
     paths = list(args.paths or [])
     if len(paths) > 2:
         raise ConfigError("inspect: give one checkpoint, or two task vector files to compare")

@@ -48,6 +48,10 @@ kept fraction per tensor, first-order descent report). With --out-format adapter
 it holds adapter_config.json and adapter_model.safetensors instead of the weights and the target's
 files: a PEFT LoRA adapter for the target (PeftModel.from_pretrained(B, out)), each updated
 Linear/Embedding/Conv1D weight as its rank-R truncated SVD, the other updated tensors in full.
+
+models: a folder, a weights file, or a Hugging Face Hub id org/name (org/name@REV for one
+revision): the local cache first, else a download of the weights, configs and tokenizer files;
+HF_HUB_OFFLINE=1 forbids downloads. gradfix.json records each Hub input's commit.
 """
 
 EPILOG_MERGE = """\
@@ -62,7 +66,14 @@ examples:
       --target-base B/ --data t.jsonl --pipeline mask-then-merge --out B-t/
 
 --source-base and --data may be given once (shared by every task) or once per --source-finetuned.
+Every model may be a Hugging Face Hub id (org/name or org/name@REV), as in transport.
 """
+
+
+REVISION_HELP = (
+    "branch, tag or commit of every model given as a Hugging Face Hub id (org/name; "
+    "org/name@REV names its own); default main"
+)
 
 
 def _default_text(option: Option) -> str:
@@ -207,6 +218,7 @@ def add_transport_parser(sub: Any, handler: Handler) -> None:
     _add(t, "transport", "source_base", "the source pre-trained model A (folder or weights file)")
     _add(t, "transport", "source_finetuned", "A fine-tuned on the task")
     _add(t, "transport", "target_base", "the new base model B (same architecture)")
+    _add(t, "transport", "revision", REVISION_HELP, metavar="REV")
     _add(t, "transport", "data", "labelled examples for the target's votes (.jsonl or .csv)")
     _add(t, "transport", "votes_in", "add votes saved by --votes-out", action="append", metavar="FILE")
     _add(t, "transport", "votes_out", "save the votes (safetensors) to resume or combine", metavar="FILE")
@@ -251,6 +263,7 @@ def add_merge_parser(sub: Any, handler: Handler) -> None:
     _add(m, "merge", "source_base", "source base (once, or once per fine-tune)", action="append")
     _add(m, "merge", "source_finetuned", "a fine-tuned model (repeat per task)", action="append")
     _add(m, "merge", "target_base", "base to merge onto (default: the first source base)")
+    _add(m, "merge", "revision", REVISION_HELP, metavar="REV")
     _add(m, "merge", "data", "labelled data per task (once, or once per fine-tune)", action="append")
     _add(m, "merge", "method", "merge method: " + _summaries(list(MERGE_METHODS), MERGE_METHODS))
     _add(m, "merge", "pipeline", "plain, or GradFix masks before/after merging")
@@ -269,7 +282,8 @@ def add_eval_parser(sub: Any, handler: Handler) -> None:
     from gradfix.recipes import RECIPES
 
     e = sub.add_parser("eval", help="accuracy of a model folder on labelled data")
-    _add(e, "eval", "model", "model folder")
+    _add(e, "eval", "model", "model folder (or Hugging Face Hub id)")
+    _add(e, "eval", "revision", REVISION_HELP, metavar="REV")
     _add(e, "eval", "data", "labelled examples (.jsonl or .csv)")
     _add(e, "eval", "recipe", "model family and loss: " + ", ".join(RECIPES))
     _add(e, "eval", "template", "class prompt of the zero-shot head")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from gradfix.data import check_known_labels, label_set
+from gradfix.io.hub import resolve_models
 from gradfix.recipes import BuildOptions, get_recipe
 
 
@@ -18,6 +19,7 @@ def evaluate_model(
     head_from: str | Path | None = None,
     batch_size: int = 32,
     max_length: int = 128,
+    revision: str | None = None,
 ) -> dict[str, Any]:
     """Accuracy of a model folder on a labelled data file with a recipe.
 
@@ -25,8 +27,11 @@ def evaluate_model(
     folder), else from ``zero_shot_head.safetensors`` in the folder (written by transport: the
     target base's own head), else from the model itself. A label of ``data`` that the head (or a
     classifier's named labels) does not know is an error naming the data file and line; an
-    unknown recipe is a :class:`ConfigError` listing the known ones.
+    unknown recipe is a :class:`ConfigError` listing the known ones. ``model_dir`` and
+    ``head_from`` may be Hugging Face Hub ids, at ``revision`` (:func:`gradfix.io.hub.resolve_model`).
     """
+    model_dir, *head = resolve_models([model_dir, *([head_from] if head_from is not None else [])], revision)
+    head_from = head[0] if head else None
     family = get_recipe(recipe_name)
     examples = family.read_examples(data)
     labels = label_set(examples)

@@ -29,6 +29,7 @@ from gradfix.io import (
     sha256_file,
 )
 from gradfix.io.adapters import CONFIG_NAME, WEIGHTS_NAME, is_adapter_folder
+from gradfix.io.hub import hub_origin
 from gradfix.io.paths import allowed_roots, check_inside, path_exists, path_stat
 from gradfix.recipes import get_recipe
 from gradfix.votes.file import check_votes_files as check_votes_files  # re-exported
@@ -44,7 +45,9 @@ def input_record(path: str | Path, model_files: bool = False) -> dict[str, Any]:
     For a checkpoint folder every weight file that is read is hashed, and with ``model_files``
     also its config and tokenizer files (those copied into the output). Keys are paths relative
     to the folder, sorted. Only regular files inside the folder (or, for a Hub snapshot, the
-    cache's ``blobs/``) are hashed: a symlink out of it, a FIFO or a device is refused.
+    cache's ``blobs/``) are hashed: a symlink out of it, a FIFO or a device is refused. A snapshot
+    of the Hugging Face cache (a Hub id resolved by :mod:`gradfix.io.hub`) also gets
+    ``"hub": {"repo_id", "revision_requested", "commit"}``.
     """
     path = Path(path)
     info = path_stat(path)
@@ -61,7 +64,8 @@ def input_record(path: str | Path, model_files: bool = False) -> dict[str, Any]:
     if model_files:
         files += list_model_files(path)
     digests = {rel.as_posix(): sha256_file(path / rel) for rel in sorted(set(files))}
-    return {"path": str(path), "sha256": digests}
+    origin = hub_origin(path)
+    return {"path": str(path), "sha256": digests, **({"hub": origin.record()} if origin else {})}
 
 
 def check_outputs(

@@ -23,6 +23,7 @@ from gradfix.diagnostics import DescentReport, TensorDescent, descent_report
 from gradfix.errors import ConfigError
 from gradfix.io import atomic_output_dir, open_checkpoint
 from gradfix.io.adapters import is_adapter_folder, open_adapter
+from gradfix.io.hub import resolve_models
 from gradfix.jobs.common import base_record, draw_shots, scan_rows, scan_task_vector, vote_on_target
 from gradfix.jobs.inputs import check_checkpoints, check_outputs, input_record, raise_zero_task_vector
 from gradfix.jobs.output import WholeUpdate, finish_output, write_model
@@ -73,6 +74,7 @@ def merge_checkpoints(
     masking: MaskSettings | None = None,
     overwrite: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    revision: str | None = None,
 ) -> dict[str, Any]:
     """Merge the task vectors of ``tasks`` onto ``target_base`` (default: the first source base).
 
@@ -81,10 +83,12 @@ def merge_checkpoints(
     the consensus sign of the per-task votes). The result is ``θ_target + α · τ_merged`` with
     ``α = masking.alpha``. Inputs and outputs are checked as in
     :func:`~gradfix.jobs.transport_checkpoints` (every task's ``τ`` must be non-zero). Returns the
-    record written to ``out/gradfix.json``.
+    record written to ``out/gradfix.json``. Models given as Hugging Face Hub ids are resolved at
+    ``revision`` unless they name their own (:func:`gradfix.io.hub.resolve_model`).
     """
     if not tasks:
         raise ConfigError("merge needs at least one task (--source-finetuned)")
+    tasks, target_base = _resolve_hub_ids(tasks, target_base, revision)
     if pipeline not in PIPELINES:
         raise ConfigError(f"unknown pipeline {pipeline!r}; choose one of {', '.join(PIPELINES)}")
     votes = votes or VoteSettings()
@@ -149,6 +153,19 @@ def _resolve_masking(masking: MaskSettings) -> MaskSettings:
         alpha=fixed_alpha(masking.alpha if masking.alpha is not None else DEFAULT_ALPHA),
         threshold=masking.threshold if masking.threshold is not None else DEFAULT_THRESHOLD,
     )
+
+
+def _resolve_hub_ids(
+    tasks: Sequence[TaskSpec], target_base: str | Path | None, revision: str | None
+) -> tuple[list[TaskSpec], str | Path | None]:
+    """``tasks`` and ``target_base`` with every Hub id replaced by its local snapshot folder."""
+    given = [p for t in tasks for p in (t.source_base, t.source_finetuned)]
+    local = resolve_models([*given, *([target_base] if target_base is not None else [])], revision)
+    resolved = [
+        replace(t, source_base=str(local[2 * i]), source_finetuned=str(local[2 * i + 1]))
+        for i, t in enumerate(tasks)
+    ]
+    return resolved, (local[-1] if target_base is not None else None)
 
 
 def _checked_names(

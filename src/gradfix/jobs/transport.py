@@ -19,6 +19,7 @@ from gradfix.diagnostics import descent_report
 from gradfix.errors import ConfigError
 from gradfix.io import CheckpointReader, atomic_output_dir, open_checkpoint
 from gradfix.io.adapters import is_adapter_folder, open_adapter
+from gradfix.io.hub import parse_hub_id, resolve_models
 from gradfix.jobs.adapter_output import AdapterOutput, check_out_format, prepare_adapter, write_adapter
 from gradfix.jobs.adaptive import check_evidence, choice_record, choose, plan_choice
 from gradfix.jobs.common import (
@@ -78,8 +79,13 @@ def transport_checkpoints(
     method: str | None = None,
     out_format: str = "full",
     adapter_rank: int | None = None,
+    revision: str | None = None,
 ) -> dict[str, Any]:
     """Transport ``τ_A = source_finetuned − source_base`` onto ``target_base`` and write ``out``.
+
+    A model that is a Hugging Face Hub id (``org/name``, ``org/name@rev``) is resolved to its
+    snapshot in the local cache, downloaded if need be, at ``revision`` unless it names its own
+    (:func:`gradfix.io.hub.resolve_model`).
 
     ``method`` is a registered method (:data:`gradfix.methods.METHODS`), resolved with
     ``masking`` as the command line resolves it (:func:`gradfix.methods.resolve_method`: no
@@ -99,6 +105,11 @@ def transport_checkpoints(
     ``adapter_rank`` for the target instead (:mod:`gradfix.jobs.adapter_output`; not with the
     aligned methods), recorded under ``"adapter"``.
     """
+    hub_target = parse_hub_id(target_base)  # an adapter output names B as the user did: a Hub id stays one
+    b_name = hub_target[0] if hub_target else str(target_base)
+    source_base, source_finetuned, target_base = resolve_models(
+        (source_base, source_finetuned, target_base), revision
+    )
     votes = votes or VoteSettings()
     chosen, masking = resolve_method(method, masking or MaskSettings())
     as_adapter = check_out_format(out_format, adapter_rank, chosen.name, chosen.aligns)
@@ -133,7 +144,7 @@ def transport_checkpoints(
         tau, names, nonzero = _open_task_vector(
             stack, source_base, source_finetuned, target_base, rb, rt, masking
         )
-        adapter = prepare_adapter(target_base, rt, sorted(nonzero), adapter_rank or 0) if as_adapter else None
+        adapter = prepare_adapter(b_name, rt, sorted(nonzero), adapter_rank or 0) if as_adapter else None
         record = _start_record(source_base, source_finetuned, target_base)
         held = None
         if needs_votes:
