@@ -115,7 +115,10 @@ def test_votes_of_every_engine_equal_the_loop(built) -> None:
             assert votes.hits == loop.hits, engine
             for name, counts in loop.counts.items():
                 torch.testing.assert_close(votes.grad_sum[name], loop.grad_sum[name], rtol=1e-9, atol=1e-12)
-                if float(loop.grad_sum[name].abs().max()) > 1e-12:  # not the attention key bias (0 exactly)
+                if name.endswith("k_proj.bias"):  # 0 exactly, as softmax ignores it: its votes are
+                    # the rounding noise of the attention's float32 softmax
+                    assert float(loop.grad_sum[name].abs().max()) < 1e-6
+                else:
                     assert torch.equal(votes.counts[name], counts), (engine, name)
     finally:
         model.float()

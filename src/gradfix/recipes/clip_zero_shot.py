@@ -27,7 +27,7 @@ from gradfix.data import Example, load_examples
 from gradfix.errors import CheckpointError, ConfigError, DataError
 from gradfix.recipes import _hf
 from gradfix.recipes.base import Batch, Recipe
-from gradfix.recipes.registry import BuildOptions, RecipeFamily, register_recipe
+from gradfix.recipes.registry import DEFAULT_LOGIT_SCALE, BuildOptions, RecipeFamily, register_recipe
 from gradfix.recipes.text_zero_shot import TextZeroShot, TextZeroShotRecipe, _check_template, _head_source
 
 DEFAULT_CLIP_TEMPLATE = "a photo of a {label}."
@@ -40,20 +40,15 @@ HEAD_FORMAT = "gradfix.zero-shot-head"
 """The ``format`` metadata of a saved head (the same as ``text-zero-shot``'s)."""
 
 
-def _normalised(features: Any) -> Tensor:
-    """L2-normalised rows of a tensor or of a model output's ``pooler_output``."""
-    value = getattr(features, "pooler_output", features)
-    return F.normalize(value if isinstance(value, Tensor) else features[1], dim=-1)
-
-
 class ClipZeroShotRecipe(Recipe):
     """Zero-shot image classification with a CLIP model: ``logit_scale · norm(image) @ head.T``.
 
     ``head`` ``[C, P]`` holds the normalised text embeddings (``text_projection`` of the pooled text
     tower) of ``template.format(label=name)`` per label, built from ``model`` at construction (eval
     mode, no grad) unless given; later changes to any model never change it. ``logit_scale`` is a
-    plain number (the model's own ``exp(logit_scale)`` by default, see :class:`ClipZeroShot`), so
-    the model's ``logit_scale`` parameter is not part of the loss either.
+    plain number (by default the model's own ``exp(logit_scale)``, read once; a model without one
+    gets :data:`DEFAULT_LOGIT_SCALE`), so the model's ``logit_scale`` parameter is not part of the
+    loss either.
     """
 
     def __init__(
@@ -76,7 +71,7 @@ class ClipZeroShotRecipe(Recipe):
         own = getattr(model, "logit_scale", None)
         if logit_scale is None and isinstance(own, Tensor):
             logit_scale = float(own.detach().float().exp())
-        self.logit_scale = 100.0 if logit_scale is None else float(logit_scale)
+        self.logit_scale = DEFAULT_LOGIT_SCALE if logit_scale is None else float(logit_scale)
         if head is None:
             head = self.embed_texts(model, [template.format(label=name) for name in self.labels])
         width = getattr(getattr(model, "visual_projection", None), "out_features", None)
@@ -100,7 +95,7 @@ class ClipZeroShotRecipe(Recipe):
                 batch = _hf.tokenize(self.tokenizer, texts[start : start + batch_size], self.max_length)
                 ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
                 pooled = _pooled(clip.text_model(input_ids=ids, attention_mask=mask))
-                rows.append(_normalised(clip.text_projection(pooled)))
+                rows.append(F.normalize(clip.text_projection(pooled), dim=-1))
         finally:
             model.train(was_training)
         return torch.cat(rows).float().cpu()
@@ -109,7 +104,7 @@ class ClipZeroShotRecipe(Recipe):
         """Normalised projected image embeddings ``[B, P]`` (differentiable in the image tower)."""
         clip: Any = model
         pooled = _pooled(clip.vision_model(pixel_values=pixel_values))
-        return _normalised(clip.visual_projection(pooled))
+        return F.normalize(clip.visual_projection(pooled), dim=-1)
 
     def logits(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
         """Scaled cosine similarities ``[B, C]`` between the images and the class prompts."""
@@ -176,7 +171,7 @@ def _open_image(example: Example) -> Any:
 
 
 def _row(example: Example) -> str:
-    """Where an example was read: ``"data file, line N"``, or the image itself (class folders)."""
+    """Where an example was read: ``"data file, line N"``, or the data folder (class folders)."""
     source = example.get("source")
     if source and example.line:
         return f"{source}, line {example.line}"
@@ -186,10 +181,10 @@ def _row(example: Example) -> str:
 def read_image_examples(path: str | Path) -> list[Example]:
     """The image examples of a data file (``image``/``label`` rows) or a folder of class folders.
 
-    Each example's ``text`` is the image's resolved path; its ``source`` field names the data file
-    (or the class folder). Relative paths in a data file are relative to the file's folder. A
-    missing image is a :class:`DataError` naming the file and line.
-    """
+    Each example's ``text`` is the image's path (relative paths of a data file joined to its
+    folder); its ``source`` field names the data file (or the data folder). A missing image is a
+    :class:`DataError` naming the file and line; an image that cannot be decoded is found by
+    :meth:`ClipZeroShotRecipe.collate`."""
     source = Path(path)
     if source.is_dir():
         return _class_folders(source)
@@ -213,7 +208,7 @@ def _class_folders(root: Path) -> list[Example]:
         images = sorted(
             p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
         )
-        examples += [Example(str(p), folder.name, 0, (("source", str(p)),)) for p in images if p.is_file()]
+        examples += [Example(str(p), folder.name, 0, (("source", str(root)),)) for p in images if p.is_file()]
     if not examples:
         kinds = ", ".join(sorted(IMAGE_SUFFIXES))
         raise DataError(f"{root}: no images found: expected one sub-folder per class holding {kinds} files")
