@@ -201,7 +201,18 @@ def test_transport_of_a_text_tower_update_needs_an_unvoted_policy(clip, transpor
     text_ft = perturbed_clip(clip["A"], transported["out"].parent / "A-text", 0.05, seed=4)
     argv = ["transport", "--recipe", "clip-zero-shot", "--source-base", str(clip["A"])]
     argv += ["--source-finetuned", str(text_ft), "--target-base", str(transported["B"])]
-    argv += ["--data", str(clip["jsonl"]), "--method", "gradfix", "--no-progress"]
+    argv += ["--data", str(clip["jsonl"]), "--no-progress"]
     line = one_error_line([*argv, "--out", str(transported["out"].parent / "bad")], capsys)
     assert "have no votes from the target" in line and "text_model." in line
     assert not (transported["out"].parent / "bad").exists()
+
+
+def test_an_unreadable_image_is_one_line_from_the_command_line(clip, transported, tmp_path, capsys) -> None:
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG but not really")
+    good = clip["folders"] / "sports" / "1.png"
+    data = tmp_path / "rows.jsonl"
+    rows = [{"image": str(good), "label": "sports"}, {"image": "broken.png", "label": "tech"}]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = ["eval", "--recipe", "clip-zero-shot", "--model", str(transported["out"]), "--data", str(data)]
+    line = one_error_line(argv, capsys, command="eval")
+    assert f"{data}, line 2: cannot read the image {tmp_path / 'broken.png'}" in line
