@@ -223,7 +223,7 @@ def test_load_recipe_uses_head_file_in_model_dir(tmp_path, other_dir, zero_shot)
 
 
 def test_load_recipe_errors(tmp_path, bert_dir):
-    assert set(RECIPES) == {"text-zero-shot", "sequence-classification", "causal-lm"}
+    assert set(RECIPES) == {"text-zero-shot", "sequence-classification", "causal-lm", "clip-zero-shot"}
     with pytest.raises(ConfigError, match="known recipes: text-zero-shot"):
         load_recipe("clip", bert_dir, TOPICS)
     with pytest.raises(CheckpointError, match="not found"):

@@ -7,7 +7,8 @@
 - votes files: present, readable, finite and of one architecture (:mod:`gradfix.votes.file`);
 - labels: the data's labels must be known to the target when it has a fixed label set (a saved
   zero-shot head, or a classifier config with named labels);
-- provenance: ``input_record`` gives the sha256 of every file an input contributes.
+- provenance: ``input_record`` (``data_record`` for data) gives the sha256 of every file an input
+  contributes.
 """
 
 from __future__ import annotations
@@ -66,6 +67,16 @@ def input_record(path: str | Path, model_files: bool = False) -> dict[str, Any]:
     digests = {rel.as_posix(): sha256_file(path / rel) for rel in sorted(set(files))}
     origin = hub_origin(path)
     return {"path": str(path), "sha256": digests, **({"hub": origin.record()} if origin else {})}
+
+
+def data_record(path: str | Path) -> dict[str, Any]:
+    """``{"path", "sha256": {file: digest}}`` of a data file, or of every file of a data folder
+    (one sub-folder of images per class), keyed by path relative to it and sorted."""
+    path = Path(path)
+    if not path.is_dir():
+        return input_record(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file())  # regular files (links followed)
+    return {"path": str(path), "sha256": {p.relative_to(path).as_posix(): sha256_file(p) for p in files}}
 
 
 def check_outputs(

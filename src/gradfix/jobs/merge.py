@@ -25,7 +25,13 @@ from gradfix.io import atomic_output_dir, open_checkpoint
 from gradfix.io.adapters import is_adapter_folder, open_adapter
 from gradfix.io.hub import resolve_models
 from gradfix.jobs.common import base_record, draw_shots, scan_rows, scan_task_vector, vote_on_target
-from gradfix.jobs.inputs import check_checkpoints, check_outputs, input_record, raise_zero_task_vector
+from gradfix.jobs.inputs import (
+    check_checkpoints,
+    check_outputs,
+    data_record,
+    input_record,
+    raise_zero_task_vector,
+)
 from gradfix.jobs.output import WholeUpdate, finish_output, write_model
 from gradfix.masking import TauRows
 from gradfix.merge import mask_then_merge, merge_task_vectors, merge_then_mask
@@ -116,7 +122,7 @@ def merge_checkpoints(
     for i, (task, shots) in enumerate(zip(tasks, drawn, strict=False)):
         settings = replace(votes, data=task.data)
         task_votes, _, _, info = vote_on_target(target, settings, target_names, names, shots)
-        record["tasks"][i]["data"] = {**input_record(str(task.data)), **info}
+        record["tasks"][i]["data"] = {**data_record(str(task.data)), **info}
         references.append(task_votes)
     mask_options = {
         "gamma": masking.gamma,

@@ -38,6 +38,7 @@ from gradfix.jobs.inputs import (
     check_outputs,
     check_task_vector_nonzero,
     check_votes_files,
+    data_record,
     input_record,
     load_votes,
     raise_zero_task_vector,
@@ -215,7 +216,7 @@ def _collect_votes(
     recipe = model = None
     if drawn is not None:
         voted, model, recipe, info = vote_on_target(target.path, votes, target.names(), names, drawn)
-        record["data"] = {**input_record(drawn.data), **info}
+        record["data"] = {**data_record(drawn.data), **info}
         fresh.append(voted)
         model = model if choosing is not None else None
     validate_votes_files(votes_in, {n: target.shapes()[n] for n in names})
@@ -267,7 +268,7 @@ def _choose(
     record.update(mask=mask, threshold=choice.threshold, alpha=choice.alpha, choice=choice_record(choice))
     if choosing.validation is not None:
         record["validation"] = {
-            **input_record(choosing.validation),
+            **data_record(choosing.validation),
             "num_examples": len(choosing.examples or []),
         }
     return replace(masking, mask=mask, alpha=choice.alpha, threshold=choice.threshold)
@@ -335,7 +336,7 @@ def _transport_aligned(
         target_names = rt.names()
     if data:
         reference, _, recipe, info = vote_on_target(target_base, votes, target_names, list(tau), drawn)
-        record["data"] = {**input_record(data), **info}
+        record["data"] = {**data_record(data), **info}
         if world()[0] != 0:
             return {**record, "written_by_another_process": True}
     alpha = fixed_alpha(masking.alpha)

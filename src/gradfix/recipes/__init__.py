@@ -32,6 +32,7 @@ from gradfix.recipes.text_zero_shot import (  # isort: skip
 )
 from gradfix.recipes.sequence_classification import SequenceClassificationRecipe  # isort: skip
 from gradfix.recipes.causal_lm import CausalLMRecipe  # isort: skip
+from gradfix.recipes.clip_zero_shot import ClipZeroShotRecipe  # isort: skip
 
 __all__ = [
     "DEFAULT_LOGIT_SCALE",
@@ -40,6 +41,7 @@ __all__ = [
     "RECIPES",
     "BuildOptions",
     "CausalLMRecipe",
+    "ClipZeroShotRecipe",
     "ModuleRecipe",
     "Recipe",
     "RecipeBuilder",
@@ -75,8 +77,9 @@ def load_recipe(
     folder (its ``zero_shot_head.safetensors`` if it has one, else its own prompt embeddings).
     By default it is ``model_dir``'s ``zero_shot_head.safetensors`` if present, else the prompts
     embedded by the loaded model. ``template`` defaults to :data:`DEFAULT_TEMPLATE`;
-    ``logit_scale`` to the head file's scale, else 20. ``template`` and ``head_from`` are for
-    ``"text-zero-shot"`` only (other recipes ignore ``logit_scale``). Raises
+    ``logit_scale`` to the head file's scale, else 20. ``"clip-zero-shot"`` takes the same three
+    options (its scale defaults to the model's own); other recipes refuse ``template`` and
+    ``head_from`` and ignore ``logit_scale``. Raises
     :class:`ConfigError` for an unknown name. ``attn_implementation`` goes to ``from_pretrained``;
     the default ``"eager"`` lets ``torch.func.vmap`` batch per-sample gradients (``None`` keeps
     the library's default, e.g. SDPA).

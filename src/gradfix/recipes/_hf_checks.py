@@ -217,9 +217,11 @@ def check_tokenizer_files(folder: Path) -> None:
 
 
 def check_tokenizer_size(folder: Path, model: nn.Module, tokenizer: Any) -> None:
-    """Refuse a tokenizer with fewer than half as many tokens as the model's embedding has rows."""
-    getter = getattr(model, "get_input_embeddings", None)
-    weight = getattr(getter(), "weight", None) if callable(getter) else None
+    """Refuse a tokenizer with fewer than half as many tokens as the model's embedding has rows.
+
+    A model of two towers (CLIP) has no input embedding of its own: its text tower's is read.
+    """
+    weight = _input_embedding(model)
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         return
     rows, size = int(weight.shape[0]), len(tokenizer)
@@ -228,3 +230,15 @@ def check_tokenizer_size(folder: Path, model: nn.Module, tokenizer: Any) -> None
             f"{folder}: the tokenizer has {size} tokens but the model's embedding has {rows} rows; "
             "the tokenizer files do not belong to this model"
         )
+
+
+def _input_embedding(model: nn.Module) -> Any:
+    """The weight of the model's (or its text tower's) input embedding, or ``None``."""
+    for owner in (model, getattr(model, "text_model", None)):
+        getter = getattr(owner, "get_input_embeddings", None)
+        try:
+            embedding = getter() if callable(getter) else None
+        except NotImplementedError:  # transformers: the class defines none
+            continue
+        return getattr(embedding, "weight", None)
+    return None

@@ -99,9 +99,14 @@ def get_recipe(name: str) -> RecipeFamily:
     return RECIPES.lookup(name)
 
 
+ZERO_SHOT_RECIPES = ("text-zero-shot", "clip-zero-shot")
+"""The recipes with a head of class prompts: the ones that take ``template`` and ``head_from``."""
+
+
 def reject_zero_shot_options(name: str, options: BuildOptions) -> None:
-    """ConfigError if options that only the zero-shot recipe uses were given to ``name``."""
+    """ConfigError if options that only the zero-shot recipes use were given to ``name``."""
     pairs = (("template", options.template), ("head_from", options.head_from))
     given = [opt for opt, value in pairs if value is not None]
     if given:
-        raise ConfigError(f"{' and '.join(given)}: only text-zero-shot uses it, not {name}")
+        users = " and ".join(ZERO_SHOT_RECIPES)
+        raise ConfigError(f"{' and '.join(given)}: only {users} use it, not {name}")

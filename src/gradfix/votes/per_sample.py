@@ -116,10 +116,12 @@ def check_losses(losses: Tensor, expected: int) -> Tensor:
 def loop_gradients(
     model: nn.Module, params: Mapping[str, Tensor], batch: Any, loss_fn: LossFn, sink: GradientSink
 ) -> None:
-    """One backward pass per sample of ``batch``."""
+    """One backward pass per sample of ``batch`` (none for a sample whose loss none of ``params`` enter)."""
     names = list(params)
     for i in range(batch_size(batch)):
         loss = check_losses(loss_fn(model, slice_batch(batch, i, i + 1)), 1).sum()
+        if not loss.requires_grad:  # e.g. parameters the loss does not use: no gradient, no vote
+            continue
         grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
         for name, g in zip(names, grads, strict=True):
             if g is not None:

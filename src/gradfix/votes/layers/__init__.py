@@ -8,7 +8,13 @@ here, so adding a layer type is adding a file):
 
 - :mod:`~gradfix.votes.layers.linear`: ``nn.Linear``;
 - :mod:`~gradfix.votes.layers.layer_norm`: ``nn.LayerNorm``;
-- :mod:`~gradfix.votes.layers.embedding`: ``nn.Embedding``.
+- :mod:`~gradfix.votes.layers.embedding`: ``nn.Embedding``;
+- :mod:`~gradfix.votes.layers.conv2d`: ``nn.Conv2d``;
+- :mod:`~gradfix.votes.layers.clip_embeddings`: the class token of ``transformers``' CLIP image
+  embeddings.
+
+A layer type of a library that gradfix does not import is registered by its import path
+(``"package.module.Class"``), so that registering its rule imports nothing.
 
 A module is covered by the rule of the nearest class of its MRO that has one
 (:func:`rule_for`), provided it computes what that class computes: a subclass that overrides
@@ -37,7 +43,7 @@ parameters in ``names`` (``{"weight": parameter name, …}``) to the sink."""
 class LayerRule:
     """How the ``hooks`` engine forms the per-sample gradients of one layer type.
 
-    - ``module_type``: the class the rule was registered for;
+    - ``module_type``: the class the rule was registered for, or its import path;
     - ``sums``: the rule itself (see :data:`SumsFn`);
     - ``parameters``: the parameters (by attribute name) the rule computes;
     - ``covers``: whether a given module of that type can be handled (e.g. an embedding with
@@ -47,31 +53,46 @@ class LayerRule:
       so that each sample's output gradient stays separate.
     """
 
-    module_type: type[nn.Module]
+    module_type: type[nn.Module] | str
     sums: SumsFn
     parameters: tuple[str, ...] = ("weight", "bias")
     covers: Callable[[nn.Module], bool] | None = None
     expand_broadcast: bool = False
 
 
-LAYER_RULES: dict[type[nn.Module], LayerRule] = {}
-"""The registered rules, by module type (filled by the modules of this package)."""
+LAYER_RULES: dict[type[nn.Module] | str, LayerRule] = {}
+"""The registered rules, by module type or its import path (filled by the modules of this package)."""
+
+
+def type_path(cls: type) -> str:
+    """The import path ``"package.module.Class"`` a class can be registered under."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _registered(cls: type) -> LayerRule | None:
+    """The rule registered for exactly ``cls``, by the class itself or by its import path."""
+    return LAYER_RULES.get(cls) or LAYER_RULES.get(type_path(cls))
 
 
 def register_layer_rule(
-    *module_types: type[nn.Module],
+    *module_types: type[nn.Module] | str,
     parameters: tuple[str, ...] = ("weight", "bias"),
     covers: Callable[[nn.Module], bool] | None = None,
     expand_broadcast: bool = False,
 ) -> Callable[[SumsFn], SumsFn]:
     """Decorator registering ``sums`` as the rule of ``module_types`` (see :class:`LayerRule`).
 
-    Registering a type again replaces its rule. The decorated function is returned unchanged.
+    A type may be given by its import path (``"transformers.models.clip.modeling_clip.X"``):
+    the rule then applies to the class of that path once something imports it. Registering a
+    type again replaces its rule. The decorated function is returned unchanged.
     """
     if not module_types:
         raise TypeError("register_layer_rule needs at least one module type")
     for module_type in module_types:
-        if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        if isinstance(module_type, str):
+            if "." not in module_type.strip(".") or not module_type.isprintable():
+                raise TypeError(f"register_layer_rule: {module_type!r} is not an import path")
+        elif not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
             raise TypeError(f"register_layer_rule: {module_type!r} is not an nn.Module subclass")
 
     def register(sums: SumsFn) -> SumsFn:
@@ -88,7 +109,7 @@ def rule_for(module: nn.Module | type[nn.Module]) -> LayerRule | None:
     """The rule of the nearest class in the MRO of ``module`` (an instance or a class) that has one."""
     cls = module if isinstance(module, type) else type(module)
     for base in cls.__mro__:
-        rule = LAYER_RULES.get(base)
+        rule = _registered(base)
         if rule is not None:
             return rule
     return None
@@ -103,7 +124,7 @@ def covering_rule(module: nn.Module) -> LayerRule | None:
     is registered too. A module whose ``forward`` is replaced on the instance, or that the rule's
     ``covers`` refuses, goes to the loop as well.
     """
-    rule = LAYER_RULES.get(type(module))
+    rule = _registered(type(module))
     if rule is None:
         return None
     if "forward" in vars(module):
@@ -145,4 +166,5 @@ __all__ = [
     "module_sums",
     "register_layer_rule",
     "rule_for",
+    "type_path",
 ]
