@@ -17,7 +17,7 @@ def evaluate_model(
     template: str | None = None,
     head_from: str | Path | None = None,
     batch_size: int = 32,
-    max_length: int = 128,
+    max_length: int | None = None,
 ) -> dict[str, Any]:
     """Accuracy of a model folder on a labelled data file with a recipe.
 
@@ -25,7 +25,9 @@ def evaluate_model(
     folder), else from ``zero_shot_head.safetensors`` in the folder (written by transport: the
     target base's own head), else from the model itself. A label of ``data`` that the head (or a
     classifier's named labels) does not know is an error naming the data file and line; an
-    unknown recipe is a :class:`ConfigError` listing the known ones.
+    unknown recipe is a :class:`ConfigError` listing the known ones. ``max_length`` ``None`` takes
+    the model folder's token limit (see :class:`~gradfix.recipes.BuildOptions`); the result holds
+    the effective one.
     """
     family = get_recipe(recipe_name)
     examples = family.read_examples(data)
@@ -42,4 +44,5 @@ def evaluate_model(
         "recipe": recipe_name,
         "examples": len(examples),
         "accuracy": accuracy,
+        "max_length": getattr(recipe, "max_length", None),
     }
