@@ -182,8 +182,14 @@ def _pool_one(mode: str, states: Tensor, attention_mask: Tensor) -> Tensor:
 
 
 def pool(config: SentenceConfig, states: Tensor, attention_mask: Tensor) -> Tensor:
-    """The sentence embeddings ``[B, len(modes)·H]`` of right-padded token states, normalised
-    when ``config.normalize`` (as ``SentenceTransformer.encode`` computes them)."""
+    """The pooled states ``[B, len(modes)·H]`` of right-padded token states ``[B, T, H]``: each
+    mode of ``config`` in turn, concatenated (not normalised; see :func:`sentence_embeddings`)."""
     pooled = [_pool_one(mode, states, attention_mask) for mode in config.modes]
-    embeddings = pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=-1)
+    return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=-1)
+
+
+def sentence_embeddings(config: SentenceConfig, states: Tensor, attention_mask: Tensor) -> Tensor:
+    """:func:`pool`, L2-normalised when ``config.normalize``: what ``SentenceTransformer.encode``
+    computes for the folder."""
+    embeddings = pool(config, states, attention_mask)
     return F.normalize(embeddings, dim=-1) if config.normalize else embeddings

@@ -107,12 +107,16 @@ class TextZeroShotRecipe(Recipe):
 
     def embed(self, model: nn.Module, texts: Sequence[str], batch_size: int = 64) -> Tensor:
         """L2-normalised pooled embeddings ``[N, H]`` of ``texts`` (eval mode, no grad): the head's rows."""
-        return F.normalize(self.encode(model, texts, batch_size), dim=-1)
+        return self._embeddings(model, texts, batch_size, normalize=True)
 
-    @torch.no_grad()
     def encode(self, model: nn.Module, texts: Sequence[str], batch_size: int = 64) -> Tensor:
         """Sentence embeddings ``[N, H]`` of ``texts`` as ``SentenceTransformer.encode`` gives them
         for the model's folder (pooled, normalised only when the folder says so); eval mode, no grad."""
+        return self._embeddings(model, texts, batch_size, normalize=self.sentence.normalize)
+
+    @torch.no_grad()
+    def _embeddings(self, model: nn.Module, texts: Sequence[str], batch_size: int, normalize: bool) -> Tensor:
+        """Pooled embeddings of ``texts`` in batches, L2-normalised when ``normalize``."""
         was_training = model.training
         model.eval()
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -120,7 +124,8 @@ class TextZeroShotRecipe(Recipe):
         try:
             for start in range(0, len(texts), batch_size):
                 batch = self._tokenize(texts[start : start + batch_size])
-                rows.append(self._pooled(model, {k: v.to(device) for k, v in batch.items()}))
+                pooled = self._pooled(model, {k: v.to(device) for k, v in batch.items()})
+                rows.append(F.normalize(pooled, dim=-1) if normalize else pooled)
         finally:
             model.train(was_training)
         return torch.cat(rows).float().cpu()
@@ -131,7 +136,7 @@ class TextZeroShotRecipe(Recipe):
         return _hf.tokenize(self.tokenizer, texts, self.max_length)
 
     def _pooled(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-        """Sentence embeddings of a tokenised batch, as the folder pools them (differentiable)."""
+        """The pooled states of a tokenised batch, as the folder pools them (differentiable)."""
         outputs = _hf.forward(model, batch, self.use_prepared_mask)
         return pool(self.sentence, _hidden_states(outputs), batch["attention_mask"])
 
