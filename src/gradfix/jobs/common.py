@@ -210,7 +210,7 @@ def _check_some_votes(votes: SignVotes, shots: Shots, recipe: str) -> None:
     target gives no votes at all; saying so beats listing every tensor as unvoted later. Data
     without classes (:data:`~gradfix.data.UNLABELLED`) are not meant to have any.
     """
-    if shots.labels != [shots.labels[0]] or shots.labels[0] == UNLABELLED:
+    if len(shots.labels) != 1 or shots.labels == [UNLABELLED]:
         return
     if not votes.grad_sum or any(votes.hits.values()):
         return
