@@ -42,6 +42,9 @@ DEFAULT_METHOD = "adaptive"
 """The transport method of the command line and of :func:`gradfix.jobs.transport_checkpoints`."""
 DEFAULT_MERGE_MASK = "agreement"
 """The mask of ``gradfix merge`` when its pipeline masks and no ``--mask`` is given."""
+DEFAULT_MAX_LENGTH = 128
+"""Token limit per text when neither the settings (``max_length``) nor the model folder (a
+sentence-transformers ``max_seq_length``) give one."""
 
 
 @dataclass
@@ -56,7 +59,7 @@ class VoteSettings:
     engine: Engine = "auto"
     template: str | None = None
     batch_size: int = 8
-    max_length: int = 128
+    max_length: int | None = None  # None: the model folder's max_seq_length, else DEFAULT_MAX_LENGTH
     progress: bool = True
 
 
@@ -103,7 +106,7 @@ class EvalSettings:
     template: str | None = None
     head_from: str | None = None
     batch_size: int = 32
-    max_length: int = 128
+    max_length: int | None = None  # None: the model folder's max_seq_length, else DEFAULT_MAX_LENGTH
 
 
 @dataclass

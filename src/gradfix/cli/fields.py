@@ -95,7 +95,7 @@ def _voting(names: dict[str, tuple[str, ...]], skip: tuple[str, ...] = ()) -> di
         "recipe": choice(names["recipes"]),
         "shots": SHOTS,
         "batch_size": POSITIVE_INT,
-        "max_length": POSITIVE_INT,
+        "max_length": optional(POSITIVE_INT),
     }
     return _from_settings(VoteSettings, kinds, skip)
 
@@ -151,7 +151,11 @@ def _merge(names: dict[str, tuple[str, ...]]) -> dict[str, Option]:
 
 
 def _eval(names: dict[str, tuple[str, ...]]) -> dict[str, Option]:
-    kinds = {"recipe": choice(names["recipes"]), "batch_size": POSITIVE_INT, "max_length": POSITIVE_INT}
+    kinds = {
+        "recipe": choice(names["recipes"]),
+        "batch_size": POSITIVE_INT,
+        "max_length": optional(POSITIVE_INT),
+    }
     return {
         **_paths("model", "data"),
         **_hub(),

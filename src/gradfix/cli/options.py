@@ -19,9 +19,14 @@ from typing import Any
 from gradfix.cli.config import flag_of
 from gradfix.cli.fields import Option, command_options
 from gradfix.methods.autotune import DEFAULT_ALPHAS, DEFAULT_THRESHOLDS
-from gradfix.settings import DEFAULT_METHOD, DEFAULT_THRESHOLD
+from gradfix.settings import DEFAULT_MAX_LENGTH, DEFAULT_METHOD, DEFAULT_THRESHOLD
 
 Handler = Callable[[argparse.Namespace], Any]
+
+MAX_LENGTH_HELP = (
+    "token limit per text (default: the model folder's sentence-transformers max_seq_length, "
+    f"else {DEFAULT_MAX_LENGTH})"
+)
 
 EPILOG_TRANSPORT = """\
 examples:
@@ -128,7 +133,7 @@ def add_voting(p: argparse.ArgumentParser, command: str) -> None:
     _add(g, command, "estimator", "sign estimator")
     _add(g, command, "engine", "per-sample gradient engine")
     _add(g, command, "batch_size", "samples per forward pass", metavar="INT")
-    _add(g, command, "max_length", "token limit per text", metavar="INT")
+    _add(g, command, "max_length", MAX_LENGTH_HELP, metavar="INT")
     g.add_argument(
         "--no-progress", dest="progress", action="store_false", default=None, help="hide the progress bar"
     )
@@ -295,6 +300,6 @@ def add_eval_parser(sub: Any, handler: Handler) -> None:
         "(default: the folder's zero_shot_head.safetensors, else the model itself)",
     )
     _add(e, "eval", "batch_size", "examples per forward pass", metavar="INT")
-    _add(e, "eval", "max_length", "token limit per text", metavar="INT")
+    _add(e, "eval", "max_length", MAX_LENGTH_HELP, metavar="INT")
     add_common(e)
     e.set_defaults(handler=handler)

@@ -30,7 +30,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from gradfix.data import Example, check_known_labels
+from gradfix.data import UNLABELLED, Example, check_known_labels
 from gradfix.errors import ConfigError, DataError, GradfixError
 from gradfix.jobs.common import Shots, rename_votes
 from gradfix.jobs.inputs import target_label_set
@@ -81,8 +81,8 @@ def check_evidence(plan: ChoicePlan, shots: Shots | None) -> None:
     """Refuse, before any long work, a choice that has nothing to choose on.
 
     Without a validation file the shots are split into :data:`FOLDS` folds that each hold every
-    class, so every class needs at least 2 shots. With one, its labels must be among the labels
-    the target's recipe is built for (those of ``--data``).
+    class, so every class needs at least 2 shots (data without classes: 2 shots in all). With one,
+    its labels must be among the labels the target's recipe is built for (those of ``--data``).
     """
     if plan.examples is not None:
         if shots is not None:
@@ -102,10 +102,12 @@ def check_evidence(plan: ChoicePlan, shots: Shots | None) -> None:
     few = sorted((n, label) for label, n in counts.items() if n < FOLDS)
     if few or len(shots.drawn) < FOLDS:
         n, label = few[0] if few else (len(shots.drawn), "")
-        which = f"class {label!r} has {n}" if few else f"there are {n}"
+        unlabelled = set(counts) <= {UNLABELLED}
+        which = f"class {label!r} has {n}" if few and not unlabelled else f"there are {n}"
+        per = "" if unlabelled else " per class"
         raise ConfigError(
             f"choosing t and α without --validation splits the shots into {FOLDS} folds and needs at "
-            f"least {FOLDS} shots per class, but {which}; give --shots {FOLDS} or more, or a "
+            f"least {FOLDS} shots{per}, but {which}; give --shots {FOLDS} or more, or a "
             "--validation file"
         )
 

@@ -19,6 +19,8 @@ from torch import nn
 
 from gradfix.checks import FiniteCheck, count_nonfinite
 from gradfix.data import (
+    ALL_SHOTS,
+    UNLABELLED,
     Example,
     batched,
     check_known_labels,
@@ -107,16 +109,23 @@ def draw_shots(target: str | Path, settings: VoteSettings) -> Shots:
     """Read ``settings.data``, check its labels against the target's and draw the shots.
 
     Cheap, so the jobs call it before any long work: a bad data file, an unknown label (when the
-    target has a fixed label set) or too few examples of a class fail at once.
+    target has a fixed label set) or too few examples of a class fail at once. Data without
+    classes (every example :data:`~gradfix.data.UNLABELLED`, e.g. a language model's) are one
+    pool: ``shots`` examples are drawn in all.
     """
     if not settings.data:
-        raise ConfigError("voting needs a labelled data file (--data)")
+        raise ConfigError("voting needs a data file (--data)")
     shots_setting = parse_shots(settings.shots)
     examples = get_recipe(settings.recipe).read_examples(settings.data)
     labels = label_set(examples)
     known = target_label_set(settings.recipe, target)
     if known is not None:
         check_known_labels(examples, known[0], settings.data, known[1])
+    if labels == [UNLABELLED] and shots_setting != ALL_SHOTS and int(shots_setting) > len(examples):
+        raise DataError(
+            f"{settings.data}: {shots_setting} shots requested but the file has {len(examples)} "
+            "example(s); lower --shots or add examples"
+        )
     drawn = sample_shots(examples, shots_setting, settings.seed, labels, source=settings.data)
     return Shots(str(settings.data), examples, labels, drawn)
 
@@ -189,6 +198,7 @@ def vote_on_target(
         "num_examples": len(shots.examples),
         "num_samples": votes.num_samples,
         "drawn_lines": [ex.line for ex in shots.drawn],
+        "max_length": getattr(recipe, "max_length", None),
     }
     return rename_votes(votes, mapping), model, recipe, info
 
@@ -197,9 +207,12 @@ def _check_some_votes(votes: SignVotes, shots: Shots, recipe: str) -> None:
     """Raise when no sample gave any tensor a gradient because the data has a single class.
 
     With one class, a loss over the data's labels (a softmax over one logit) is constant, so the
-    target gives no votes at all; saying so beats listing every tensor as unvoted later.
+    target gives no votes at all; saying so beats listing every tensor as unvoted later. Data
+    without classes (:data:`~gradfix.data.UNLABELLED`) are not meant to have any.
     """
-    if len(shots.labels) != 1 or not votes.grad_sum or any(votes.hits.values()):
+    if len(shots.labels) != 1 or shots.labels == [UNLABELLED]:
+        return
+    if not votes.grad_sum or any(votes.hits.values()):
         return
     raise DataError(
         f"{shots.data}: every example has the label {shots.labels[0]!r}; with one class the {recipe} "

@@ -18,7 +18,7 @@ def evaluate_model(
     template: str | None = None,
     head_from: str | Path | None = None,
     batch_size: int = 32,
-    max_length: int = 128,
+    max_length: int | None = None,
     revision: str | None = None,
 ) -> dict[str, Any]:
     """Accuracy of a model folder on a labelled data file with a recipe.
@@ -29,6 +29,8 @@ def evaluate_model(
     classifier's named labels) does not know is an error naming the data file and line; an
     unknown recipe is a :class:`ConfigError` listing the known ones. ``model_dir`` and
     ``head_from`` may be Hugging Face Hub ids, at ``revision`` (:func:`gradfix.io.hub.resolve_model`).
+    ``max_length`` ``None`` takes the model folder's token limit (see
+    :class:`~gradfix.recipes.BuildOptions`); the result holds the effective one.
     """
     model_dir, *head = resolve_models([model_dir, *([head_from] if head_from is not None else [])], revision)
     head_from = head[0] if head else None
@@ -47,4 +49,5 @@ def evaluate_model(
         "recipe": recipe_name,
         "examples": len(examples),
         "accuracy": accuracy,
+        "max_length": getattr(recipe, "max_length", None),
     }

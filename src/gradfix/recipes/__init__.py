@@ -67,7 +67,7 @@ def load_recipe(
     *,
     template: str | None = None,
     head_from: str | Path | None = None,
-    max_length: int = 128,
+    max_length: int | None = None,
     logit_scale: float | None = None,
     attn_implementation: str | None = "eager",
 ) -> tuple[nn.Module, Recipe]:
@@ -82,7 +82,8 @@ def load_recipe(
     ``head_from`` and ignore ``logit_scale``. Raises
     :class:`ConfigError` for an unknown name. ``attn_implementation`` goes to ``from_pretrained``;
     the default ``"eager"`` lets ``torch.func.vmap`` batch per-sample gradients (``None`` keeps
-    the library's default, e.g. SDPA).
+    the library's default, e.g. SDPA). ``max_length`` ``None`` takes the model folder's token limit
+    (a sentence-transformers ``max_seq_length``), else :data:`~gradfix.settings.DEFAULT_MAX_LENGTH`.
     """
     options = BuildOptions(template, head_from, max_length, logit_scale, attn_implementation)
     return get_recipe(name).build(model_dir, labels, options)

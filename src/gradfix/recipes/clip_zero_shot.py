@@ -267,11 +267,11 @@ class ClipZeroShot(RecipeFamily):
             head_model, head_tokenizer = _load_clip(source, options.attn_implementation)
             prompt = DEFAULT_CLIP_TEMPLATE if template is None else template
             head = ClipZeroShotRecipe(
-                head_model, head_tokenizer, None, labels, prompt, scale, options.max_length
+                head_model, head_tokenizer, None, labels, prompt, scale, _prompt_limit(head_model, options)
             ).head
         prompt = DEFAULT_CLIP_TEMPLATE if template is None else template
         recipe = ClipZeroShotRecipe(
-            model, tokenizer, processor, labels, prompt, scale, options.max_length, head
+            model, tokenizer, processor, labels, prompt, scale, _prompt_limit(model, options), head
         )
         for name, param in model.named_parameters():  # only the image tower enters the loss
             param.requires_grad_(name.startswith(IMAGE_TOWER))
@@ -301,3 +301,9 @@ def _head_rows(source: Path, saved: list[str], rows: Tensor, labels: Sequence[st
     if missing:
         raise ConfigError(f"{source}: the zero-shot head has no row for label(s) {missing}; it has {saved}")
     return rows[[saved.index(name) for name in wanted]]
+
+
+def _prompt_limit(model: nn.Module, options: BuildOptions) -> int:
+    """The class prompts' token limit: ``--max-length`` if given, else the text tower's positions."""
+    text_config = getattr(getattr(model, "config", None), "text_config", None)
+    return options.token_limit(getattr(text_config, "max_position_embeddings", None))

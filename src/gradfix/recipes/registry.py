@@ -23,6 +23,7 @@ from gradfix.data import Example, load_examples
 from gradfix.errors import ConfigError
 from gradfix.recipes.base import Recipe
 from gradfix.registry import Registry
+from gradfix.settings import DEFAULT_MAX_LENGTH
 
 DEFAULT_LOGIT_SCALE = 20.0
 """The zero-shot head's logit scale when neither the caller nor a saved head gives one."""
@@ -31,14 +32,24 @@ DEFAULT_LOGIT_SCALE = 20.0
 @dataclass(frozen=True)
 class BuildOptions:
     """How a family builds its recipe: the zero-shot head's prompt, source and scale, the token
-    limit, and the attention implementation passed to ``from_pretrained`` (``"eager"`` lets
-    ``torch.func.vmap`` batch per-sample gradients; ``None`` keeps the library's default)."""
+    limit (``None``: the model folder's, else :data:`~gradfix.settings.DEFAULT_MAX_LENGTH`; see
+    :meth:`token_limit`), and the attention implementation passed to ``from_pretrained``
+    (``"eager"`` lets ``torch.func.vmap`` batch per-sample gradients; ``None`` keeps the library's
+    default)."""
 
     template: str | None = None
     head_from: str | Path | None = None
-    max_length: int = 128
+    max_length: int | None = None
     logit_scale: float | None = None
     attn_implementation: str | None = "eager"
+
+    def token_limit(self, folder_limit: int | None = None) -> int:
+        """The effective token limit: ``max_length`` if given, else ``folder_limit`` (what the model
+        folder states), else :data:`~gradfix.settings.DEFAULT_MAX_LENGTH`."""
+        for limit in (self.max_length, folder_limit):
+            if limit is not None:
+                return int(limit)
+        return DEFAULT_MAX_LENGTH
 
 
 class RecipeFamily(ABC):

@@ -79,7 +79,7 @@ class SequenceClassification(RecipeFamily):
         model, tokenizer = _hf.load_pretrained(
             "AutoModelForSequenceClassification", model_dir, options.attn_implementation
         )
-        return model, SequenceClassificationRecipe(model, tokenizer, labels, options.max_length)
+        return model, SequenceClassificationRecipe(model, tokenizer, labels, options.token_limit())
 
     def known_labels(
         self, target: str | Path, head_from: str | Path | None = None

@@ -1,5 +1,10 @@
 """The ``text-zero-shot`` recipe: a text encoder scored against a frozen head of class prompts.
 
+Sentence embeddings are pooled as the model folder's sentence-transformers files say
+(``modules.json``, ``1_Pooling/config.json``, ``sentence_bert_config.json``: pooling mode,
+normalisation, ``max_seq_length``, lower-casing; :mod:`gradfix.recipes._st_folder`), else by mean
+pooling with a limit of :data:`~gradfix.settings.DEFAULT_MAX_LENGTH` tokens.
+
 Batches of the Hugging Face recipes are built by each recipe's :meth:`collate` (right padding,
 truncation to ``max_length``). The attention mask is handed to the model as a prepared 4D additive
 mask when the model gives the same outputs with it (checked once at construction), which keeps the
@@ -21,19 +26,14 @@ from gradfix.data import Example
 from gradfix.errors import CheckpointError, ConfigError
 from gradfix.io import open_checkpoint
 from gradfix.recipes import _hf
+from gradfix.recipes._st_folder import SentenceConfig, pool, read_sentence_config
+from gradfix.recipes._st_folder import mean_pool as mean_pool
 from gradfix.recipes.base import Batch, Recipe
 from gradfix.recipes.registry import DEFAULT_LOGIT_SCALE, BuildOptions, RecipeFamily, register_recipe
 
 DEFAULT_TEMPLATE = "This text is about {label}."
 HEAD_FILENAME = "zero_shot_head.safetensors"
 _HEAD_FORMAT = "gradfix.zero-shot-head"
-
-
-def mean_pool(last_hidden_state: Tensor, attention_mask: Tensor) -> Tensor:
-    """Mean of the token states over non-padding tokens: ``[B, T, H]`` and ``[B, T]`` → ``[B, H]``."""
-    mask = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)
-    summed = (last_hidden_state * mask).sum(dim=1)
-    return summed / mask.sum(dim=1).clamp(min=1e-9)
 
 
 def _hidden_states(outputs: Any) -> Tensor:
@@ -57,11 +57,13 @@ def _check_template(template: str) -> None:
 class TextZeroShotRecipe(Recipe):
     """Zero-shot classification with a text encoder, the text analogue of CLIP's zero-shot head.
 
-    Each class is embedded once from a prompt (``template.format(label=name)``) by mean pooling
-    and L2 normalisation; the rows form a frozen ``head`` ``[C, H]``. A batch's logits are
-    ``logit_scale * normalise(mean_pool(model(batch))) @ head.T``. The head is built from the
-    model given at construction, at its weights then (eval mode, no grad), unless ``head`` is
-    passed; later changes to any model never change it.
+    Each class is embedded once from a prompt (``template.format(label=name)``) by pooling
+    (``sentence``: the folder's pooling modes; default mean) and L2 normalisation; the rows form a
+    frozen ``head`` ``[C, H]``. A batch's logits are ``logit_scale * normalise(pool(model(batch)))
+    @ head.T``. The head is built from the model given at construction, at its weights then (eval
+    mode, no grad), unless ``head`` is passed; later changes to any model never change it.
+    ``max_length`` ``None`` takes ``sentence.max_length``, else
+    :data:`~gradfix.settings.DEFAULT_MAX_LENGTH`.
     """
 
     def __init__(
@@ -71,9 +73,11 @@ class TextZeroShotRecipe(Recipe):
         labels: Sequence[str],
         template: str = DEFAULT_TEMPLATE,
         logit_scale: float = 20.0,
-        max_length: int = 128,
+        max_length: int | None = None,
         head: Tensor | None = None,
         use_prepared_mask: bool | None = None,
+        *,
+        sentence: SentenceConfig | None = None,
     ):
         """Build the recipe, embedding one prompt per label with ``model`` unless ``head`` is given."""
         _check_template(template)
@@ -81,7 +85,8 @@ class TextZeroShotRecipe(Recipe):
         self.tokenizer = tokenizer
         self.template = template
         self.logit_scale = float(logit_scale)
-        self.max_length = int(max_length)
+        self.sentence = sentence if sentence is not None else SentenceConfig()
+        self.max_length = BuildOptions(max_length=max_length).token_limit(self.sentence.max_length)
         _hf.ensure_pad_token(tokenizer)
         self.use_prepared_mask = _hf.mask_choice(model, tokenizer, use_prepared_mask, causal=False)
         if head is None:
@@ -92,32 +97,52 @@ class TextZeroShotRecipe(Recipe):
                 f" for labels {self.labels}"
             )
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-        if isinstance(hidden, int) and head.shape[1] != hidden:
+        width = hidden * len(self.sentence.modes) if isinstance(hidden, int) else None
+        if width is not None and head.shape[1] != width:
             raise ConfigError(
-                f"zero-shot head has width {head.shape[1]} but the model's hidden size is {hidden}"
+                f"zero-shot head has width {head.shape[1]} but the model's sentence embeddings have "
+                f"{width} (hidden size {hidden}, pooling {list(self.sentence.modes)})"
             )
         self.head: Tensor = head.detach().to(torch.float32).clone()
 
-    @torch.no_grad()
     def embed(self, model: nn.Module, texts: Sequence[str], batch_size: int = 64) -> Tensor:
-        """L2-normalised mean-pooled embeddings ``[N, H]`` of ``texts`` (eval mode, no grad)."""
+        """L2-normalised pooled embeddings ``[N, H]`` of ``texts`` (eval mode, no grad): the head's rows."""
+        return self._embeddings(model, texts, batch_size, normalize=True)
+
+    def encode(self, model: nn.Module, texts: Sequence[str], batch_size: int = 64) -> Tensor:
+        """Sentence embeddings ``[N, H]`` of ``texts`` as ``SentenceTransformer.encode`` gives them
+        for the model's folder (pooled, normalised only when the folder says so); eval mode, no grad."""
+        return self._embeddings(model, texts, batch_size, normalize=self.sentence.normalize)
+
+    @torch.no_grad()
+    def _embeddings(self, model: nn.Module, texts: Sequence[str], batch_size: int, normalize: bool) -> Tensor:
+        """Pooled embeddings of ``texts`` in batches, L2-normalised when ``normalize``."""
         was_training = model.training
         model.eval()
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         rows = []
         try:
             for start in range(0, len(texts), batch_size):
-                batch = _hf.tokenize(self.tokenizer, texts[start : start + batch_size], self.max_length)
-                rows.append(self._embed_batch(model, {k: v.to(device) for k, v in batch.items()}))
+                batch = self._tokenize(texts[start : start + batch_size])
+                pooled = self._pooled(model, {k: v.to(device) for k, v in batch.items()})
+                rows.append(F.normalize(pooled, dim=-1) if normalize else pooled)
         finally:
             model.train(was_training)
         return torch.cat(rows).float().cpu()
 
-    def _embed_batch(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-        """Normalised sentence embeddings of a tokenised batch (differentiable)."""
+    def _tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        """The texts tokenised to :attr:`max_length` (lower-cased first when the folder says so)."""
+        texts = [text.lower() for text in texts] if self.sentence.lowercase else list(texts)
+        return _hf.tokenize(self.tokenizer, texts, self.max_length)
+
+    def _pooled(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        """The pooled states of a tokenised batch, as the folder pools them (differentiable)."""
         outputs = _hf.forward(model, batch, self.use_prepared_mask)
-        pooled = mean_pool(_hidden_states(outputs), batch["attention_mask"])
-        return F.normalize(pooled, dim=-1)
+        return pool(self.sentence, _hidden_states(outputs), batch["attention_mask"])
+
+    def _embed_batch(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        """L2-normalised sentence embeddings of a tokenised batch (differentiable)."""
+        return F.normalize(self._pooled(model, batch), dim=-1)
 
     def logits(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
         """Scaled cosine similarities ``[B, C]`` between the batch's embeddings and the head."""
@@ -127,7 +152,7 @@ class TextZeroShotRecipe(Recipe):
 
     def collate(self, examples: Sequence[Example]) -> Batch:
         """Tokenise the texts and add ``labels`` as int64 indices into :attr:`labels`."""
-        batch = _hf.tokenize(self.tokenizer, [ex.text for ex in examples], self.max_length)
+        batch = self._tokenize([ex.text for ex in examples])
         batch["labels"] = _hf.label_indices([ex.label for ex in examples], self.labels)
         return batch
 
@@ -188,8 +213,10 @@ class TextZeroShotRecipe(Recipe):
         path: str | Path,
         labels: Sequence[str] | None = None,
         logit_scale: float | None = None,
-        max_length: int = 128,
+        max_length: int | None = None,
         use_prepared_mask: bool | None = None,
+        *,
+        sentence: SentenceConfig | None = None,
     ) -> TextZeroShotRecipe:
         """A recipe using a saved head; ``labels`` selects and orders its rows (default: all)."""
         saved, head, template, saved_scale = cls.load_head(path)
@@ -199,7 +226,9 @@ class TextZeroShotRecipe(Recipe):
             raise ConfigError(f"{path}: the zero-shot head has no row for label(s) {missing}; it has {saved}")
         rows = head[[saved.index(name) for name in wanted]]
         scale = saved_scale if logit_scale is None else logit_scale
-        return cls(model, tokenizer, wanted, template, scale, max_length, rows, use_prepared_mask)
+        return cls(
+            model, tokenizer, wanted, template, scale, max_length, rows, use_prepared_mask, sentence=sentence
+        )
 
 
 def _head_source(model_dir: Path, head_from: str | Path | None) -> Path | None:
@@ -225,11 +254,16 @@ class TextZeroShot(RecipeFamily):
     ``zero_shot_head.safetensors`` if it has one, else its own prompt embeddings). By default it is
     ``model_dir``'s ``zero_shot_head.safetensors`` if present, else the prompts embedded by the
     loaded model. ``template`` defaults to :data:`DEFAULT_TEMPLATE` (a head file's own template
-    must match it); ``logit_scale`` to the head file's scale, else 20.
+    must match it); ``logit_scale`` to the head file's scale, else 20. Pooling, normalisation and
+    the token limit come from the folder's sentence-transformers files when it has them (a given
+    ``max_length`` wins); a head from another folder is embedded with that folder's.
     """
 
     name = "text-zero-shot"
-    summary = "a text encoder scored against a frozen head of class prompts (mean-pooled, cosine)"
+    summary = (
+        "a text encoder scored against a frozen head of class prompts (cosine; pooled as the "
+        "folder's sentence-transformers config says, else mean)"
+    )
     recipe_class = TextZeroShotRecipe
 
     def build(
@@ -239,11 +273,18 @@ class TextZeroShot(RecipeFamily):
         template, head_from, max_length = options.template, options.head_from, options.max_length
         logit_scale, attn_implementation = options.logit_scale, options.attn_implementation
         folder = Path(model_dir)
+        sentence = read_sentence_config(folder)
         model, tokenizer = _hf.load_pretrained("AutoModel", folder, attn_implementation)
         source = _head_source(folder, head_from)
         if source is not None and source.is_file():
             recipe = TextZeroShotRecipe.from_head_file(
-                model, tokenizer, source, labels, logit_scale=logit_scale, max_length=max_length
+                model,
+                tokenizer,
+                source,
+                labels,
+                logit_scale=logit_scale,
+                max_length=max_length,
+                sentence=sentence,
             )
             if template is not None and template != recipe.template:
                 raise ConfigError(
@@ -255,9 +296,14 @@ class TextZeroShot(RecipeFamily):
         scale = DEFAULT_LOGIT_SCALE if logit_scale is None else logit_scale
         head = None
         if source is not None:
+            head_sentence = read_sentence_config(source)
             head_model, head_tokenizer = _hf.load_pretrained("AutoModel", source, attn_implementation)
-            head = TextZeroShotRecipe(head_model, head_tokenizer, labels, prompt, scale, max_length).head
-        recipe = TextZeroShotRecipe(model, tokenizer, labels, prompt, scale, max_length, head=head)
+            head = TextZeroShotRecipe(
+                head_model, head_tokenizer, labels, prompt, scale, max_length, sentence=head_sentence
+            ).head
+        recipe = TextZeroShotRecipe(
+            model, tokenizer, labels, prompt, scale, max_length, head=head, sentence=sentence
+        )
         return model, recipe
 
     def known_labels(
