@@ -8,7 +8,12 @@ here, so adding a layer type is adding a file):
 
 - :mod:`~gradfix.votes.layers.linear`: ``nn.Linear``;
 - :mod:`~gradfix.votes.layers.layer_norm`: ``nn.LayerNorm``;
-- :mod:`~gradfix.votes.layers.embedding`: ``nn.Embedding``.
+- :mod:`~gradfix.votes.layers.embedding`: ``nn.Embedding``;
+- :mod:`~gradfix.votes.layers.t5_layer_norm`: T5's RMS norm (``T5LayerNorm`` and its copies).
+
+A layer type of an optional library is registered by its dotted name (``"package.module.Class"``),
+so that its library is not imported to register it: the rule is bound to the class when a module
+of that class is first looked up.
 
 A module is covered by the rule of the nearest class of its MRO that has one
 (:func:`rule_for`), provided it computes what that class computes: a subclass that overrides
@@ -20,7 +25,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import Tensor, nn
 
@@ -57,38 +62,61 @@ class LayerRule:
 LAYER_RULES: dict[type[nn.Module], LayerRule] = {}
 """The registered rules, by module type (filled by the modules of this package)."""
 
+LAYER_RULES_BY_NAME: dict[str, LayerRule] = {}
+"""Rules registered by dotted class name, moved to :data:`LAYER_RULES` when the class is met
+(their ``module_type`` is ``nn.Module`` until then)."""
+
 
 def register_layer_rule(
-    *module_types: type[nn.Module],
+    *module_types: type[nn.Module] | str,
     parameters: tuple[str, ...] = ("weight", "bias"),
     covers: Callable[[nn.Module], bool] | None = None,
     expand_broadcast: bool = False,
 ) -> Callable[[SumsFn], SumsFn]:
     """Decorator registering ``sums`` as the rule of ``module_types`` (see :class:`LayerRule`).
 
-    Registering a type again replaces its rule. The decorated function is returned unchanged.
+    A type is a class or its dotted name ``"package.module.Class"`` (``__module__`` and
+    ``__qualname__``), which registers it without importing its library. Registering a type again
+    replaces its rule. The decorated function is returned unchanged.
     """
     if not module_types:
         raise TypeError("register_layer_rule needs at least one module type")
     for module_type in module_types:
-        if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        if isinstance(module_type, str):
+            if "." not in module_type.strip("."):
+                raise TypeError(f"register_layer_rule: {module_type!r} is not a dotted class name")
+        elif not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
             raise TypeError(f"register_layer_rule: {module_type!r} is not an nn.Module subclass")
 
     def register(sums: SumsFn) -> SumsFn:
         for module_type in module_types:
-            LAYER_RULES[module_type] = LayerRule(
-                module_type, sums, tuple(parameters), covers, expand_broadcast
-            )
+            if isinstance(module_type, str):
+                rule = LayerRule(nn.Module, sums, tuple(parameters), covers, expand_broadcast)
+                LAYER_RULES_BY_NAME[module_type] = rule
+            else:
+                LAYER_RULES[module_type] = LayerRule(
+                    module_type, sums, tuple(parameters), covers, expand_broadcast
+                )
         return sums
 
     return register
+
+
+def _registered(cls: type) -> LayerRule | None:
+    """The rule registered for exactly ``cls`` (by class, or by its dotted name: then bound to it)."""
+    rule = LAYER_RULES.get(cls)
+    if rule is None:
+        named = LAYER_RULES_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+        if named is not None:
+            rule = LAYER_RULES[cls] = replace(named, module_type=cls)
+    return rule
 
 
 def rule_for(module: nn.Module | type[nn.Module]) -> LayerRule | None:
     """The rule of the nearest class in the MRO of ``module`` (an instance or a class) that has one."""
     cls = module if isinstance(module, type) else type(module)
     for base in cls.__mro__:
-        rule = LAYER_RULES.get(base)
+        rule = _registered(base)
         if rule is not None:
             return rule
     return None
@@ -103,7 +131,7 @@ def covering_rule(module: nn.Module) -> LayerRule | None:
     is registered too. A module whose ``forward`` is replaced on the instance, or that the rule's
     ``covers`` refuses, goes to the loop as well.
     """
-    rule = LAYER_RULES.get(type(module))
+    rule = _registered(type(module))
     if rule is None:
         return None
     if "forward" in vars(module):
@@ -138,6 +166,7 @@ _import_rules()
 
 __all__ = [
     "LAYER_RULES",
+    "LAYER_RULES_BY_NAME",
     "Calls",
     "LayerRule",
     "SumsFn",
