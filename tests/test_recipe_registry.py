@@ -22,6 +22,7 @@ from gradfix.recipes import (
     ModuleRecipe,
     Recipe,
     RecipeFamily,
+    Seq2SeqRecipe,
     SequenceClassificationRecipe,
     TextZeroShotRecipe,
     get_recipe,
@@ -30,8 +31,8 @@ from gradfix.recipes import (
 )
 from gradfix.settings import MaskSettings, VoteSettings
 
-BUILT_IN = ["text-zero-shot", "sequence-classification", "causal-lm"]
-UNKNOWN = "unknown recipe 'clip'; known recipes: text-zero-shot, sequence-classification, causal-lm"
+BUILT_IN = ["text-zero-shot", "sequence-classification", "causal-lm", "seq2seq"]
+UNKNOWN = "unknown recipe 'clip'; known recipes: text-zero-shot, sequence-classification, causal-lm, seq2seq"
 
 
 class _ToyLinear(RecipeFamily):
@@ -87,12 +88,12 @@ def toy_dir(tmp_path):
 def test_built_in_families_in_order():
     assert list(RECIPES) == BUILT_IN
     assert "causal-lm" in RECIPES and "clip" not in RECIPES
-    classes = [TextZeroShotRecipe, SequenceClassificationRecipe, CausalLMRecipe]
+    classes = [TextZeroShotRecipe, SequenceClassificationRecipe, CausalLMRecipe, Seq2SeqRecipe]
     for name, recipe_class in zip(BUILT_IN, classes, strict=True):
         family = get_recipe(name)
         assert family is RECIPES[name] and family.name == name and family.summary
         assert family.recipe_class is recipe_class
-    assert [get_recipe(n).scores_accuracy for n in BUILT_IN] == [True, True, False]
+    assert [get_recipe(n).scores_accuracy for n in BUILT_IN] == [True, True, False, True]
 
 
 def test_unknown_recipe_lists_the_choices(tmp_path):

@@ -10,7 +10,7 @@ label (rank classification). Labels of different token lengths are padded with `
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,12 +91,8 @@ class Seq2SeqRecipe(Recipe):
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         _hf.ensure_pad_token(tokenizer)
-        prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
-        if not callable(prepare):
-            raise ConfigError(
-                f"{type(model).__name__} cannot make decoder inputs from labels; "
-                "the seq2seq recipe needs an encoder–decoder language model"
-            )
+        _method(model, "get_encoder")
+        prepare = _method(model, "prepare_decoder_input_ids_from_labels")
         self.targets = padded(label_targets(tokenizer, self.labels))
         self.decoder_inputs = prepare(labels=self.targets).detach().clone()
         self.lengths = (self.targets != IGNORE).sum(dim=1)
@@ -141,7 +137,8 @@ class Seq2SeqRecipe(Recipe):
         encoder_mask = mask
         if self.use_prepared_mask:
             encoder_mask = _hf.prepared_mask(mask, _embedding_dtype(model))
-        hidden = model.get_encoder()(input_ids=input_ids, attention_mask=encoder_mask).last_hidden_state
+        encoder = _method(model, "get_encoder")()
+        hidden = encoder(input_ids=input_ids, attention_mask=encoder_mask).last_hidden_state
         cross_mask = mask
         if repeat > 1:
             hidden, cross_mask = hidden.repeat_interleave(repeat, 0), mask.repeat_interleave(repeat, 0)
@@ -183,8 +180,19 @@ def cross_attention_mask(mask: Tensor, queries: int, dtype: torch.dtype) -> Tens
 
 def _embedding_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of the model's input embedding (the dtype its attention scores are in)."""
-    weight = getattr(model.get_input_embeddings(), "weight", None)
+    weight = getattr(_method(model, "get_input_embeddings")(), "weight", None)
     return weight.dtype if isinstance(weight, Tensor) else torch.float32
+
+
+def _method(model: nn.Module, name: str) -> Callable[..., Any]:
+    """``model.<name>``, which every encoder–decoder language model of ``transformers`` has."""
+    method = getattr(model, name, None)
+    if not callable(method):
+        raise ConfigError(
+            f"{type(model).__name__} has no {name}(); the seq2seq recipe needs an encoder-decoder "
+            "language model"
+        )
+    return method
 
 
 @register_recipe
