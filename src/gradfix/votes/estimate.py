@@ -316,7 +316,6 @@ class _Runner:
         self.engine, self.chunk_size = engine, chunk_size
         self.covered = hooked_parameters(model, params) if engine in ("auto", "hooks") else {}
         self.checked = engine != "auto"
-        self.probed = False  # the first batch tests each covered call's sample axis
         self.workspace = Workspace()
 
     def _rest(self) -> dict[str, Tensor]:
@@ -337,9 +336,8 @@ class _Runner:
             self._hooks(batch)
 
     def _hooks(self, batch: Any, watch: Any = None) -> None:
-        probe, self.probed = not self.probed, True
         broadcast = hook_gradients(
-            self.model, self.params, batch, self.loss_fn, self.acc, self.covered, self.workspace, watch, probe
+            self.model, self.params, batch, self.loss_fn, self.acc, self.covered, self.workspace, watch
         )
         for module in broadcast:  # not per sample (shared over the batch): the loop computes them
             del self.covered[module]

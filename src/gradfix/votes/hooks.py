@@ -185,21 +185,23 @@ def hook_gradients(
     covered: Mapping[nn.Module, Mapping[str, str]],
     workspace: Workspace | None = None,
     watch: AbstractContextManager[Any] | None = None,
-    probe: bool = False,
 ) -> set[nn.Module]:
     """Per-sample gradients of the ``covered`` parameters from one batched forward and backward.
 
-    ``watch`` (e.g. :func:`outside_use`) is entered around the forward pass only. ``probe`` also
-    tests that each call's first axis really is the sample axis (:func:`shared_over_batch`, one
-    extra backward pass), for calls whose first axis merely has the batch's length.
+    ``watch`` (e.g. :func:`outside_use`) is entered around the forward pass only.
 
     Returns the modules that could not be handled per sample because a call did not carry the
     sample axis first (e.g. position embeddings broadcast over the batch); the caller must
-    compute their parameters' gradients another way.
+    compute their parameters' gradients another way. A lookup (a rule with ``expand_broadcast``)
+    whose ids are not held by a tensor of the batch and whose first axis is as long as the
+    batch may be a lookup shared over the batch all the same: :func:`shared_over_batch` tells
+    (one more backward pass, only then).
     """
     calls: list[tuple[nn.Module, Tensor, Tensor]] = []
     size = batch_size(batch)
     expand = {m for m in covered if (rule := covering_rule(m)) is not None and rule.expand_broadcast}
+    held = {_storage(t) for t in tree_flatten(batch)[0] if isinstance(t, Tensor)}
+    unsure: list[int] = []  # the calls of lookups whose ids do not come from the batch
 
     def record(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor | None:
         x = inputs[0]
@@ -211,6 +213,8 @@ def hook_gradients(
             replaced = output = output.expand(size, *output.shape[1:])
             if not output.requires_grad:
                 replaced = output = output.clone()
+        elif module in expand and _storage(x) not in held:
+            unsure.append(len(calls))
         if not output.requires_grad:
             output.requires_grad_()
         calls.append((module, x.detach(), output))
@@ -229,8 +233,7 @@ def hook_gradients(
         for n, p in params.items():
             p.requires_grad_(flags[n])
     broadcast = {m for m, x, out in calls if x.dim() == 0 or x.shape[0] != size or out.shape[0] != size}
-    if probe:
-        broadcast |= shared_over_batch(losses, [r for r in calls if r[0] not in broadcast])
+    broadcast |= shared_over_batch(losses, [calls[i] for i in unsure if calls[i][0] not in broadcast])
     records = [r for r in calls if r[0] not in broadcast]
     calls.clear()
     if not records:
@@ -239,12 +242,21 @@ def hook_gradients(
     return broadcast
 
 
+def _storage(t: Tensor) -> int | None:
+    """The address of the memory that holds ``t`` (``None`` for a tensor without storage)."""
+    try:
+        return int(t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 def shared_over_batch(losses: Tensor, records: list[tuple[nn.Module, Tensor, Tensor]]) -> set[nn.Module]:
     """The modules of ``records`` with a call whose output rows are not each one sample's alone.
 
     A call made once for the whole batch can have a first axis as long as the batch by chance
     (T5's relative attention bias is looked up for a ``[query, key]`` grid and broadcast over the
-    batch: with as many tokens as samples, it looks per-sample). The backward of the even
+    batch: with as many tokens as samples, it looks per-sample). With two samples or more, the
+    backward of the even
     samples' losses ``Σ_b ℓ_{2b}`` gives the odd rows of a per-sample output exactly zero
     gradient, while a call shared over the batch gets, in its odd rows, the gradient of the even
     samples' use of them. (Odd rows rather than row 0: a causal decoder's first query attends to
