@@ -117,6 +117,14 @@ def test_loss_is_per_sample_minus_the_own_label_log_likelihood(built) -> None:
     torch.testing.assert_close(plain.logits(model, batch), logits, atol=1e-5, rtol=1e-5)
 
 
+def test_the_library_default_attention_gives_the_same_losses(t5_dir: Path, built) -> None:
+    model, recipe = built
+    sdpa_model, sdpa = load_recipe("seq2seq", t5_dir, LABELS, attn_implementation=None)
+    assert sdpa_model.config._attn_implementation == "sdpa"
+    batch = recipe.collate(topic_data(2, seed=4))
+    torch.testing.assert_close(sdpa.loss(sdpa_model, batch), recipe.loss(model, batch), atol=1e-5, rtol=1e-5)
+
+
 def test_accuracy_follows_the_logits_and_rises_with_training(t5_dir: Path) -> None:
     model, recipe = load_recipe("seq2seq", t5_dir, LABELS)
     examples = topic_data(4, seed=1)
@@ -196,4 +204,4 @@ def test_transport_and_eval_from_the_command_line(tmp_path: Path, t5_dir: Path, 
     line = one_error_line(
         ["eval", "--recipe", "seq2seq", "--model", str(out), "--data", str(bad)], capsys, "eval"
     )
-    assert line.endswith("label '\\x07' tokenises to nothing with this model's tokenizer")
+    assert line.endswith(f"{out}: label '\\x07' tokenises to nothing with this model's tokenizer")

@@ -211,4 +211,8 @@ class Seq2Seq(RecipeFamily):
         model, tokenizer = _hf.load_pretrained(
             "AutoModelForSeq2SeqLM", model_dir, options.attn_implementation
         )
-        return model, Seq2SeqRecipe(model, tokenizer, labels, options.max_length)
+        try:
+            recipe = Seq2SeqRecipe(model, tokenizer, labels, options.max_length)
+        except ConfigError as exc:  # a label the folder's tokenizer cannot target
+            raise ConfigError(f"{model_dir}: {exc}") from exc
+        return model, recipe
