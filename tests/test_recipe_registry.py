@@ -23,6 +23,7 @@ from gradfix.recipes import (
     ModuleRecipe,
     Recipe,
     RecipeFamily,
+    Seq2SeqRecipe,
     SequenceClassificationRecipe,
     TextZeroShotRecipe,
     get_recipe,
@@ -31,10 +32,8 @@ from gradfix.recipes import (
 )
 from gradfix.settings import MaskSettings, VoteSettings
 
-BUILT_IN = ["text-zero-shot", "sequence-classification", "causal-lm", "clip-zero-shot"]
-UNKNOWN = (
-    "unknown recipe 'clip'; known recipes: text-zero-shot, sequence-classification, causal-lm, clip-zero-shot"
-)
+BUILT_IN = ["text-zero-shot", "sequence-classification", "causal-lm", "clip-zero-shot", "seq2seq"]
+UNKNOWN = "unknown recipe 'clip'; known recipes: " + ", ".join(BUILT_IN)
 
 
 class _ToyLinear(RecipeFamily):
@@ -90,12 +89,18 @@ def toy_dir(tmp_path):
 def test_built_in_families_in_order():
     assert list(RECIPES) == BUILT_IN
     assert "causal-lm" in RECIPES and "clip" not in RECIPES
-    classes = [TextZeroShotRecipe, SequenceClassificationRecipe, CausalLMRecipe, ClipZeroShotRecipe]
+    classes = [
+        TextZeroShotRecipe,
+        SequenceClassificationRecipe,
+        CausalLMRecipe,
+        ClipZeroShotRecipe,
+        Seq2SeqRecipe,
+    ]
     for name, recipe_class in zip(BUILT_IN, classes, strict=True):
         family = get_recipe(name)
         assert family is RECIPES[name] and family.name == name and family.summary
         assert family.recipe_class is recipe_class
-    assert [get_recipe(n).scores_accuracy for n in BUILT_IN] == [True, True, False, True]
+    assert [get_recipe(n).scores_accuracy for n in BUILT_IN] == [True, True, False, True, True]
 
 
 def test_unknown_recipe_lists_the_choices(tmp_path):

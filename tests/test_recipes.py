@@ -82,7 +82,11 @@ def _per_sample_grads(model, recipe, batch):
 def test_vocab_covers_prompts_and_topic_sentences(tmp_path, zero_shot, examples):
     assert len(vocab_words()) >= 200
     assert write_vocab(tmp_path / "v.txt").read_text().splitlines()[:5] == [
-        "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
     ]
     texts = [ex.text for ex in examples] + ["this text is about sports.", "politics, movie"]
     tokenizer = zero_shot[1].tokenizer
@@ -110,9 +114,7 @@ def test_zero_shot_loss_per_sample_and_padding_invariant(zero_shot, examples):
         assert torch.allclose(alone, losses[i : i + 1], atol=1e-5)
         sliced = recipe.loss(model, _sample(batch, i))
         assert torch.allclose(sliced, losses[i : i + 1], atol=1e-5)
-    plain = TextZeroShotRecipe(
-        model, recipe.tokenizer, TOPICS, head=recipe.head, use_prepared_mask=False
-    )
+    plain = TextZeroShotRecipe(model, recipe.tokenizer, TOPICS, head=recipe.head, use_prepared_mask=False)
     assert torch.allclose(plain.loss(model, batch), losses, atol=1e-5)
 
 
@@ -223,7 +225,8 @@ def test_load_recipe_uses_head_file_in_model_dir(tmp_path, other_dir, zero_shot)
 
 
 def test_load_recipe_errors(tmp_path, bert_dir):
-    assert set(RECIPES) == {"text-zero-shot", "sequence-classification", "causal-lm", "clip-zero-shot"}
+    built_in = {"text-zero-shot", "sequence-classification", "causal-lm", "clip-zero-shot", "seq2seq"}
+    assert set(RECIPES) == built_in
     with pytest.raises(ConfigError, match="known recipes: text-zero-shot"):
         load_recipe("clip", bert_dir, TOPICS)
     with pytest.raises(CheckpointError, match="not found"):

@@ -33,6 +33,7 @@ from gradfix.recipes.text_zero_shot import (  # isort: skip
 from gradfix.recipes.sequence_classification import SequenceClassificationRecipe  # isort: skip
 from gradfix.recipes.causal_lm import CausalLMRecipe  # isort: skip
 from gradfix.recipes.clip_zero_shot import ClipZeroShotRecipe  # isort: skip
+from gradfix.recipes.seq2seq import Seq2SeqRecipe  # isort: skip
 
 __all__ = [
     "DEFAULT_LOGIT_SCALE",
@@ -46,6 +47,7 @@ __all__ = [
     "Recipe",
     "RecipeBuilder",
     "RecipeFamily",
+    "Seq2SeqRecipe",
     "SequenceClassificationRecipe",
     "TextZeroShotRecipe",
     "get_recipe",

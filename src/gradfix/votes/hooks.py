@@ -13,7 +13,7 @@ number of threads.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Any
@@ -192,11 +192,16 @@ def hook_gradients(
 
     Returns the modules that could not be handled per sample because a call did not carry the
     sample axis first (e.g. position embeddings broadcast over the batch); the caller must
-    compute their parameters' gradients another way.
+    compute their parameters' gradients another way. A lookup (a rule with ``expand_broadcast``)
+    whose ids are not held by a tensor of the batch and whose first axis is as long as the
+    batch may be a lookup shared over the batch all the same: :func:`shared_over_batch` tells
+    (one more backward pass, only then).
     """
     calls: list[tuple[nn.Module, Tensor, Tensor]] = []
     size = batch_size(batch)
     expand = {m for m in covered if (rule := covering_rule(m)) is not None and rule.expand_broadcast}
+    held = {_storage(t) for t in tree_flatten(batch)[0] if isinstance(t, Tensor)}
+    unsure: list[int] = []  # the calls of lookups whose ids do not come from the batch
 
     def record(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor | None:
         x = inputs[0]
@@ -208,6 +213,8 @@ def hook_gradients(
             replaced = output = output.expand(size, *output.shape[1:])
             if not output.requires_grad:
                 replaced = output = output.clone()
+        elif module in expand and _storage(x) not in held:
+            unsure.append(len(calls))
         if not output.requires_grad:
             output.requires_grad_()
         calls.append((module, x.detach(), output))
@@ -226,12 +233,47 @@ def hook_gradients(
         for n, p in params.items():
             p.requires_grad_(flags[n])
     broadcast = {m for m, x, out in calls if x.dim() == 0 or x.shape[0] != size or out.shape[0] != size}
+    broadcast |= shared_over_batch(losses, [calls[i] for i in unsure if calls[i][0] not in broadcast])
     records = [r for r in calls if r[0] not in broadcast]
     calls.clear()
     if not records:
         return broadcast
     _backward_into(losses.sum(), records, covered, sink, workspace or Workspace())
     return broadcast
+
+
+def _storage(t: Tensor) -> int | None:
+    """The address of the memory that holds ``t`` (``None`` for a tensor without storage)."""
+    try:
+        return int(t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def shared_over_batch(losses: Tensor, records: list[tuple[nn.Module, Tensor, Tensor]]) -> set[nn.Module]:
+    """The modules of ``records`` with a call whose output rows are not each one sample's alone.
+
+    A call made once for the whole batch can have a first axis as long as the batch by chance
+    (T5's relative attention bias is looked up for a ``[query, key]`` grid and broadcast over the
+    batch: with as many tokens as samples, it looks per-sample). With two samples or more, the
+    backward of the even
+    samples' losses ``Σ_b ℓ_{2b}`` gives the odd rows of a per-sample output exactly zero
+    gradient, while a call shared over the batch gets, in its odd rows, the gradient of the even
+    samples' use of them. (Odd rows rather than row 0: a causal decoder's first query attends to
+    one key only, so its row of the bias gets no gradient from any sample.) The graph is kept for
+    the backward that follows.
+    """
+    even = losses[0::2].sum()
+    if losses.shape[0] < 2 or not records or even.grad_fn is None:
+        return set()
+    shared: set[nn.Module] = set()
+
+    def check(index: int, g: Tensor) -> None:
+        if bool(g[1::2].ne(0).any()):
+            shared.add(records[index][0])
+
+    _hooked_backward(even, [out for _, _, out in records], check, retain_graph=True)
+    return shared
 
 
 def _backward_into(
@@ -269,19 +311,33 @@ def _backward_into(
             del pending[module]
             module_sums(module, got, covered[module], sink, ws)
 
-    roots = [out for _, _, out in records if out.grad_fn is None]
-    missing = _off_root_paths(loss, [out for _, _, out in records], roots)
-    handles = [out.register_hook(partial(consume, i)) for i, (_, _, out) in enumerate(records)]
+    _hooked_backward(loss, [out for _, _, out in records], consume)
+    for module, got in pending.items():  # calls whose output the loss does not depend on
+        module_sums(module, got, covered[module], sink, ws)
+
+
+def _hooked_backward(
+    loss: Tensor, outputs: list[Tensor], hook: Callable[[int, Tensor], None], retain_graph: bool = False
+) -> None:
+    """Backward of ``loss`` that calls ``hook(i, gradient)`` as the gradient of ``outputs[i]`` is made.
+
+    Only the outputs that are leaves are asked for (their gradients are held until the end; the
+    others are handed to ``hook`` and dropped), then, in a second backward, the outputs that the
+    first does not reach (:func:`_off_root_paths`); ``hook`` may thus see an output twice.
+    """
+    roots = [out for out in outputs if out.grad_fn is None]
+    missing = _off_root_paths(loss, outputs, roots)
+    handles = [out.register_hook(partial(hook, i)) for i, out in enumerate(outputs)]
     try:
         if roots:
-            torch.autograd.grad(loss, roots, allow_unused=True, retain_graph=bool(missing))
+            keep = bool(missing) or retain_graph
+            torch.autograd.grad(loss, roots, allow_unused=True, retain_graph=keep)
         if missing:
-            torch.autograd.grad(loss, [records[i][2] for i in missing], allow_unused=True)
+            rest = [outputs[i] for i in missing]
+            torch.autograd.grad(loss, rest, allow_unused=True, retain_graph=retain_graph)
     finally:
         for h in handles:
             h.remove()
-    for module, got in pending.items():  # calls whose output the loss does not depend on
-        module_sums(module, got, covered[module], sink, ws)
 
 
 def _off_root_paths(loss: Tensor, outputs: list[Tensor], roots: list[Tensor]) -> list[int]:
