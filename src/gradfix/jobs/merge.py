@@ -24,6 +24,7 @@ from gradfix.io import CheckpointReader, atomic_output_dir, open_checkpoint
 from gradfix.jobs.common import base_record, draw_shots, scan_task_vector, vote_on_target
 from gradfix.jobs.inputs import check_checkpoints, check_outputs, input_record, raise_zero_task_vector
 from gradfix.jobs.output import WholeUpdate, finish_output, write_model
+from gradfix.jobs.replay import merge_options
 from gradfix.merge import mask_then_merge, merge_task_vectors, merge_then_mask
 from gradfix.methods.registry import fixed_alpha, is_auto
 from gradfix.settings import (
@@ -100,6 +101,7 @@ def merge_checkpoints(
         drawn = [draw_shots(target, replace(votes, data=t.data)) for t in tasks]
     names, target_names = _checked_names(tasks, target, masking)
     record = base_record("merge")
+    record["options"] = merge_options(tasks, target, merging, votes, masking, shard_bytes)
     record["inputs"] = {"target_base": input_record(target, model_files=True)}
     record["tasks"] = [
         {"source_base": input_record(t.source_base), "source_finetuned": input_record(t.source_finetuned)}

@@ -42,6 +42,7 @@ from gradfix.jobs.inputs import (
     validate_votes_files,
 )
 from gradfix.jobs.output import MaskedUpdate, WholeUpdate, finish_output, write_model
+from gradfix.jobs.replay import transport_options
 from gradfix.masking import TauRows, VoteReference, mask_task_vector, uncovered_tensors, unvoted_error
 from gradfix.methods import Method, fixed_alpha, resolve_method
 from gradfix.methods.adaptive import ChoicePlan, gate_mask
@@ -92,8 +93,11 @@ def transport_checkpoints(
     under a temporary name and moved into place only when complete. Returns the record written to
     ``out/gradfix.json``; a method that chooses records its choice under ``"choice"``.
     """
-    votes = votes or VoteSettings()
-    chosen, masking = resolve_method(method, masking or MaskSettings())
+    votes, given = votes or VoteSettings(), masking or MaskSettings()
+    chosen, masking = resolve_method(method, given)
+    options = transport_options(
+        source_base, source_finetuned, target_base, votes, given, chosen.name, shard_bytes, votes_in
+    )
     choosing = plan_choice(chosen, masking, votes, target_base)
     if chosen.aligns:
         return _transport_aligned(
@@ -106,6 +110,7 @@ def transport_checkpoints(
             masking,
             overwrite,
             shard_bytes,
+            options,
         )
     out, files_in = Path(out), [Path(p) for p in votes_in]
     needs_votes = get_mask(str(masking.mask)).needs_reference
@@ -125,7 +130,7 @@ def transport_checkpoints(
         tau, names, nonzero = _open_task_vector(
             stack, source_base, source_finetuned, target_base, rb, rt, masking
         )
-        record = _start_record(source_base, source_finetuned, target_base)
+        record = _start_record(source_base, source_finetuned, target_base, options)
         held = None
         if needs_votes:
             held = _collect_votes(record, rt, names, votes, drawn, files_in, votes_out, choosing, overwrite)
@@ -289,6 +294,7 @@ def _transport_aligned(
     masking: MaskSettings,
     overwrite: bool,
     shard_bytes: int,
+    options: dict[str, Any],
 ) -> dict[str, Any]:
     """TransFusion or Theseus: align ``τ_A`` to the target, mask it (votes taken on the target), write."""
     data = votes.data if get_mask(str(masking.mask)).needs_reference else None
@@ -301,7 +307,7 @@ def _transport_aligned(
     tau_a = read(source_base, source_finetuned, masking.include, masking.exclude)
     check_task_vector_nonzero(tau_a, source_base, source_finetuned)
     tau = method.align(tau_a, source_base, target_base, seed=votes.seed)
-    record = _start_record(source_base, source_finetuned, target_base)
+    record = _start_record(source_base, source_finetuned, target_base, options)
     reference, recipe = None, None
     with open_checkpoint(target_base) as rt:
         target_names = rt.names()
@@ -334,10 +340,11 @@ def _transport_aligned(
 
 
 def _start_record(
-    source_base: str | Path, source_finetuned: str | Path, target_base: str | Path
+    source_base: str | Path, source_finetuned: str | Path, target_base: str | Path, options: dict[str, Any]
 ) -> dict[str, Any]:
-    """``gradfix.json``'s header and the sha256 of the three checkpoints."""
+    """``gradfix.json``'s header, the job's options (to replay it) and the sha256 of the three checkpoints."""
     record = base_record("transport")
+    record["options"] = options
     record["inputs"] = {
         "source_base": input_record(source_base),
         "source_finetuned": input_record(source_finetuned),
