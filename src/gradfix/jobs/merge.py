@@ -78,8 +78,8 @@ def merge_checkpoints(
     target's votes on its own data, then merged) or ``merge-then-mask`` (merged, then masked with
     the consensus sign of the per-task votes). The result is ``θ_target + α · τ_merged`` with
     ``α = masking.alpha``. Inputs and outputs are checked as in
-    :func:`~gradfix.jobs.transport_checkpoints` (every task's ``τ`` must be non-zero). Returns the
-    record written to ``out/gradfix.json``.
+    :func:`~gradfix.jobs.transport_checkpoints` (every task's ``τ`` must be non-zero), and the output
+    has a model card and ``gradfix.yaml`` likewise. Returns the record written to ``out/gradfix.json``.
     """
     if not tasks:
         raise ConfigError("merge needs at least one task (--source-finetuned)")

@@ -90,8 +90,10 @@ def transport_checkpoints(
     existing output without ``overwrite``, and checkpoints whose tensors differ; it stops on NaN or
     Inf in any input and on an all-zero ``τ_A``. Checkpoints and vote files are read, masked and
     written in row slices, so memory does not grow with the model. The output folder is written
-    under a temporary name and moved into place only when complete. Returns the record written to
-    ``out/gradfix.json``; a method that chooses records its choice under ``"choice"``.
+    under a temporary name and moved into place only when complete, with a model card of its own
+    (``README.md``) and the options that replay the job (``gradfix.yaml``; the record's ``"options"``).
+    Returns the record written to ``out/gradfix.json``; a method that chooses records its choice
+    under ``"choice"``.
     """
     votes, given = votes or VoteSettings(), masking or MaskSettings()
     chosen, masking = resolve_method(method, given)
