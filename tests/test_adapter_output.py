@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from cli_checks import one_error_line, transport_args, transport_models
+from cli_checks import file_hashes, one_error_line, transport_args, transport_models
 from tiny_models import load_saved_model, make_tiny_gpt2, perturbed_copy
 
 from gradfix import TaskVector
@@ -62,10 +62,13 @@ def test_full_rank_adapter_merges_into_the_full_output(models, tmp_path) -> None
     _transport(models, full, *options)
     record = _transport(models, out, *options, "--out-format", "adapter", "--adapter-rank", "32")
     assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
         "gradfix.json",
+        "gradfix.yaml",
     ]
+    assert "library_name: peft" in (out / "README.md").read_text()
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == 32
     assert config["base_model_name_or_path"] == str(models["B"])
@@ -284,3 +287,22 @@ def test_the_layout_saves_what_lora_cannot_hold_and_drops_what_peft_cannot() -> 
         plan_adapter(["fc.weight", "c.weight"], shapes | {"c.weight": (4, 4)}, {}, conv, 3)
     with pytest.raises(ConfigError, match=r"--adapter-rank 4 is larger than 1 module\(s\) allow: fc \(3×4"):
         plan_adapter(names, shapes, dict.fromkeys(names, torch.float16), owners, 4)
+
+
+def test_an_adapter_output_replays_from_its_gradfix_yaml(models, tmp_path) -> None:
+    first, again = tmp_path / "first", tmp_path / "again"
+    _transport(
+        models,
+        first,
+        "--method",
+        "gradfix",
+        *NO_TOKEN_TYPES,
+        "--out-format",
+        "adapter",
+        "--adapter-rank",
+        "3",
+    )
+    assert main(["transport", "--config", str(first / "gradfix.yaml"), "--out", str(again)]) == 0
+    weights = [file_hashes(folder / "adapter_model.safetensors") for folder in (first, again)]
+    assert list(weights[0].values()) == list(weights[1].values())
+    assert json.loads((again / "gradfix.json").read_text())["adapter_rank"] == 3

@@ -2,8 +2,9 @@
 
 argparse only collects the command line's strings; :func:`validate_options` merges them over the
 YAML values and validates the result once with pydantic, so both sources accept and refuse the
-same values with the same one-line errors. :func:`validated_options` runs that step for a given
-command line and YAML mapping.
+same values with the same one-line errors. An output's ``gradfix.yaml`` is such a file, and its
+``gradfix.json`` stands for the options it records (the same ones). :func:`validated_options`
+runs that step for a given command line and YAML mapping.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def validate_options(
     from gradfix.cli.fields import command_options, registry_key
 
     options = command_options(command)
-    config = {str(k).replace("-", "_"): v for k, v in config.items()}
+    config = {str(k).replace("-", "_"): v for k, v in _record_options(command, config, config_path).items()}
     unknown = sorted(set(config) - set(options))
     if unknown:
         valid = ", ".join(sorted(options))
@@ -109,6 +110,29 @@ def validate_options(
             ) from None
         raise ConfigError(f"{where}: {_refused(options[key].kind, merged[key], error['loc'])}") from None
     return {key: validated[key] for key in options}
+
+
+def _record_options(command: str, config: Mapping[str, Any], path: str) -> Mapping[str, Any]:
+    """``config`` itself, or the options of a ``gradfix.json`` record given as ``--config``.
+
+    A record (it holds ``command`` and ``gradfix_version``) replays through the options it keeps,
+    the same as the ``gradfix.yaml`` beside it, when it is a record of ``command``.
+    """
+    if "command" not in config or "gradfix_version" not in config:
+        return config
+    recorded = config["command"]
+    if recorded != command:
+        raise ConfigError(
+            f"--config {path}: this is the record of a gradfix {recorded} run; replay it with "
+            f"gradfix {recorded} --config {path}"
+        )
+    options = config.get("options")
+    if not isinstance(options, Mapping):
+        raise ConfigError(
+            f"--config {path}: this gradfix.json record holds no options to replay (written before "
+            "gradfix recorded them); give a YAML config of the options, as in a newer output's gradfix.yaml"
+        )
+    return options
 
 
 def validated_options(

@@ -13,8 +13,8 @@ import json
 import os
 import shutil
 import stat
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Collection, Iterator, Mapping
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import SafetensorError
@@ -28,12 +28,12 @@ WRITE_ERRORS = (OSError, SafetensorError)
 """Exception types a failed write can raise (``save_file`` reports a full disk as SafetensorError)."""
 
 # Files that copy_model_files leaves behind: weights in any common format, shard indexes and
-# gradfix's own provenance record.
+# gradfix's own provenance record and replay options.
 _SKIPPED_SUFFIXES = (
     ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json",
     ".h5", ".msgpack", ".onnx", ".gguf",
 )  # fmt: skip
-_SKIPPED_NAMES = ("gradfix.json",)
+_SKIPPED_NAMES = ("gradfix.json", "gradfix.yaml")
 
 
 def sort_safetensors_metadata(path: str | Path) -> None:
@@ -139,10 +139,11 @@ def _is_model_file(name: str) -> bool:
 def list_model_files(src_dir: str | Path) -> list[Path]:
     """The non-weight files of a model folder (config, tokenizer, ...) that ``copy_model_files`` copies.
 
-    Weight files, shard indexes, ``gradfix.json`` and hidden files or folders are left out. The
-    paths are sorted and relative to ``src_dir``; a file ``src_dir`` has none. Every file listed
-    passes :func:`gradfix.io.paths.check_inside`: a symlink that leaves the folder (or, for a Hub
-    snapshot, the cache's ``blobs/``) or anything but a regular file is a :class:`CheckpointError`.
+    Weight files, shard indexes, ``gradfix.json``, ``gradfix.yaml`` and hidden files or folders are
+    left out. The paths are sorted and relative to ``src_dir``; a file ``src_dir`` has none. Every
+    file listed passes :func:`gradfix.io.paths.check_inside`: a symlink that leaves the folder (or,
+    for a Hub snapshot, the cache's ``blobs/``) or anything but a regular file is a
+    :class:`CheckpointError`.
     """
     src = Path(src_dir)
     info = path_stat(src)
@@ -160,17 +161,20 @@ def list_model_files(src_dir: str | Path) -> list[Path]:
 _WRITE_ERRNOS = {getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG") if hasattr(errno, n)}
 
 
-def copy_model_files(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
+def copy_model_files(src_dir: str | Path, dst_dir: str | Path, skip: Collection[str] = ()) -> list[str]:
     """Copy the non-weight files of a model folder (config, tokenizer, ...) recursively.
 
-    Weight files, shard indexes, ``gradfix.json`` and hidden files or folders are skipped;
+    Weight files, shard indexes, ``gradfix.json``, ``gradfix.yaml``, hidden files or folders and
+    the paths in ``skip`` (relative to the folder, compared without case: e.g. ``README.md``, the
+    folder's model card) are skipped;
     symlinks are copied as the files they point to, but only when they stay inside the folder (or,
     for a Hub snapshot, the cache's ``blobs/``) and lead to a regular file: anything else is
     refused before the first copy (:func:`list_model_files`). Returns the copied paths relative to
     ``src_dir``, using ``/``. A file ``src_dir`` copies nothing.
     """
     src, dst = Path(src_dir), Path(dst_dir)
-    files = list_model_files(src)
+    skipped = {PurePosixPath(p).as_posix().lower() for p in skip}
+    files = [rel for rel in list_model_files(src) if rel.as_posix().lower() not in skipped]
     if not files:
         return []
     if os.path.realpath(src) == os.path.realpath(dst):

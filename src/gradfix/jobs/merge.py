@@ -33,6 +33,7 @@ from gradfix.jobs.inputs import (
     raise_zero_task_vector,
 )
 from gradfix.jobs.output import WholeUpdate, finish_output, write_model
+from gradfix.jobs.replay import merge_options
 from gradfix.masking import TauRows
 from gradfix.merge import mask_then_merge, merge_task_vectors, merge_then_mask
 from gradfix.methods.registry import fixed_alpha, is_auto
@@ -88,9 +89,10 @@ def merge_checkpoints(
     target's votes on its own data, then merged) or ``merge-then-mask`` (merged, then masked with
     the consensus sign of the per-task votes). The result is ``θ_target + α · τ_merged`` with
     ``α = masking.alpha``. Inputs and outputs are checked as in
-    :func:`~gradfix.jobs.transport_checkpoints` (every task's ``τ`` must be non-zero). Returns the
-    record written to ``out/gradfix.json``. Models given as Hugging Face Hub ids are resolved at
-    ``revision`` unless they name their own (:func:`gradfix.io.hub.resolve_model`).
+    :func:`~gradfix.jobs.transport_checkpoints` (every task's ``τ`` must be non-zero), and the output
+    has a model card and ``gradfix.yaml`` likewise. Returns the record written to ``out/gradfix.json``.
+    Models given as Hugging Face Hub ids are resolved at ``revision`` unless they name their own
+    (:func:`gradfix.io.hub.resolve_model`).
     """
     if not tasks:
         raise ConfigError("merge needs at least one task (--source-finetuned)")
@@ -113,6 +115,7 @@ def merge_checkpoints(
         drawn = [draw_shots(target, replace(votes, data=t.data)) for t in tasks]
     names, target_names = _checked_names(tasks, target, masking)
     record = base_record("merge")
+    record["options"] = merge_options(tasks, target, merging, votes, masking, shard_bytes)
     record["inputs"] = {"target_base": input_record(target, model_files=True)}
     record["tasks"] = [
         {"source_base": input_record(t.source_base), "source_finetuned": input_record(t.source_finetuned)}

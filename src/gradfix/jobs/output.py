@@ -4,7 +4,7 @@ Transport (a masked ``τ_A`` streamed from checkpoints), the aligned methods and
 computed in memory, one tensor at a time) all write through :func:`write_model`: each target
 tensor is read in row slices, checked for NaN/Inf, added to its update in float32, checked for
 values that overflow the target's dtype, and streamed to the sharded writer; the target's other
-files and ``gradfix.json`` follow (:func:`finish_output`).
+files, ``gradfix.json``, ``gradfix.yaml`` and the model card follow (:func:`finish_output`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from gradfix.io import CheckpointReader, copy_model_files, sort_safetensors_meta
 from gradfix.io.checkpoint import row_slices
 from gradfix.io.streaming import StreamingShardedWriter, TensorPlan
 from gradfix.io.writer import WRITE_ERRORS
+from gradfix.jobs.card import CARD_FILE, model_card
 from gradfix.jobs.inputs import HEAD_FILE
+from gradfix.jobs.replay import REPLAY_FILE, replay_yaml
 from gradfix.masking import Reference, TauRows, TensorTally, masked_rows
 from gradfix.ops.masks import Mask, MaskOptions
 from gradfix.task_vector import apply_tensor
@@ -147,12 +149,17 @@ def finish_output(
     out: Path, target: str | Path, record: dict[str, Any], recipe: Any = None, model_files: bool = True
 ) -> list[str]:
     """Copy the target's config and tokenizer files (unless ``model_files`` is false: an adapter
-    output), save the zero-shot head, write ``gradfix.json``.
+    output), save the zero-shot head, write the record,
+    ``gradfix.yaml`` and the model card.
 
-    ``record["files"]`` (the weight files) gains the head file; returns that list.
+    The target's own model card (``README.md``) describes the target, so it is not copied: the
+    output gets its own (:func:`gradfix.jobs.card.model_card`), written from the record with
+    ``gradfix.json``, and ``gradfix.yaml`` when the record holds the job's options
+    (:mod:`gradfix.jobs.replay`). ``record["files"]`` (the weight files) gains the head file;
+    returns that list.
     """
     if model_files:
-        copy_model_files(target, out)
+        copy_model_files(target, out, skip=(CARD_FILE,))
     files = list(record.get("files", []))
     try:
         if recipe is not None and hasattr(recipe, "save_head"):
@@ -162,7 +169,11 @@ def finish_output(
         record["files"] = files
         text = json.dumps(record, indent=2, sort_keys=True) + "\n"
         (out / "gradfix.json").write_text(text, encoding="utf-8")
+        if "options" in record:
+            options = replay_yaml(str(record.get("command")), record["options"])
+            (out / REPLAY_FILE).write_text(options, encoding="utf-8")
+        (out / CARD_FILE).write_text(model_card(record), encoding="utf-8")
     except WRITE_ERRORS as exc:
         reason = getattr(exc, "strerror", None) or exc
-        raise OutputError(f"cannot write {HEAD_FILE} or gradfix.json ({reason})") from exc
+        raise OutputError(f"cannot write {HEAD_FILE}, gradfix.json or the model card ({reason})") from exc
     return files

@@ -45,6 +45,7 @@ from gradfix.jobs.inputs import (
     validate_votes_files,
 )
 from gradfix.jobs.output import MaskedUpdate, WholeUpdate, finish_output, write_model
+from gradfix.jobs.replay import transport_options
 from gradfix.masking import TauRows, VoteReference, mask_task_vector, uncovered_tensors, unvoted_error
 from gradfix.methods import Method, fixed_alpha, resolve_method
 from gradfix.methods.adaptive import ChoicePlan, gate_mask
@@ -99,8 +100,10 @@ def transport_checkpoints(
     existing output without ``overwrite``, and checkpoints whose tensors differ; it stops on NaN or
     Inf in any input and on an all-zero ``τ_A``. Checkpoints and vote files are read, masked and
     written in row slices, so memory does not grow with the model. The output folder is written
-    under a temporary name and moved into place only when complete. Returns the record written to
-    ``out/gradfix.json``; a method that chooses records its choice under ``"choice"``.
+    under a temporary name and moved into place only when complete, with a model card of its own
+    (``README.md``) and the options that replay the job (``gradfix.yaml``; the record's ``"options"``).
+    Returns the record written to ``out/gradfix.json``; a method that chooses records its choice
+    under ``"choice"``.
 
     ``out_format="adapter"`` writes the update ``α · mask(τ_A)`` as a PEFT LoRA adapter of rank
     ``adapter_rank`` for the target instead (:mod:`gradfix.jobs.adapter_output`; not with the
@@ -108,11 +111,15 @@ def transport_checkpoints(
     """
     hub_target = parse_hub_id(target_base)  # an adapter output names B as the user did: a Hub id stays one
     b_name = hub_target[0] if hub_target else str(target_base)
+    votes, given = votes or VoteSettings(), masking or MaskSettings()
+    chosen, masking = resolve_method(method, given)
+    options = transport_options(
+        source_base, source_finetuned, target_base, votes, given, chosen.name, shard_bytes, votes_in,
+        revision=revision, out_format=out_format, adapter_rank=adapter_rank,
+    )  # fmt: skip
     source_base, source_finetuned, target_base = resolve_models(
         (source_base, source_finetuned, target_base), revision
     )
-    votes = votes or VoteSettings()
-    chosen, masking = resolve_method(method, masking or MaskSettings())
     as_adapter = check_out_format(out_format, adapter_rank, chosen.name, chosen.aligns)
     choosing = plan_choice(chosen, masking, votes, target_base)
     if chosen.aligns:
@@ -126,6 +133,7 @@ def transport_checkpoints(
             masking,
             overwrite,
             shard_bytes,
+            options,
         )
     out, files_in = Path(out), [Path(p) for p in votes_in]
     needs_votes = get_mask(str(masking.mask)).needs_reference
@@ -146,7 +154,7 @@ def transport_checkpoints(
             stack, source_base, source_finetuned, target_base, rb, rt, masking
         )
         adapter = prepare_adapter(b_name, rt, sorted(nonzero), adapter_rank or 0) if as_adapter else None
-        record = _start_record(source_base, source_finetuned, target_base)
+        record = _start_record(source_base, source_finetuned, target_base, options)
         held = None
         if needs_votes:
             held = _collect_votes(record, rt, names, votes, drawn, files_in, votes_out, choosing, overwrite)
@@ -318,6 +326,7 @@ def _transport_aligned(
     masking: MaskSettings,
     overwrite: bool,
     shard_bytes: int,
+    options: dict[str, Any],
 ) -> dict[str, Any]:
     """TransFusion or Theseus: align ``τ_A`` to the target, mask it (votes taken on the target), write."""
     data = votes.data if get_mask(str(masking.mask)).needs_reference else None
@@ -330,7 +339,7 @@ def _transport_aligned(
     tau_a = read(source_base, source_finetuned, masking.include, masking.exclude)
     check_task_vector_nonzero(tau_a, source_base, source_finetuned)
     tau = method.align(tau_a, source_base, target_base, seed=votes.seed)
-    record = _start_record(source_base, source_finetuned, target_base)
+    record = _start_record(source_base, source_finetuned, target_base, options)
     reference, recipe = None, None
     with open_checkpoint(target_base) as rt:
         target_names = rt.names()
@@ -363,10 +372,11 @@ def _transport_aligned(
 
 
 def _start_record(
-    source_base: str | Path, source_finetuned: str | Path, target_base: str | Path
+    source_base: str | Path, source_finetuned: str | Path, target_base: str | Path, options: dict[str, Any]
 ) -> dict[str, Any]:
-    """``gradfix.json``'s header and the sha256 of the three checkpoints."""
+    """``gradfix.json``'s header, the job's options (to replay it) and the sha256 of the three checkpoints."""
     record = base_record("transport")
+    record["options"] = options
     record["inputs"] = {
         "source_base": input_record(source_base),
         "source_finetuned": input_record(source_finetuned),
