@@ -175,6 +175,8 @@ def check_transport(
         if settings.rebasin == "always" or (settings.rebasin == "auto" and not direct_stats.clear):
             whole = TaskVector({n: tau.whole(n, shapes[n]) for n in shots.touched})
             aligned, reason = _rebasin(whole, source_base, target_base, votes.seed)
+            if aligned is not None:
+                reason = "--rebasin always" if settings.rebasin == "always" else "τ_A does not agree clearly"
             record["rebasin"] = {"tried": aligned is not None, "reason": reason}
             if aligned is not None:
                 measured, _ = _measure(aligned.__getitem__, shots, 0, generator)
@@ -362,9 +364,10 @@ def _first_order(measure: _Measure) -> dict[str, Any]:
 def _rebasin(
     tau: TaskVector, source_base: str | Path, target_base: str | Path, seed: int
 ) -> tuple[TaskVector | None, str]:
-    """``τ_A`` aligned to B by TransFusion's weight matching, or ``None`` and why it does not apply."""
+    """``τ_A`` aligned to B by TransFusion's weight matching, or ``None`` and why it does not apply
+    (the reason is empty when it applies)."""
     try:
         aligned = get_method("transfusion").align(tau, source_base, target_base, seed=seed)
     except (ConfigError, MismatchError) as exc:
         return None, f"re-basin does not apply to this model: {exc}"
-    return aligned, "τ_A does not agree clearly"
+    return aligned, ""
