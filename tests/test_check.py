@@ -182,6 +182,25 @@ def test_permuted_release_recommends_transfusion(models: dict[str, Path]) -> Non
     assert record["recommended_method"] == "transfusion"
 
 
+def test_a_lora_adapter_is_checked_on_its_modules(models: dict[str, Path], tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModel.from_pretrained(models["A"])
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:  # PEFT starts B at zero: give the adapter an update
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    lora.save_pretrained(tmp_path / "adapter")
+    models = {**models, "adapter": tmp_path / "adapter"}
+    record = _check(models, "B-near", finetuned="adapter", rebasin="never")
+    tensors = record["sign_agreement"]["tensors"]
+    assert tensors and all(n.endswith(("query.weight", "value.weight")) for n in tensors)
+    assert record["sign_agreement"]["compared"] > 0
+    assert len(record["drift_tensors"]) > len(tensors)  # the drift covers every selected tensor
+
+
 # -- bad input -------------------------------------------------------------------------------------
 def test_bad_input_is_one_line_and_exit_2(
     models: dict[str, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path

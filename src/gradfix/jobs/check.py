@@ -33,23 +33,23 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from gradfix.diagnostics import DescentReport, TensorDescent, descent_report
+from gradfix.diagnostics import DescentReport
 from gradfix.errors import ConfigError, DataError, MismatchError
 from gradfix.io import CheckpointReader, open_checkpoint
 from gradfix.io.adapters import is_adapter_folder, open_adapter
 from gradfix.io.checkpoint import row_slices
 from gradfix.jobs.check_stats import (
+    AgreementTally,
     DriftTally,
     agreement_counts,
     bootstrap_agreements,
     estimate_sign,
     resample_weights,
     sample_coordinates,
-    share,
     spread,
     unit_shuffle,
 )
-from gradfix.jobs.check_verdict import Agreement, CheckStatistics, Verdict, decide
+from gradfix.jobs.check_verdict import Agreement, CheckStatistics, decide
 from gradfix.jobs.common import (
     Shots,
     base_record,
@@ -62,7 +62,6 @@ from gradfix.jobs.common import (
 from gradfix.jobs.inputs import check_checkpoints, input_record, raise_zero_task_vector
 from gradfix.masking import TauRows
 from gradfix.methods import get_method
-from gradfix.ops.masks.agreement import agreement_mask
 from gradfix.settings import CheckSettings, VoteSettings
 from gradfix.task_vector import TaskVector, float_names
 from gradfix.votes import SignVotes, estimate_signs
@@ -79,33 +78,10 @@ class _ShotVotes:
     grads: Tensor
     """``[shots, sampled coordinates]``: each shot's gradient there."""
     labels: list[str]
-
-
-@dataclass
-class _Measure:
-    """One task vector's agreement with the vote, tensor by tensor, and its signs at the sample."""
-
-    agreeing: int = 0
-    compared: int = 0
-    tensors: dict[str, float] = field(default_factory=dict)
-    sampled: list[Tensor] = field(default_factory=list)
-    naive: list[TensorDescent] = field(default_factory=list)
-    masked: list[TensorDescent] = field(default_factory=list)
-
-    def add(self, name: str, tau: Tensor, sign: Tensor, grad: Tensor, picked: Tensor) -> None:
-        """Add tensor ``name`` of ``τ`` against its vote ``ŝ`` and mean gradient ``ḡ``."""
-        agreeing, compared = agreement_counts(tau, sign)
-        self.agreeing, self.compared = self.agreeing + agreeing, self.compared + compared
-        self.tensors[name] = share(agreeing, compared)
-        self.sampled.append(torch.sign(tau.reshape(-1)[picked]).to(torch.int8))
-        masked = agreement_mask(tau, sign) * tau
-        self.naive += descent_report({name: grad}, {name: tau}).tensors
-        self.masked += descent_report({name: grad}, {name: masked}, {name: tau}).tensors
-
-    @property
-    def estimate(self) -> float:
-        """The agreement over every compared coordinate."""
-        return share(self.agreeing, self.compared)
+    weights: Tensor = field(default_factory=lambda: torch.zeros(0, 0))
+    """``[resamples, shots]``: the bootstrap resamples."""
+    null: Tensor = field(default_factory=lambda: torch.zeros(0))
+    """The agreements of ``τ_A``'s unit shuffles with the vote."""
 
 
 def check_transport(
@@ -139,9 +115,8 @@ def check_transport(
     with ExitStack() as stack:
         rb = stack.enter_context(open_checkpoint(source_base))
         rt = stack.enter_context(open_checkpoint(target_base))
-        tau, names, nonzero = _task_vector(
-            stack, (source_base, source_finetuned, target_base), rb, rt, include, exclude
-        )
+        paths = (source_base, source_finetuned, target_base)
+        tau, names, nonzero = _task_vector(stack, paths, rb, rt, include, exclude)
         record["inputs"] = {
             "source_base": input_record(source_base),
             "source_finetuned": input_record(source_finetuned),
@@ -160,37 +135,75 @@ def check_transport(
         }
         record["unvoted"] = [n for n in voted if n not in shots.touched]
         shapes = rt.shapes()
-        weights, stratified = resample_weights(shots.labels, settings.bootstrap, generator)
-        direct, null = _measure(lambda n: tau.whole(n, shapes[n]), shots, settings.permutations, generator)
-        direct_stats = _agreement(direct, null, shots, weights)
-        record["sign_agreement"] = _agreement_record(direct, direct_stats)
-        record["sign_agreement"]["null"] = _null_record(direct_stats, settings.permutations)
-        record["sign_agreement"]["bootstrap"] = {
-            "resamples": settings.bootstrap,
-            "coordinates": int(shots.grads.shape[1]),
-            "stratified": stratified,
-        }
-        record["first_order"] = _first_order(direct)
-        stats = CheckStatistics(direct_stats, DescentReport(direct.naive, 1.0).total_inner)
-        if settings.rebasin == "always" or (settings.rebasin == "auto" and not direct_stats.clear):
-            whole = TaskVector({n: tau.whole(n, shapes[n]) for n in shots.touched})
-            aligned, reason = _rebasin(whole, source_base, target_base, votes.seed)
-            if aligned is not None:
-                reason = "--rebasin always" if settings.rebasin == "always" else "τ_A does not agree clearly"
-            record["rebasin"] = {"tried": aligned is not None, "reason": reason}
-            if aligned is not None:
-                measured, _ = _measure(aligned.__getitem__, shots, 0, generator)
-                aligned_stats = _agreement(measured, null, shots, weights)
-                stats = replace(stats, aligned=aligned_stats)
-                record["rebasin"]["sign_agreement"] = _agreement_record(measured, aligned_stats)
-                record["rebasin"]["gain"] = stats.gain
-                record["rebasin"]["first_order"] = _first_order(measured)
-        else:
-            why = "τ_A agrees clearly without it" if settings.rebasin == "auto" else "--rebasin never"
-            record["rebasin"] = {"tried": False, "reason": why}
-    verdict: Verdict = decide(stats)
-    record.update(verdict.to_dict())
+        stats = _direct(record, lambda n: tau.whole(n, shapes[n]), shots, settings, generator)
+        stats = _after_rebasin(
+            record, stats, lambda n: tau.whole(n, shapes[n]), shots, settings, paths, votes.seed
+        )
+    record.update(decide(stats).to_dict())
     return record
+
+
+def _direct(
+    record: dict[str, Any],
+    get: Callable[[str], Tensor],
+    shots: _ShotVotes,
+    settings: CheckSettings,
+    generator: torch.Generator,
+) -> CheckStatistics:
+    """Measure ``τ_A`` (``get(name)``: a whole tensor) against the vote: agreement, null, bootstrap
+    and first-order loss changes, into ``record``."""
+    weights, stratified = resample_weights(shots.labels, settings.bootstrap, generator)
+    shots.weights = weights
+    direct, shots.null = _measure(get, shots, settings.permutations, generator)
+    stats = _agreement(direct, shots)
+    record["sign_agreement"] = _agreement_record(direct, stats)
+    record["sign_agreement"]["null"] = {
+        "mean": stats.chance,
+        "low": stats.band[0],
+        "high": stats.band[1],
+        "sd": stats.chance_sd,
+        "permutations": settings.permutations,
+    }
+    record["sign_agreement"]["bootstrap"] = {
+        "resamples": settings.bootstrap,
+        "coordinates": int(shots.grads.shape[1]),
+        "stratified": stratified,
+    }
+    record["first_order"] = _first_order(direct)
+    return CheckStatistics(stats, DescentReport(direct.naive, 1.0).total_inner)
+
+
+def _after_rebasin(
+    record: dict[str, Any],
+    stats: CheckStatistics,
+    get: Callable[[str], Tensor],
+    shots: _ShotVotes,
+    settings: CheckSettings,
+    paths: tuple[str | Path, str | Path, str | Path],
+    seed: int,
+) -> CheckStatistics:
+    """``stats`` with the agreement of ``τ_A`` aligned by re-basin, when it is tried and applies."""
+    if settings.rebasin == "never" or (settings.rebasin == "auto" and stats.direct.clear):
+        why = "--rebasin never" if settings.rebasin == "never" else "τ_A agrees clearly without it"
+        record["rebasin"] = {"tried": False, "reason": why}
+        return stats
+    whole = TaskVector({n: get(n) for n in shots.touched})
+    aligned, reason = _rebasin(whole, paths[0], paths[2], seed)
+    if aligned is None:
+        record["rebasin"] = {"tried": False, "reason": reason}
+        return stats
+    why = "--rebasin always" if settings.rebasin == "always" else "τ_A does not agree clearly"
+    measured, _ = _measure(aligned.__getitem__, shots, 0, torch.Generator())
+    aligned_stats = _agreement(measured, shots)
+    stats = replace(stats, aligned=aligned_stats)
+    record["rebasin"] = {
+        "tried": True,
+        "reason": why,
+        "sign_agreement": _agreement_record(measured, aligned_stats),
+        "gain": stats.gain,
+        "first_order": _first_order(measured),
+    }
+    return stats
 
 
 def _task_vector(
@@ -291,10 +304,10 @@ def _gather(grads: dict[str, Tensor], coordinates: dict[str, Tensor]) -> Tensor:
 
 def _measure(
     get: Callable[[str], Tensor], shots: _ShotVotes, permutations: int, generator: torch.Generator
-) -> tuple[_Measure, Tensor]:
+) -> tuple[AgreementTally, Tensor]:
     """A task vector's agreement with the vote, tensor by tensor (``get(name)``: the whole tensor),
     and the agreements of ``permutations`` unit shuffles of it (the null)."""
-    votes, measure = shots.votes, _Measure()
+    votes, measure = shots.votes, AgreementTally()
     agreeing = torch.zeros(permutations, dtype=torch.float64)
     compared = torch.zeros(permutations, dtype=torch.float64)
     touched = set(shots.touched)
@@ -312,16 +325,16 @@ def _measure(
     return measure, agreeing / compared.clamp(min=1)
 
 
-def _agreement(measure: _Measure, null: Tensor, shots: _ShotVotes, weights: Tensor) -> Agreement:
+def _agreement(measure: AgreementTally, shots: _ShotVotes) -> Agreement:
     """The agreement of ``measure`` with its bootstrap spread and the null's mean and spread."""
     sampled = torch.cat(measure.sampled) if measure.sampled else torch.zeros(0, dtype=torch.int8)
-    boot = bootstrap_agreements(shots.grads, [sampled], weights, shots.votes.estimator)[0]
+    boot = bootstrap_agreements(shots.grads, [sampled], shots.weights, shots.votes.estimator)[0]
     _, se = spread(boot)
-    chance, chance_sd = spread(null)
+    chance, chance_sd = spread(shots.null)
     return Agreement(measure.estimate, se, chance, chance_sd)
 
 
-def _agreement_record(measure: _Measure, stats: Agreement) -> dict[str, Any]:
+def _agreement_record(measure: AgreementTally, stats: Agreement) -> dict[str, Any]:
     """The record of one agreement: estimate, interval from the shots' spread, z against chance."""
     return {
         "estimate": stats.estimate,
@@ -335,18 +348,7 @@ def _agreement_record(measure: _Measure, stats: Agreement) -> dict[str, Any]:
     }
 
 
-def _null_record(stats: Agreement, permutations: int) -> dict[str, Any]:
-    """The chance band: mean and spread of the agreements of ``τ_A``'s unit shuffles."""
-    return {
-        "mean": stats.chance,
-        "low": stats.band[0],
-        "high": stats.band[1],
-        "sd": stats.chance_sd,
-        "permutations": permutations,
-    }
-
-
-def _first_order(measure: _Measure) -> dict[str, Any]:
+def _first_order(measure: AgreementTally) -> dict[str, Any]:
     """``⟨ḡ, Δ⟩`` at α = 1 of naive addition and of the agreement-masked update, per tensor and in total."""
     naive, masked = DescentReport(measure.naive, 1.0), DescentReport(measure.masked, 1.0)
     return {

@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from gradfix.diagnostics import TensorDescent, descent_report
+from gradfix.ops.masks.agreement import agreement_mask
 from gradfix.ops.reductions import ordered_sum
 from gradfix.settings import Estimator
 
@@ -50,6 +53,34 @@ class DriftTally:
         """``sqrt(Σ ‖θ_B − θ_A‖²) / sqrt(Σ ‖θ_A‖²)`` over every tensor added (0 for none)."""
         size = math.fsum(self.size.values())
         return math.sqrt(math.fsum(self.moved.values()) / size) if size > 0 else 0.0
+
+
+@dataclass
+class AgreementTally:
+    """One task vector's agreement with a vote, tensor by tensor; its signs on the sampled
+    coordinates (for the bootstrap); and ``⟨ḡ, Δ⟩`` of naive addition and of the agreement mask."""
+
+    agreeing: int = 0
+    compared: int = 0
+    tensors: dict[str, float] = field(default_factory=dict)
+    sampled: list[Tensor] = field(default_factory=list)
+    naive: list[TensorDescent] = field(default_factory=list)
+    masked: list[TensorDescent] = field(default_factory=list)
+
+    def add(self, name: str, tau: Tensor, sign: Tensor, grad: Tensor, picked: Tensor) -> None:
+        """Add tensor ``name`` of ``τ`` against its vote ``ŝ`` and mean gradient ``ḡ``."""
+        agreeing, compared = agreement_counts(tau, sign)
+        self.agreeing, self.compared = self.agreeing + agreeing, self.compared + compared
+        self.tensors[name] = share(agreeing, compared)
+        self.sampled.append(torch.sign(tau.reshape(-1)[picked]).to(torch.int8))
+        masked = agreement_mask(tau, sign) * tau
+        self.naive += descent_report({name: grad}, {name: tau}).tensors
+        self.masked += descent_report({name: grad}, {name: masked}, {name: tau}).tensors
+
+    @property
+    def estimate(self) -> float:
+        """The agreement over every compared coordinate."""
+        return share(self.agreeing, self.compared)
 
 
 def estimate_sign(counts: Tensor | None, grad_sum: Tensor, estimator: Estimator) -> Tensor:
