@@ -93,9 +93,8 @@ def estimate_sign(counts: Tensor | None, grad_sum: Tensor, estimator: Estimator)
 def agreement_counts(tau: Tensor, sign: Tensor) -> tuple[int, int]:
     """``(agreeing, compared)``: coordinates where ``τ`` and ``ŝ`` are both non-zero, and of those
     the ones with the same sign."""
-    s_tau = torch.sign(tau).to(torch.int8)
-    both = (s_tau != 0) & (sign != 0)
-    return int((both & (s_tau == sign)).sum()), int(both.sum())
+    product = torch.sign(tau).to(torch.int8) * sign.to(torch.int8)  # +1 agree, −1 disagree, 0 skip
+    return int((product > 0).sum()), int((product != 0).sum())
 
 
 def share(agreeing: float, compared: float) -> float:
