@@ -216,7 +216,9 @@ def test_bad_input_is_one_line_and_exit_2(
     unknown = write_jsonl(tmp_path / "unknown.jsonl", [{"text": "a ball game", "label": 3.5}])
     assert "unknown.jsonl" in one_error_line(_argv(m, few=unknown), capsys, "check")
     assert "all zeros" in one_error_line(_argv(m, **{"A-ft": m["A"]}), capsys, "check")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["unknown.jsonl"]
+    one_class = write_jsonl(tmp_path / "one.jsonl", topic_examples(3, seed=0, labels=["sports"]))
+    assert "two labels" in one_error_line(_argv(m, few=one_class), capsys, "check")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.jsonl", "unknown.jsonl"]
 
 
 def test_options_are_the_transports_and_read_from_config(tmp_path: Path) -> None:
