@@ -131,3 +131,23 @@ class OutputSettings:
     out_format: OutFormat = "full"
     adapter_rank: int | None = None
     """Rank of every LoRA module of an ``adapter`` output (needed by it, refused by ``full``)."""
+
+
+Rebasin = Literal["auto", "always", "never"]
+"""When ``gradfix check`` aligns ``τ_A`` by re-basin: when it does not agree clearly, always, never."""
+
+
+@dataclass
+class CheckSettings:
+    """How ``gradfix check`` measures the spread of the sign agreement (see :mod:`gradfix.jobs.check`).
+
+    ``bootstrap`` resamples of the shots give the agreement's interval; ``permutations`` unit
+    shuffles of ``τ_A`` (rows and columns permuted within each tensor) give the chance band;
+    ``coordinates`` is how many coordinates keep every shot's gradient for the bootstrap;
+    ``rebasin`` when ``τ_A`` is also aligned to B by weight matching.
+    """
+
+    bootstrap: int = 200
+    permutations: int = 20
+    coordinates: int = 200_000
+    rebasin: Rebasin = "auto"

@@ -1,4 +1,4 @@
-"""The options of ``transport``, ``merge`` and ``eval``: each one's kind and default.
+"""The options of ``transport``, ``merge``, ``eval`` and ``check``: each one's kind and default.
 
 The settings fields and their defaults come from :mod:`gradfix.settings`, the names of methods,
 masks and recipes from their registries; only the inputs and outputs of each command are listed
@@ -36,6 +36,7 @@ from gradfix.settings import (
     DEFAULT_ALPHA,
     DEFAULT_MERGE_MASK,
     DEFAULT_THRESHOLD,
+    CheckSettings,
     EvalSettings,
     HubSettings,
     MaskSettings,
@@ -44,7 +45,7 @@ from gradfix.settings import (
     VoteSettings,
 )
 
-COMMANDS = ("transport", "merge", "eval")
+COMMANDS = ("transport", "merge", "eval", "check")
 MERGE_UNSUPPORTED_MASKS = ("tensorwise",)
 """Masks that need the mean gradient per tensor, which the merge pipelines do not keep."""
 
@@ -150,6 +151,27 @@ def _merge(names: dict[str, tuple[str, ...]]) -> dict[str, Option]:
     }
 
 
+CHECK_FROM_TRANSPORT = (
+    "source_base",
+    "source_finetuned",
+    "target_base",
+    *(f.name for f in fields(VoteSettings)),
+    "include",
+    "exclude",
+)
+"""The options ``check`` shares with ``transport``: the very same options (kinds and defaults)."""
+
+
+def _check(names: dict[str, tuple[str, ...]]) -> dict[str, Option]:
+    transport = _transport(names)
+    counts = {"bootstrap": POSITIVE_INT, "permutations": POSITIVE_INT, "coordinates": POSITIVE_INT}
+    return {
+        **{key: transport[key] for key in CHECK_FROM_TRANSPORT},
+        **_from_settings(CheckSettings, counts),
+        "json": Option(BOOL, False),
+    }
+
+
 def _eval(names: dict[str, tuple[str, ...]]) -> dict[str, Option]:
     kinds = {
         "recipe": choice(names["recipes"]),
@@ -170,7 +192,7 @@ def registry_key() -> tuple[tuple[str, ...], ...]:
 
 
 def command_options(command: str) -> dict[str, Option]:
-    """Every option of ``command`` (``transport``, ``merge`` or ``eval``), by key (``batch_size``).
+    """Every option of ``command`` (``transport``, ``merge``, ``eval``, ``check``), by key (``batch_size``).
 
     Built from the registries as they are now, so a method, mask or recipe registered later is a
     choice too (cached per set of registered names).
@@ -180,7 +202,7 @@ def command_options(command: str) -> dict[str, Option]:
 
 @cache
 def _command_options(command: str, key: tuple[tuple[str, ...], ...]) -> dict[str, Option]:
-    builders = {"transport": _transport, "merge": _merge, "eval": _eval}
+    builders = {"transport": _transport, "merge": _merge, "eval": _eval, "check": _check}
     return builders[command](_registry_names())
 
 

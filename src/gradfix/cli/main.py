@@ -22,6 +22,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from types import FrameType
 
+from gradfix.cli.check_cmd import add_check_parser
 from gradfix.cli.commands import run_eval, run_merge, run_transport
 from gradfix.cli.config import fill_unset, given_options, load_config, validate_options
 from gradfix.cli.fields import COMMANDS
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_parser(sub, run_merge)
     add_eval_parser(sub, run_eval)
     add_inspect_parser(sub, add_common)
+    add_check_parser(sub)
     add_zoo_parser(sub, add_common)
     return parser
 
