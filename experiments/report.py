@@ -235,7 +235,8 @@ def lora_section(results: Sequence[dict[str, Any]], raw: Path) -> str:
     for result in results:
         for level in result["levels"]:
             scenario = level["drift_scenario"]
-            table1 = [r for t in load(raw, f"table1-{scenario}.json") for r in table1_rows(t)]
+            runs = [t for t in load(raw, "table1-") if t.get("scenario") == scenario]
+            table1 = [r for t in runs if "-target-" not in t["experiment"] for r in table1_rows(t)]
             reference = {r["method"]: r["test"] for r in table1 if r["task"] == result["task"]}
             zero, top = reference.get("zero-shot B"), reference.get("fine-tuned B")
             groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -243,19 +244,20 @@ def lora_section(results: Sequence[dict[str, Any]], raw: Path) -> str:
                 groups.setdefault((row["method"], row.get("output", "")), []).append(row)
             body = []
             for (method, output), rows in groups.items():
-                acc = stat(r["accuracy"] for r in rows)
+                acc = stat(r["accuracy"] / 100 for r in rows)
                 assert acc is not None
-                share = "" if zero is None or top is None else f"{(acc.mean / 100 - zero) / (top - zero):.0%}"
+                share = "" if zero is None or top is None else f"{(acc.mean - zero) / (top - zero):.0%}".replace("-0%", "0%")
                 energy = rows[0].get("energy_kept")
                 kept = "" if energy is None else f"{100 * energy:.1f} %"
-                shown = f"{acc.mean:.1f} ± {acc.spread:.1f}" if acc.n > 1 else f"{acc.mean:.1f}"
-                body.append([method, output, shown, len(rows), share, kept])
+                body.append([method, output, acc.pct(), len(rows), share, kept])
             lora = level["lora_on_A"]
             out += [
                 f"**{scenario}**, task `{result['task']}`, k = {result['shots']} shots per class. The LoRA "
                 f"fine-tune of A (rank {result['lora']['r']}) takes A's validation accuracy from "
                 f"{100 * lora['validation_zero_shot']:.1f} to {100 * lora['validation_finetuned']:.1f} %. "
-                "gap: share of zero-shot B → fully fine-tuned B (Table 1) closed.",
+                "gap: share of zero-shot B → fully fine-tuned B (Table 1) closed. An unmasked update of a "
+                "rank-r adapter has rank r, so an adapter output of rank ≥ r keeps all of it; a mask "
+                "breaks that structure, and the energy column shows what a rank keeps of the masked update.",
                 "",
                 md_table(["method", "output", "test accuracy %", "seeds", "gap", "update energy kept"], body),
                 "",
