@@ -246,7 +246,9 @@ def lora_section(results: Sequence[dict[str, Any]], raw: Path) -> str:
             for (method, output), rows in groups.items():
                 acc = stat(r["accuracy"] / 100 for r in rows)
                 assert acc is not None
-                share = "" if zero is None or top is None else f"{(acc.mean - zero) / (top - zero):.0%}".replace("-0%", "0%")
+                share = ""
+                if zero is not None and top is not None:  # (+ 0.0: no "-0%")
+                    share = f"{round((acc.mean - zero) / (top - zero), 2) + 0.0:.0%}"
                 energy = rows[0].get("energy_kept")
                 kept = "" if energy is None else f"{100 * energy:.1f} %"
                 body.append([method, output, acc.pct(), len(rows), share, kept])
