@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 from cli_checks import file_hashes, one_error_line, transport_args, transport_models
-from tiny_models import load_saved_model, make_tiny_gpt2, perturbed_copy
+from tiny_models import load_saved_model, make_adapter, make_tiny_gpt2, perturbed_copy
 
 from gradfix import TaskVector
 from gradfix.cli.main import main
@@ -28,16 +28,7 @@ NO_TOKEN_TYPES = ("--exclude", "embeddings.token_type_embeddings.*")  # 2 × 32:
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapter-out")
     m = transport_models(root)
-    lora = peft.get_peft_model(
-        transformers.AutoModel.from_pretrained(m["A"]),
-        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]),
-    )
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, param in lora.named_parameters():
-            if "lora_B" in name:  # PEFT starts B at zero: give the adapter an update
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    lora.save_pretrained(root / "lora")
+    make_adapter(m["A"], root / "lora")
     return {**m, "lora": root / "lora"}
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import make_tiny_bert, perturbed_copy, topic_examples, write_jsonl
+from tiny_models import make_adapter, make_tiny_bert, perturbed_copy, topic_examples, write_jsonl
 
 from gradfix import TaskVector
 from gradfix.cli.main import main
@@ -18,28 +18,17 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 
-def _adapter(a: Path, out: Path, seed: int, config: object) -> Path:
-    model = transformers.AutoModel.from_pretrained(a)
-    lora = peft.get_peft_model(model, config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in lora.named_parameters():
-            if "lora_B" in name or "ia3" in name:  # PEFT starts B at zero: give the adapter an update
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    lora.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def merge_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapter-merge")
     a = make_tiny_bert(root / "A", seed=0)
     lora = {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]}
+    ia3 = peft.IA3Config(target_modules=["query"], feedforward_modules=[])
     return {
         "A": a,
-        "lora1": _adapter(a, root / "lora1", 1, peft.LoraConfig(**lora)),
-        "lora2": _adapter(a, root / "lora2", 2, peft.LoraConfig(**lora)),
-        "ia3": _adapter(a, root / "ia3", 3, peft.IA3Config(target_modules=["query"], feedforward_modules=[])),
+        "lora1": make_adapter(a, root / "lora1", seed=1, config=peft.LoraConfig(**lora)),
+        "lora2": make_adapter(a, root / "lora2", seed=2, config=peft.LoraConfig(**lora)),
+        "ia3": make_adapter(a, root / "ia3", seed=3, config=ia3),
         "A-ft": perturbed_copy(a, root / "A-ft", scale=0.02, seed=7),
         "B": make_tiny_bert(root / "B", seed=3),
         "few": write_jsonl(root / "few.jsonl", topic_examples(4, seed=0)),

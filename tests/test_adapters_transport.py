@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_cli import _assert_written
-from tiny_models import make_tiny_bert, topic_examples, write_jsonl
+from tiny_models import make_adapter, make_tiny_bert, topic_examples, write_jsonl
 
 from gradfix import TaskVector, estimate_signs, mask_task_vector
 from gradfix.cli.main import main
@@ -24,14 +24,7 @@ transformers = pytest.importorskip("transformers")
 def adapter_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapter")
     a = make_tiny_bert(root / "A", seed=0)
-    model = transformers.AutoModel.from_pretrained(a)
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, param in lora.named_parameters():
-            if "lora_B" in name:  # PEFT starts B at zero: give the adapter an update
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    lora.save_pretrained(root / "adapter")
+    make_adapter(a, root / "adapter")
     return {
         "A": a,
         "adapter": root / "adapter",

@@ -17,7 +17,14 @@ from typing import Any
 import pytest
 import torch
 from cli_checks import file_hashes, one_error_line
-from tiny_models import load_saved_model, make_tiny_bert, perturbed_copy, topic_examples, write_jsonl
+from tiny_models import (
+    load_saved_model,
+    make_adapter,
+    make_tiny_bert,
+    perturbed_copy,
+    topic_examples,
+    write_jsonl,
+)
 
 from gradfix.cli.check_cmd import print_report
 from gradfix.cli.config import validated_options
@@ -183,16 +190,8 @@ def test_permuted_release_recommends_transfusion(models: dict[str, Path]) -> Non
 
 
 def test_a_lora_adapter_is_checked_on_its_modules(models: dict[str, Path], tmp_path: Path) -> None:
-    peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModel.from_pretrained(models["A"])
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, param in lora.named_parameters():
-            if "lora_B" in name:  # PEFT starts B at zero: give the adapter an update
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    lora.save_pretrained(tmp_path / "adapter")
+    pytest.importorskip("peft")
+    make_adapter(models["A"], tmp_path / "adapter")
     models = {**models, "adapter": tmp_path / "adapter"}
     record = _check(models, "B-near", finetuned="adapter", rebasin="never")
     tensors = record["sign_agreement"]["tensors"]

@@ -221,3 +221,20 @@ def topic_examples(
             examples.append(Example(text=sentence, label=label))
     rng.shuffle(examples)
     return examples
+
+
+def make_adapter(base_dir: str | Path, out_dir: str | Path, config: Any = None, seed: int = 5) -> Path:
+    """Save a PEFT adapter of ``base_dir`` (default: LoRA r=4 on ``query``/``value``) with seeded
+    non-zero weights (PEFT starts ``lora_B`` at zero, which would give a zero update)."""
+    import peft
+    import transformers
+
+    config = config or peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])
+    adapted = peft.get_peft_model(transformers.AutoModel.from_pretrained(base_dir), config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name or "ia3" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    adapted.save_pretrained(out_dir)
+    return Path(out_dir)

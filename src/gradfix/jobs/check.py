@@ -37,7 +37,6 @@ from tqdm.auto import tqdm
 from gradfix.diagnostics import DescentReport
 from gradfix.errors import ConfigError, DataError, MismatchError
 from gradfix.io import CheckpointReader, open_checkpoint
-from gradfix.io.adapters import is_adapter_folder, open_adapter
 from gradfix.io.checkpoint import row_slices
 from gradfix.jobs.check_stats import (
     AgreementTally,
@@ -56,12 +55,10 @@ from gradfix.jobs.common import (
     base_record,
     draw_shots,
     load_target,
+    open_task_vector,
     rename_votes,
-    scan_rows,
-    scan_task_vector,
 )
-from gradfix.jobs.inputs import check_checkpoints, input_record, raise_zero_task_vector
-from gradfix.masking import TauRows
+from gradfix.jobs.inputs import check_checkpoints, input_record
 from gradfix.methods import get_method
 from gradfix.ops.signs import count_dtype
 from gradfix.settings import CheckSettings, VoteSettings
@@ -118,7 +115,7 @@ def check_transport(
         rb = stack.enter_context(open_checkpoint(source_base))
         rt = stack.enter_context(open_checkpoint(target_base))
         paths = (source_base, source_finetuned, target_base)
-        tau, names, nonzero = _task_vector(stack, paths, rb, rt, include, exclude)
+        tau, names, nonzero = open_task_vector(stack, paths, rb, rt, include, exclude)
         record["inputs"] = {
             "source_base": input_record(source_base),
             "source_finetuned": input_record(source_finetuned),
@@ -206,36 +203,6 @@ def _after_rebasin(
         "first_order": _first_order(measured),
     }
     return stats
-
-
-def _task_vector(
-    stack: ExitStack,
-    paths: tuple[str | Path, str | Path, str | Path],
-    rb: CheckpointReader,
-    rt: CheckpointReader,
-    include: Sequence[str],
-    exclude: Sequence[str],
-) -> tuple[TauRows, list[str], set[str]]:
-    """``τ_A``'s rows, its checked tensor names and the non-zero ones, from a fine-tuned checkpoint
-    or a PEFT LoRA adapter folder (``paths``: source base, source fine-tune, target base)."""
-    source_base, source_finetuned, target_base = paths
-    labelled = {f"source base {source_base}": rb, f"target base {target_base}": rt}
-    if is_adapter_folder(source_finetuned):
-        adapter = stack.enter_context(open_adapter(source_finetuned, rb.names(), rb.shapes()))
-        dtypes = rb.dtypes()
-        names = float_names({n: dtypes[n] for n in adapter.names()}, include=include, exclude=exclude)
-        check_checkpoints(labelled, names, source_finetuned)
-        tau = TauRows(base=rb, adapter=adapter)
-        nonzero = scan_rows(tau, names, rb.shapes(), source_finetuned)
-    else:
-        rf = stack.enter_context(open_checkpoint(source_finetuned))
-        names = float_names(rf.dtypes(), rb.dtypes(), include=include, exclude=exclude)
-        check_checkpoints({**labelled, f"source fine-tune {source_finetuned}": rf}, names, source_finetuned)
-        tau = TauRows(base=rb, finetuned=rf)
-        nonzero = scan_task_vector(rb, rf, names)
-    if not nonzero:
-        raise_zero_task_vector(len(names), source_base, source_finetuned)
-    return tau, names, nonzero
 
 
 def _drift(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,19 @@ from gradfix.data import (
 )
 from gradfix.errors import ConfigError, DataError
 from gradfix.io import CheckpointReader, atomic_output_file, open_checkpoint, sort_safetensors_metadata
+from gradfix.io.adapters import is_adapter_folder, open_adapter
 from gradfix.io.checkpoint import row_slices
-from gradfix.jobs.inputs import HEAD_FILE, input_record, target_label_set
+from gradfix.jobs.inputs import (
+    HEAD_FILE,
+    check_checkpoints,
+    input_record,
+    raise_zero_task_vector,
+    target_label_set,
+)
 from gradfix.masking import TauRows
 from gradfix.recipes import get_recipe, load_recipe
 from gradfix.settings import DEFAULT_SHARD_BYTES, MaskSettings, VoteSettings
+from gradfix.task_vector import float_names
 from gradfix.votes import SignVotes, estimate_signs
 from gradfix.votes.distributed import all_reduce_votes, world
 
@@ -284,3 +293,33 @@ def base_record(command: str) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
     }
+
+
+def open_task_vector(
+    stack: ExitStack,
+    paths: tuple[str | Path, str | Path, str | Path],
+    rb: CheckpointReader,
+    rt: CheckpointReader,
+    include: Sequence[str],
+    exclude: Sequence[str],
+) -> tuple[TauRows, list[str], set[str]]:
+    """``τ_A``'s rows, its checked tensor names and the non-zero ones, from a fine-tuned checkpoint
+    or a PEFT LoRA adapter folder (``paths``: source base, source fine-tune, target base)."""
+    source_base, source_finetuned, target_base = paths
+    labelled = {f"source base {source_base}": rb, f"target base {target_base}": rt}
+    if is_adapter_folder(source_finetuned):
+        adapter = stack.enter_context(open_adapter(source_finetuned, rb.names(), rb.shapes()))
+        dtypes = rb.dtypes()
+        names = float_names({n: dtypes[n] for n in adapter.names()}, include=include, exclude=exclude)
+        check_checkpoints(labelled, names, source_finetuned)
+        tau = TauRows(base=rb, adapter=adapter)
+        nonzero = scan_rows(tau, names, rb.shapes(), source_finetuned)
+    else:
+        rf = stack.enter_context(open_checkpoint(source_finetuned))
+        names = float_names(rf.dtypes(), rb.dtypes(), include=include, exclude=exclude)
+        check_checkpoints({**labelled, f"source fine-tune {source_finetuned}": rf}, names, source_finetuned)
+        tau = TauRows(base=rb, finetuned=rf)
+        nonzero = scan_task_vector(rb, rf, names)
+    if not nonzero:
+        raise_zero_task_vector(len(names), source_base, source_finetuned)
+    return tau, names, nonzero

@@ -18,7 +18,7 @@ from gradfix.data import label_set, parse_shots
 from gradfix.diagnostics import descent_report
 from gradfix.errors import ConfigError
 from gradfix.io import CheckpointReader, atomic_output_dir, open_checkpoint
-from gradfix.io.adapters import is_adapter_folder, open_adapter
+from gradfix.io.adapters import is_adapter_folder
 from gradfix.io.hub import parse_hub_id, resolve_models
 from gradfix.jobs.adapter_output import AdapterOutput, check_out_format, prepare_adapter, write_adapter
 from gradfix.jobs.adaptive import check_evidence, choice_record, choose, plan_choice
@@ -28,20 +28,17 @@ from gradfix.jobs.common import (
     base_record,
     draw_shots,
     load_target,
+    open_task_vector,
     save_votes,
-    scan_rows,
-    scan_task_vector,
     vote_on_target,
 )
 from gradfix.jobs.inputs import (
-    check_checkpoints,
     check_outputs,
     check_task_vector_nonzero,
     check_votes_files,
     data_record,
     input_record,
     load_votes,
-    raise_zero_task_vector,
     validate_votes_files,
 )
 from gradfix.jobs.output import MaskedUpdate, WholeUpdate, finish_output, write_model
@@ -51,7 +48,7 @@ from gradfix.methods import Method, fixed_alpha, resolve_method
 from gradfix.methods.adaptive import ChoicePlan, gate_mask
 from gradfix.ops.masks import MaskOptions, get_mask
 from gradfix.settings import DEFAULT_SHARD_BYTES, MaskSettings, VoteSettings
-from gradfix.task_vector import TaskVector, float_names
+from gradfix.task_vector import TaskVector
 from gradfix.votes import SignVotes
 from gradfix.votes.distributed import world
 
@@ -150,8 +147,8 @@ def transport_checkpoints(
     with ExitStack() as stack:
         rb = stack.enter_context(open_checkpoint(source_base))
         rt = stack.enter_context(open_checkpoint(target_base))
-        tau, names, nonzero = _open_task_vector(
-            stack, source_base, source_finetuned, target_base, rb, rt, masking
+        tau, names, nonzero = open_task_vector(
+            stack, (source_base, source_finetuned, target_base), rb, rt, masking.include, masking.exclude
         )
         adapter = prepare_adapter(b_name, rt, sorted(nonzero), adapter_rank or 0) if as_adapter else None
         record = _start_record(source_base, source_finetuned, target_base, options)
@@ -173,38 +170,6 @@ def transport_checkpoints(
             if held is not None:
                 held.reference.close()
     return record
-
-
-def _open_task_vector(
-    stack: ExitStack,
-    source_base: str | Path,
-    source_finetuned: str | Path,
-    target_base: str | Path,
-    rb: CheckpointReader,
-    rt: CheckpointReader,
-    masking: MaskSettings,
-) -> tuple[TauRows, list[str], set[str]]:
-    """``τ_A``'s rows, its checked tensor names and the non-zero ones, from a fine-tuned checkpoint
-    or a PEFT LoRA adapter folder (whose task vector covers only the modules it adapts)."""
-    labelled = {f"source base {source_base}": rb, f"target base {target_base}": rt}
-    if is_adapter_folder(source_finetuned):
-        adapter = stack.enter_context(open_adapter(source_finetuned, rb.names(), rb.shapes()))
-        dtypes = rb.dtypes()
-        names = float_names(
-            {n: dtypes[n] for n in adapter.names()}, include=masking.include, exclude=masking.exclude
-        )
-        check_checkpoints(labelled, names, source_finetuned)
-        tau = TauRows(base=rb, adapter=adapter)
-        nonzero = scan_rows(tau, names, rb.shapes(), source_finetuned)
-    else:
-        rf = stack.enter_context(open_checkpoint(source_finetuned))
-        names = float_names(rf.dtypes(), rb.dtypes(), include=masking.include, exclude=masking.exclude)
-        check_checkpoints({**labelled, f"source fine-tune {source_finetuned}": rf}, names, source_finetuned)
-        tau = TauRows(base=rb, finetuned=rf)
-        nonzero = scan_task_vector(rb, rf, names)
-    if not nonzero:
-        raise_zero_task_vector(len(names), source_base, source_finetuned)
-    return tau, names, nonzero
 
 
 def _collect_votes(

@@ -14,7 +14,6 @@ label).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,13 @@ from gradfix.errors import CheckpointError, ConfigError, DataError
 from gradfix.recipes import _hf
 from gradfix.recipes.base import Batch, Recipe
 from gradfix.recipes.registry import DEFAULT_LOGIT_SCALE, BuildOptions, RecipeFamily, register_recipe
-from gradfix.recipes.text_zero_shot import TextZeroShot, TextZeroShotRecipe, _check_template, _head_source
+from gradfix.recipes.text_zero_shot import (
+    TextZeroShot,
+    TextZeroShotRecipe,
+    _check_template,
+    _head_source,
+    save_head_file,
+)
 
 DEFAULT_CLIP_TEMPLATE = "a photo of a {label}."
 IMAGE_SUFFIXES = frozenset({".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"})
@@ -36,8 +41,6 @@ IMAGE_SUFFIXES = frozenset({".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".t
 PROCESSOR_FILE = "preprocessor_config.json"
 IMAGE_TOWER = ("vision_model.", "visual_projection.")
 """The prefixes of the parameters the loss depends on (the others cannot vote)."""
-HEAD_FORMAT = "gradfix.zero-shot-head"
-"""The ``format`` metadata of a saved head (the same as ``text-zero-shot``'s)."""
 
 
 class ClipZeroShotRecipe(Recipe):
@@ -127,19 +130,7 @@ class ClipZeroShotRecipe(Recipe):
         """Write the head as :meth:`TextZeroShotRecipe.save_head` does (a safetensors file with
         labels, template and logit scale as metadata), so :meth:`TextZeroShotRecipe.load_head`
         and :meth:`ClipZeroShot.known_labels` read it."""
-        from safetensors.torch import save_file
-
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        metadata = {
-            "format": HEAD_FORMAT,
-            "labels": json.dumps(self.labels),
-            "template": json.dumps(self.template),
-            "logit_scale": json.dumps(self.logit_scale),
-        }
-        save_file({"head": self.head.contiguous()}, str(out), metadata=metadata)
-        out.chmod(0o644)  # safetensors writes the file private (0600); it is part of a model folder
-        return out
+        return save_head_file(path, self.head, self.labels, self.template, self.logit_scale)
 
 
 def _pooled(outputs: Any) -> Tensor:

@@ -158,19 +158,7 @@ class TextZeroShotRecipe(Recipe):
 
     def save_head(self, path: str | Path) -> Path:
         """Write the head to a safetensors file with labels, template and logit scale as metadata."""
-        from safetensors.torch import save_file
-
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        metadata = {
-            "format": _HEAD_FORMAT,
-            "labels": json.dumps(self.labels),
-            "template": json.dumps(self.template),
-            "logit_scale": json.dumps(self.logit_scale),
-        }
-        save_file({"head": self.head.contiguous()}, str(out), metadata=metadata)
-        out.chmod(0o644)  # safetensors writes the file private (0600); it is part of a model folder
-        return out
+        return save_head_file(path, self.head, self.labels, self.template, self.logit_scale)
 
     @staticmethod
     def load_head(path: str | Path) -> tuple[list[str], Tensor, str, float]:
@@ -327,3 +315,23 @@ class TextZeroShot(RecipeFamily):
         if isinstance(labels, list) and all(isinstance(x, str) for x in labels):
             return labels, f"the zero-shot head {head}"
         return None
+
+
+def save_head_file(
+    path: str | Path, head: Tensor, labels: list[str], template: str, logit_scale: float
+) -> Path:
+    """Write a zero-shot head ``[C, D]`` to a safetensors file with its labels, template and logit
+    scale as metadata (the format :meth:`TextZeroShotRecipe.load_head` reads)."""
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "format": _HEAD_FORMAT,
+        "labels": json.dumps(labels),
+        "template": json.dumps(template),
+        "logit_scale": json.dumps(logit_scale),
+    }
+    save_file({"head": head.contiguous()}, str(out), metadata=metadata)
+    out.chmod(0o644)  # safetensors writes the file private (0600); it is part of a model folder
+    return out
