@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from cli_checks import one_error_line, transport_args, transport_models
 from huggingface_hub import constants
 from tiny_models import perturbed_copy
@@ -162,6 +163,11 @@ def test_a_revision_selects_another_snapshot(models, cached, tmp_path, how) -> N
     target = _record(out)["inputs"]["target_base"]
     assert target["hub"] == {"repo_id": IDS["B"], "revision_requested": requested, "commit": commit_of("B2")}
     assert target["sha256"]["model.safetensors"] == sha256(models["B2"] / "model.safetensors")
+    replay = yaml.safe_load((out / "gradfix.yaml").read_text())
+    assert replay["target_base"] == f"{IDS['B']}@{commit_of('B2')}"  # pinned: a moved ref replays the same
+    again = tmp_path / "again"
+    assert main(["transport", "--config", str(out / "gradfix.yaml"), "--out", str(again)]) == 0
+    assert sha256(again / "model.safetensors") == sha256(out / "model.safetensors")
     main_out = tmp_path / "main"
     assert main(transport_args(models, main_out, options=FAST, B=IDS["B"])) == 0
     assert _record(main_out)["inputs"]["target_base"]["hub"]["commit"] == commit_of("B")

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from gradfix.io.hub import hub_origin, parse_hub_id
 from gradfix.settings import MaskSettings, MergeSettings, VoteSettings
 
 REPLAY_FILE = "gradfix.yaml"
@@ -144,3 +145,12 @@ __all__ = [
     "shard_size",
     "transport_options",
 ]
+
+
+def pin_hub_inputs(options: dict[str, Any], resolved: Mapping[str, str | Path]) -> None:
+    """Name each input given as a Hub id by the commit it resolved to (``org/name@<commit>``), so
+    that a replay reads the same snapshot even after the branch or tag it named has moved."""
+    for key, folder in resolved.items():
+        origin = hub_origin(folder)
+        if origin is not None and parse_hub_id(str(options.get(key))) is not None:
+            options[key] = f"{origin.repo_id}@{origin.commit}"

@@ -42,7 +42,7 @@ from gradfix.jobs.inputs import (
     validate_votes_files,
 )
 from gradfix.jobs.output import MaskedUpdate, WholeUpdate, finish_output, write_model
-from gradfix.jobs.replay import transport_options
+from gradfix.jobs.replay import pin_hub_inputs, transport_options
 from gradfix.masking import TauRows, VoteReference, mask_task_vector, uncovered_tensors, unvoted_error
 from gradfix.methods import Method, fixed_alpha, resolve_method
 from gradfix.methods.adaptive import ChoicePlan, gate_mask
@@ -116,6 +116,10 @@ def transport_checkpoints(
     )  # fmt: skip
     source_base, source_finetuned, target_base = resolve_models(
         (source_base, source_finetuned, target_base), revision
+    )
+    pin_hub_inputs(
+        options,
+        {"source_base": source_base, "source_finetuned": source_finetuned, "target_base": target_base},
     )
     as_adapter = check_out_format(out_format, adapter_rank, chosen.name, chosen.aligns)
     choosing = plan_choice(chosen, masking, votes, target_base)
