@@ -339,7 +339,7 @@ def main() -> None:
         "",
         crosswidth_section(load(raw, "crosswidth")),
     ]
-    lora = load(raw, "lora")
+    lora = sorted(load(raw, "lora"), key=lambda r: r["levels"][0]["level"] != "short")  # short, then long
     if lora:
         parts += ["## A LoRA adapter carried to a new release", "", lora_section(lora, raw)]
     parts += ["## Cost of each method", "", costs_section(load(raw, "costs"))]
