@@ -14,8 +14,8 @@ from gradfix.errors import ConfigError, DataError
 
 T = TypeVar("T")
 
-_JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-_CSV_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+CSV_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 
 
 ALL_SHOTS = "all"
@@ -46,6 +46,21 @@ class Example:
         return dict(self.fields).get(key, default)
 
 
+def data_file(path: str | Path) -> Path:
+    """``path`` as a data file: a :class:`DataError` naming it when it is missing, not a file, or
+    of a type no reader knows (JSON lines ``.jsonl``/``.json``/``.ndjson``, ``.csv``, ``.tsv``)."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: data file not found")
+    if not p.is_file():
+        raise DataError(f"{p}: not a file")
+    suffix = p.suffix.lower()
+    if suffix not in (*JSONL_SUFFIXES, *CSV_DELIMITERS):
+        known = ", ".join((*JSONL_SUFFIXES, *CSV_DELIMITERS))
+        raise DataError(f"{p}: unsupported data file type {suffix!r} (expected one of {known})")
+    return p
+
+
 def load_examples(path: str | Path, text_field: str = "text", label_field: str = "label") -> list[Example]:
     """Read labelled examples from a JSON-lines (``.jsonl``/``.json``) or CSV/TSV file.
 
@@ -55,20 +70,13 @@ def load_examples(path: str | Path, text_field: str = "text", label_field: str =
     for a missing or empty file, invalid JSON, a line that is not an object, or a missing/empty
     text or label.
     """
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: data file not found")
-    if not p.is_file():
-        raise DataError(f"{p}: not a file")
+    p = data_file(path)
     suffix = p.suffix.lower()
     try:
-        if suffix in _JSONL_SUFFIXES:
+        if suffix in JSONL_SUFFIXES:
             examples = _load_jsonl(p, text_field, label_field)
-        elif suffix in _CSV_DELIMITERS:
-            examples = _load_csv(p, text_field, label_field, _CSV_DELIMITERS[suffix])
         else:
-            known = ", ".join((*_JSONL_SUFFIXES, *_CSV_DELIMITERS))
-            raise DataError(f"{p}: unsupported data file type {suffix!r} (expected one of {known})")
+            examples = _load_csv(p, text_field, label_field, CSV_DELIMITERS[suffix])
     except UnicodeDecodeError as exc:
         raise DataError(f"{p}: not valid UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     if not examples:

@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gradfix.data import UNLABELLED, Example
+from gradfix.data import CSV_DELIMITERS, UNLABELLED, Example, data_file
 from gradfix.errors import DataError
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -34,8 +34,6 @@ Messages = tuple[tuple[str, str], ...]
 """A conversation as ``(role, content)`` pairs (hashable, so that examples stay hashable)."""
 
 _FORMAT_KEYS = ("text", "prompt", "completion", "messages")
-_JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-_CSV_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 _EXPECTED = "expected {'text'}, {'prompt', 'completion'} or {'messages'}"
 
 
@@ -46,17 +44,10 @@ def read_lm_examples(path: str | Path) -> list[Example]:
     example in none of the formats or in another format than the file's first example, a bad
     role, a missing or non-string content, and a conversation with nothing to score.
     """
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: data file not found")
-    if not p.is_file():
-        raise DataError(f"{p}: not a file")
+    p = data_file(path)
     suffix = p.suffix.lower()
-    if suffix not in (*_JSONL_SUFFIXES, *_CSV_DELIMITERS):
-        known = ", ".join((*_JSONL_SUFFIXES, *_CSV_DELIMITERS))
-        raise DataError(f"{p}: unsupported data file type {suffix!r} (expected one of {known})")
     try:
-        rows = _csv_rows(p, _CSV_DELIMITERS[suffix]) if suffix in _CSV_DELIMITERS else _jsonl_rows(p)
+        rows = _csv_rows(p, CSV_DELIMITERS[suffix]) if suffix in CSV_DELIMITERS else _jsonl_rows(p)
         examples: list[Example] = []
         first: tuple[str, int] | None = None
         for line, record in rows:
