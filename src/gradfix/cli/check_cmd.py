@@ -12,8 +12,7 @@ from dataclasses import fields
 from typing import Any
 
 from gradfix.cli.config import flag_of
-from gradfix.cli.fields import command_options
-from gradfix.cli.options import add_common, add_voting
+from gradfix.cli.options import add_common, add_option, add_voting
 from gradfix.errors import ConfigError
 
 _EPILOG = """\
@@ -31,16 +30,6 @@ or adaptive), permutation (transfusion), weak (adaptive), nothing-transfers (fin
 """
 
 
-def _flag(group: Any, key: str, help: str, **kwargs: Any) -> None:
-    """The flag of ``check``'s option ``key``: metavar and choices from its kind, default in the help."""
-    option = command_options("check")[key]
-    if option.kind.choices and "metavar" not in kwargs:
-        kwargs["metavar"] = "{" + ",".join(option.kind.choices) + "}"
-    default = option.default
-    shown = "" if default is None or isinstance(default, (bool, list)) else f" (default {default})"
-    group.add_argument(flag_of(key), dest=key, help=help + shown, **kwargs)
-
-
 def add_check_parser(sub: Any) -> None:
     """Register the ``check`` command."""
     p = sub.add_parser(
@@ -50,18 +39,32 @@ def add_check_parser(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Whether τ_A can help B, measured on the shots; no model is written.",
     )
-    _flag(p, "source_base", "the source pre-trained model A (folder or weights file)")
-    _flag(p, "source_finetuned", "A fine-tuned on the task, or a PEFT LoRA adapter folder trained on A")
-    _flag(p, "target_base", "the new base model B (same architecture)")
-    _flag(p, "data", "labelled examples for the target's votes (.jsonl or .csv)")
+    add_option(p, "check", "source_base", "the source pre-trained model A (folder or weights file)")
+    add_option(
+        p, "check", "source_finetuned", "A fine-tuned on the task, or a PEFT LoRA adapter folder trained on A"
+    )
+    add_option(p, "check", "target_base", "the new base model B (same architecture)")
+    add_option(p, "check", "data", "labelled examples for the target's votes (.jsonl or .csv)")
     add_voting(p, "check")
     g = p.add_argument_group("tensors and statistics")
-    _flag(g, "include", "only tensors whose name matches (repeatable)", action="append", metavar="GLOB")
-    _flag(g, "exclude", "skip tensors whose name matches (repeatable)", action="append", metavar="GLOB")
-    _flag(g, "bootstrap", "bootstrap resamples of the shots for the agreement's interval", metavar="N")
-    _flag(g, "permutations", "permutations of τ_A within tensors for the chance band", metavar="N")
-    _flag(g, "coordinates", "coordinates that keep each shot's gradient for the bootstrap", metavar="N")
-    _flag(g, "rebasin", "align τ_A by re-basin: when it does not agree clearly (auto), always, never")
+    add_option(
+        g, "check", "include", "only tensors whose name matches (repeatable)", action="append", metavar="GLOB"
+    )
+    add_option(
+        g, "check", "exclude", "skip tensors whose name matches (repeatable)", action="append", metavar="GLOB"
+    )
+    add_option(
+        g, "check", "bootstrap", "bootstrap resamples of the shots for the agreement's interval", metavar="N"
+    )
+    add_option(
+        g, "check", "permutations", "permutations of τ_A within tensors for the chance band", metavar="N"
+    )
+    add_option(
+        g, "check", "coordinates", "coordinates that keep each shot's gradient for the bootstrap", metavar="N"
+    )
+    add_option(
+        g, "check", "rebasin", "align τ_A by re-basin: when it does not agree clearly (auto), always, never"
+    )
     add_common(p)
     p.set_defaults(handler=run_check)
 

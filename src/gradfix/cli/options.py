@@ -93,7 +93,7 @@ def _summaries(names: Sequence[str], summaries: dict[str, str], default: str | N
     return "; ".join(f"{n}{' (default)' if n == default else ''}: {summaries[n]}" for n in names)
 
 
-def _add(group: Any, command: str, key: str, help: str, **kwargs: Any) -> None:
+def add_option(group: Any, command: str, key: str, help: str, **kwargs: Any) -> None:
     """The flag of option ``key``: metavar and choices from its kind, its default in the help."""
     option = command_options(command)[key]
     if option.kind.choices and "metavar" not in kwargs:
@@ -119,8 +119,8 @@ def add_voting(p: argparse.ArgumentParser, command: str) -> None:
     from gradfix.recipes import DEFAULT_TEMPLATE, RECIPES
 
     g = p.add_argument_group("voting on the target (per-sample gradient signs)")
-    _add(g, command, "recipe", "model family and loss: " + ", ".join(RECIPES))
-    _add(
+    add_option(g, command, "recipe", "model family and loss: " + ", ".join(RECIPES))
+    add_option(
         g,
         command,
         "shots",
@@ -128,12 +128,12 @@ def add_voting(p: argparse.ArgumentParser, command: str) -> None:
         "split a long vote into parts with --votes-out and add them up with --votes-in)",
         metavar="K|all",
     )
-    _add(g, command, "seed", "seed of the draw and of the random mask", metavar="INT")
-    _add(g, command, "template", f'class prompt of the zero-shot head (default "{DEFAULT_TEMPLATE}")')
-    _add(g, command, "estimator", "sign estimator")
-    _add(g, command, "engine", "per-sample gradient engine")
-    _add(g, command, "batch_size", "samples per forward pass", metavar="INT")
-    _add(g, command, "max_length", MAX_LENGTH_HELP, metavar="INT")
+    add_option(g, command, "seed", "seed of the draw and of the random mask", metavar="INT")
+    add_option(g, command, "template", f'class prompt of the zero-shot head (default "{DEFAULT_TEMPLATE}")')
+    add_option(g, command, "estimator", "sign estimator")
+    add_option(g, command, "engine", "per-sample gradient engine")
+    add_option(g, command, "batch_size", "samples per forward pass", metavar="INT")
+    add_option(g, command, "max_length", MAX_LENGTH_HELP, metavar="INT")
     g.add_argument(
         "--no-progress", dest="progress", action="store_false", default=None, help="hide the progress bar"
     )
@@ -156,8 +156,8 @@ def add_masking(p: argparse.ArgumentParser, command: str) -> None:
     """The mask, α, tensor selection and output options (``transport`` and ``merge``)."""
     transport = command == "transport"
     g = p.add_argument_group("masking and output")
-    _add(g, command, "mask", _mask_help(command))
-    _add(
+    add_option(g, command, "mask", _mask_help(command))
+    add_option(
         g,
         command,
         "threshold",
@@ -165,7 +165,7 @@ def add_masking(p: argparse.ArgumentParser, command: str) -> None:
         + (f"; default {DEFAULT_THRESHOLD})" if transport else ")"),
         metavar="T",
     )
-    _add(
+    add_option(
         g,
         command,
         "alpha",
@@ -175,23 +175,23 @@ def add_masking(p: argparse.ArgumentParser, command: str) -> None:
         else "scale α of the task vector",
         metavar="ALPHA|auto" if transport else "ALPHA",
     )
-    _add(g, command, "include", "only tensors whose name matches (repeatable), e.g. 'encoder.*'",
+    add_option(g, command, "include", "only tensors whose name matches (repeatable), e.g. 'encoder.*'",
          action="append", metavar="GLOB")  # fmt: skip
-    _add(g, command, "exclude", "skip tensors whose name matches", action="append", metavar="GLOB")
-    _add(g, command, "unvoted", "tensors of τ_A that got no gradient: error, drop or keep unmasked")
-    _add(g, command, "gamma", "steepness of the magnitude mask", metavar="GAMMA")
-    _add(g, command, "out", "output folder (written atomically)", metavar="DIR")
+    add_option(g, command, "exclude", "skip tensors whose name matches", action="append", metavar="GLOB")
+    add_option(g, command, "unvoted", "tensors of τ_A that got no gradient: error, drop or keep unmasked")
+    add_option(g, command, "gamma", "steepness of the magnitude mask", metavar="GAMMA")
+    add_option(g, command, "out", "output folder (written atomically)", metavar="DIR")
     g.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out")
-    _add(g, command, "shard_size", "largest weight file, e.g. 2GiB, 500MB or a number of bytes",
+    add_option(g, command, "shard_size", "largest weight file, e.g. 2GiB, 500MB or a number of bytes",
          metavar="SIZE")  # fmt: skip
-    _add(
+    add_option(
         g,
         command,
         "out_format",
         "full: the target's weights with the update added; adapter: the update α·(m ⊙ τ_A) as a PEFT "
         "LoRA adapter for the target (needs --adapter-rank; transport only, not transfusion/theseus)",
     )
-    _add(
+    add_option(
         g,
         command,
         "adapter_rank",
@@ -220,18 +220,20 @@ def add_transport_parser(sub: Any, handler: Handler) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="θ_B + α · (m ⊙ τ_A), m from the target's sign votes.",
     )
-    _add(t, "transport", "source_base", "the source pre-trained model A (folder or weights file)")
-    _add(t, "transport", "source_finetuned", "A fine-tuned on the task")
-    _add(t, "transport", "target_base", "the new base model B (same architecture)")
-    _add(t, "transport", "revision", REVISION_HELP, metavar="REV")
-    _add(t, "transport", "data", "labelled examples for the target's votes (.jsonl or .csv)")
-    _add(t, "transport", "votes_in", "add votes saved by --votes-out", action="append", metavar="FILE")
-    _add(t, "transport", "votes_out", "save the votes (safetensors) to resume or combine", metavar="FILE")
-    _add(t, "transport", "method", _method_help())
+    add_option(t, "transport", "source_base", "the source pre-trained model A (folder or weights file)")
+    add_option(t, "transport", "source_finetuned", "A fine-tuned on the task")
+    add_option(t, "transport", "target_base", "the new base model B (same architecture)")
+    add_option(t, "transport", "revision", REVISION_HELP, metavar="REV")
+    add_option(t, "transport", "data", "labelled examples for the target's votes (.jsonl or .csv)")
+    add_option(t, "transport", "votes_in", "add votes saved by --votes-out", action="append", metavar="FILE")
+    add_option(
+        t, "transport", "votes_out", "save the votes (safetensors) to resume or combine", metavar="FILE"
+    )
+    add_option(t, "transport", "method", _method_help())
     add_voting(t, "transport")
     add_masking(t, "transport")
     c = t.add_argument_group("choosing t and α (--method adaptive, --alpha auto)")
-    _add(
+    add_option(
         c,
         "transport",
         "thresholds",
@@ -240,10 +242,10 @@ def add_transport_parser(sub: Any, handler: Handler) -> None:
         "above 1 keeps every coordinate)",
         metavar="T",
     )
-    _add(c, "transport", "alphas",
+    add_option(c, "transport", "alphas",
          f"α values to try with --alpha auto (default {listed(DEFAULT_ALPHAS)}; 0 keeps B unchanged)",
          metavar="A")  # fmt: skip
-    _add(
+    add_option(
         c,
         "transport",
         "validation",
@@ -265,17 +267,17 @@ def add_merge_parser(sub: Any, handler: Handler) -> None:
         epilog=EPILOG_MERGE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add(m, "merge", "source_base", "source base (once, or once per fine-tune)", action="append")
-    _add(m, "merge", "source_finetuned", "a fine-tuned model (repeat per task)", action="append")
-    _add(m, "merge", "target_base", "base to merge onto (default: the first source base)")
-    _add(m, "merge", "revision", REVISION_HELP, metavar="REV")
-    _add(m, "merge", "data", "labelled data per task (once, or once per fine-tune)", action="append")
-    _add(m, "merge", "method", "merge method: " + _summaries(list(MERGE_METHODS), MERGE_METHODS))
-    _add(m, "merge", "pipeline", "plain, or GradFix masks before/after merging")
-    _add(m, "merge", "density", "TIES: fraction of magnitudes kept", metavar="D")
-    _add(m, "merge", "elect", "TIES sign election")
-    _add(m, "merge", "trim_scope", "TIES trimming per tensor or over the whole model")
-    _add(m, "merge", "weights", "one weight per task vector", metavar="W")
+    add_option(m, "merge", "source_base", "source base (once, or once per fine-tune)", action="append")
+    add_option(m, "merge", "source_finetuned", "a fine-tuned model (repeat per task)", action="append")
+    add_option(m, "merge", "target_base", "base to merge onto (default: the first source base)")
+    add_option(m, "merge", "revision", REVISION_HELP, metavar="REV")
+    add_option(m, "merge", "data", "labelled data per task (once, or once per fine-tune)", action="append")
+    add_option(m, "merge", "method", "merge method: " + _summaries(list(MERGE_METHODS), MERGE_METHODS))
+    add_option(m, "merge", "pipeline", "plain, or GradFix masks before/after merging")
+    add_option(m, "merge", "density", "TIES: fraction of magnitudes kept", metavar="D")
+    add_option(m, "merge", "elect", "TIES sign election")
+    add_option(m, "merge", "trim_scope", "TIES trimming per tensor or over the whole model")
+    add_option(m, "merge", "weights", "one weight per task vector", metavar="W")
     add_voting(m, "merge")
     add_masking(m, "merge")
     add_common(m)
@@ -287,19 +289,19 @@ def add_eval_parser(sub: Any, handler: Handler) -> None:
     from gradfix.recipes import RECIPES
 
     e = sub.add_parser("eval", help="accuracy of a model folder on labelled data")
-    _add(e, "eval", "model", "model folder (or Hugging Face Hub id)")
-    _add(e, "eval", "revision", REVISION_HELP, metavar="REV")
-    _add(e, "eval", "data", "labelled examples (.jsonl or .csv)")
-    _add(e, "eval", "recipe", "model family and loss: " + ", ".join(RECIPES))
-    _add(e, "eval", "template", "class prompt of the zero-shot head")
-    _add(
+    add_option(e, "eval", "model", "model folder (or Hugging Face Hub id)")
+    add_option(e, "eval", "revision", REVISION_HELP, metavar="REV")
+    add_option(e, "eval", "data", "labelled examples (.jsonl or .csv)")
+    add_option(e, "eval", "recipe", "model family and loss: " + ", ".join(RECIPES))
+    add_option(e, "eval", "template", "class prompt of the zero-shot head")
+    add_option(
         e,
         "eval",
         "head_from",
         "zero-shot head: a head file or another model folder "
         "(default: the folder's zero_shot_head.safetensors, else the model itself)",
     )
-    _add(e, "eval", "batch_size", "examples per forward pass", metavar="INT")
-    _add(e, "eval", "max_length", MAX_LENGTH_HELP, metavar="INT")
+    add_option(e, "eval", "batch_size", "examples per forward pass", metavar="INT")
+    add_option(e, "eval", "max_length", MAX_LENGTH_HELP, metavar="INT")
     add_common(e)
     e.set_defaults(handler=handler)
