@@ -98,9 +98,9 @@ def _field_value(record: dict[Any, Any], field: str, where: str, kind: str, allo
     return text.strip() if kind == "label" else text
 
 
-def _load_jsonl(path: Path, text_field: str, label_field: str) -> list[Example]:
-    """Parse a JSON-lines file into examples (blank lines skipped)."""
-    examples: list[Example] = []
+def jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line, object)`` for each non-blank line of a JSON-lines file; a :class:`DataError` naming
+    the file and line for invalid JSON or a line that is not an object."""
     with path.open(encoding="utf-8-sig") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -120,9 +120,17 @@ def _load_jsonl(path: Path, text_field: str, label_field: str) -> list[Example]:
                 ) from exc
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            text = _field_value(record, text_field, where, "text", allow_int=False)
-            label = _field_value(record, label_field, where, "label", allow_int=True)
-            examples.append(Example(text=text, label=label, line=lineno))
+            yield lineno, record
+
+
+def _load_jsonl(path: Path, text_field: str, label_field: str) -> list[Example]:
+    """Parse a JSON-lines file into examples (blank lines skipped)."""
+    examples: list[Example] = []
+    for lineno, record in jsonl_records(path):
+        where = f"{path}, line {lineno}"
+        text = _field_value(record, text_field, where, "text", allow_int=False)
+        label = _field_value(record, label_field, where, "label", allow_int=True)
+        examples.append(Example(text=text, label=label, line=lineno))
     return examples
 
 

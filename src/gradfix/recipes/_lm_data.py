@@ -20,11 +20,10 @@ template's end-of-turn markup, as the ``{% generation %}`` markers of a template
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
-from gradfix.data import CSV_DELIMITERS, UNLABELLED, Example, data_file
+from gradfix.data import CSV_DELIMITERS, UNLABELLED, Example, data_file, jsonl_records
 from gradfix.errors import DataError
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -47,7 +46,7 @@ def read_lm_examples(path: str | Path) -> list[Example]:
     p = data_file(path)
     suffix = p.suffix.lower()
     try:
-        rows = _csv_rows(p, CSV_DELIMITERS[suffix]) if suffix in CSV_DELIMITERS else _jsonl_rows(p)
+        rows = _csv_rows(p, CSV_DELIMITERS[suffix]) if suffix in CSV_DELIMITERS else jsonl_records(p)
         examples: list[Example] = []
         first: tuple[str, int] | None = None
         for line, record in rows:
@@ -64,24 +63,6 @@ def read_lm_examples(path: str | Path) -> list[Example]:
     if not examples:
         raise DataError(f"{p}: file is empty (no examples)")
     return examples
-
-
-def _jsonl_rows(path: Path) -> Any:
-    """``(line, object)`` for each non-blank line of a JSON-lines file."""
-    with path.open(encoding="utf-8-sig") as fh:
-        for line, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except (ValueError, RecursionError) as exc:
-                reason = " ".join(str(exc).split())[:120] or type(exc).__name__
-                raise DataError(
-                    f"{path}, line {line}: invalid JSON ({reason}); expected one object per line"
-                ) from exc
-            if not isinstance(record, dict):
-                raise DataError(f"{path}, line {line}: expected a JSON object, got {type(record).__name__}")
-            yield line, record
 
 
 def _csv_rows(path: Path, delimiter: str) -> Any:
