@@ -8,6 +8,7 @@ place only when everything was written. The settings and their defaults live in
 
 from __future__ import annotations
 
+import math
 import platform
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
@@ -46,6 +47,7 @@ from gradfix.settings import DEFAULT_SHARD_BYTES, MaskSettings, VoteSettings
 from gradfix.task_vector import float_names
 from gradfix.votes import SignVotes, estimate_signs
 from gradfix.votes.distributed import all_reduce_votes, world
+from gradfix.votes.estimate import Gradient
 
 __all__ = [
     "DEFAULT_SHARD_BYTES",
@@ -173,13 +175,17 @@ def vote_on_target(
     checkpoint_names: Sequence[str],
     voted: Sequence[str],
     shots: Shots | None = None,
+    gradient: Gradient = "sum",
 ) -> tuple[SignVotes, nn.Module, Any, dict[str, Any]]:
     """Load the target with its recipe and vote on the shots (drawn here unless ``shots`` is given).
 
-    Only the parameters whose checkpoint name is in ``voted`` take part (the rest are frozen),
-    and the returned votes are keyed by checkpoint names. The loaded parameters must be finite.
-    The returned info holds the labels, the number of examples, the number of votes and the data
-    file lines of the examples drawn (in voting order).
+    Only the parameters whose checkpoint name is in ``voted`` take part (the rest are frozen: no
+    gradient, no vote state), and the returned votes are keyed by checkpoint names; a job passes
+    the tensors its task vectors change. ``gradient`` is :func:`~gradfix.votes.estimate_signs`'s
+    (``"none"``: counts only). The loaded parameters must be finite. The returned info holds the
+    labels, the number of examples, the number of votes, the data file lines of the examples
+    drawn (in voting order), and how many tensors and parameters voted (``voted_tensors``,
+    ``voted_parameters``) with which gradient setting (``gradient``).
     """
     shots = shots if shots is not None else draw_shots(target, settings)
     model, recipe, mapping = load_target(target, settings, shots.labels, checkpoint_names, voted)
@@ -196,10 +202,11 @@ def vote_on_target(
             settings.estimator,
             engine=settings.engine,
             progress=settings.progress and rank == 0,
+            gradient=gradient,
         )
     else:  # more processes than batches
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        votes = SignVotes.zeros(trainable, settings.estimator)
+        votes = SignVotes.zeros(trainable, settings.estimator, gradient)
     votes = all_reduce_votes(votes)
     _check_some_votes(votes, shots, settings.recipe)
     info = {
@@ -208,6 +215,9 @@ def vote_on_target(
         "num_samples": votes.num_samples,
         "drawn_lines": [ex.line for ex in shots.drawn],
         "max_length": getattr(recipe, "max_length", None),
+        "voted_tensors": len(votes.names()),
+        "voted_parameters": sum(math.prod(s) for s in votes.shapes().values()),
+        "gradient": "sum" if votes.grad_sum else "none",
     }
     return rename_votes(votes, mapping), model, recipe, info
 
@@ -221,7 +231,7 @@ def _check_some_votes(votes: SignVotes, shots: Shots, recipe: str) -> None:
     """
     if len(shots.labels) != 1 or shots.labels == [UNLABELLED]:
         return
-    if not votes.grad_sum or any(votes.hits.values()):
+    if not votes.names() or any(votes.hits.values()):
         return
     raise DataError(
         f"{shots.data}: every example has the label {shots.labels[0]!r}; with one class the {recipe} "

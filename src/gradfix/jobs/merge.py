@@ -113,7 +113,7 @@ def merge_checkpoints(
         if any(t.data is None for t in tasks):
             raise ConfigError(f"the {pipeline} pipeline needs a data file for every task (--data)")
         drawn = [draw_shots(target, replace(votes, data=t.data)) for t in tasks]
-    names, target_names = _checked_names(tasks, target, masking)
+    names, target_names, changed = _checked_names(tasks, target, masking)
     record = base_record("merge")
     record["options"] = merge_options(tasks, target, merging, votes, masking, shard_bytes)
     record["inputs"] = {"target_base": input_record(target, model_files=True)}
@@ -124,7 +124,8 @@ def merge_checkpoints(
     references: list[SignVotes] = []
     for i, (task, shots) in enumerate(zip(tasks, drawn, strict=False)):
         settings = replace(votes, data=task.data)
-        task_votes, _, _, info = vote_on_target(target, settings, target_names, names, shots)
+        voting = [n for n in names if n in changed]  # every task's τ is zero elsewhere: no votes needed
+        task_votes, _, _, info = vote_on_target(target, settings, target_names, voting, shots)
         record["tasks"][i]["data"] = {**data_record(str(task.data)), **info}
         references.append(task_votes)
     mask_options = {
@@ -179,8 +180,9 @@ def _resolve_hub_ids(
 
 def _checked_names(
     tasks: Sequence[TaskSpec], target: Path, masking: MaskSettings
-) -> tuple[list[str], list[str]]:
-    """The merged tensor names (checked in every checkpoint) and the target's names.
+) -> tuple[list[str], list[str], set[str]]:
+    """The merged tensor names (checked in every checkpoint), the target's names, and the merged
+    tensors that some task changes (the only ones voted on).
 
     A task given as a PEFT LoRA adapter folder changes only the tensors it adapts; when every task
     is an adapter, only the tensors some adapter changes are merged. Every task's ``τ`` is scanned
@@ -210,6 +212,7 @@ def _checked_names(
     finally:
         for reader in readers.values():
             reader.close()
+    changed: set[str] = set()
     for i, t in enumerate(tasks):
         with ExitStack() as stack:
             source = _open_task(stack, t)
@@ -223,7 +226,8 @@ def _checked_names(
                 raise_zero_task_vector(
                     len(task_names), t.source_base, t.source_finetuned, f"the task vector of task {i + 1}"
                 )
-    return names, target_names
+            changed |= nonzero
+    return names, target_names, changed
 
 
 @dataclass
@@ -365,10 +369,12 @@ class _LazyMerge(Mapping[str, Tensor]):
 
 
 def _only(votes: SignVotes, name: str) -> SignVotes:
-    """The votes on one tensor."""
+    """The votes on one tensor (none for a tensor no task changes: it was not voted on)."""
+    if name not in votes.shapes():
+        return SignVotes({}, {}, votes.num_samples, votes.estimator, {name: 0})
     return SignVotes(
         {name: votes.counts[name]} if votes.counts else {},
-        {name: votes.grad_sum[name]},
+        {name: votes.grad_sum[name]} if votes.grad_sum else {},
         votes.num_samples,
         votes.estimator,
         {name: votes.hits.get(name, 0)},

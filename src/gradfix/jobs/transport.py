@@ -32,6 +32,7 @@ from gradfix.jobs.common import (
     save_votes,
     vote_on_target,
 )
+from gradfix.jobs.descent import PendingDescent, descent_inner, vote_gradient, with_inner
 from gradfix.jobs.inputs import (
     check_outputs,
     check_task_vector_nonzero,
@@ -51,6 +52,7 @@ from gradfix.settings import DEFAULT_SHARD_BYTES, MaskSettings, VoteSettings
 from gradfix.task_vector import TaskVector
 from gradfix.votes import SignVotes
 from gradfix.votes.distributed import world
+from gradfix.votes.estimate import Gradient
 
 
 @dataclass
@@ -61,6 +63,7 @@ class _Votes:
     recipe: Any = None
     model: Any = None  # the target's loaded model, kept only to choose on
     combined: SignVotes | None = None  # every vote in memory, only to choose on a validation file
+    pending: PendingDescent | None = None  # counts only: the descent report's backward, still to run
 
 
 def transport_checkpoints(
@@ -158,7 +161,11 @@ def transport_checkpoints(
         record = _start_record(source_base, source_finetuned, target_base, options)
         held = None
         if needs_votes:
-            held = _collect_votes(record, rt, names, votes, drawn, files_in, votes_out, choosing, overwrite)
+            gradient = vote_gradient(str(masking.mask), bool(files_in or votes_out))
+            voting = [n for n in names if n in nonzero]  # τ_A is zero elsewhere: no votes needed
+            held = _collect_votes(
+                record, rt, voting, votes, drawn, files_in, votes_out, choosing, overwrite, gradient
+            )
             if world()[0] != 0:  # under torchrun only the first process writes
                 return {**record, "written_by_another_process": True}
         record.update(_settings_record(chosen.name, votes, masking, bool(data)))
@@ -186,15 +193,22 @@ def _collect_votes(
     votes_out: str | Path | None,
     choosing: ChoicePlan | None,
     overwrite: bool,
+    gradient: Gradient = "sum",
 ) -> _Votes:
-    """Vote on the target (when there is data), check the votes files, save the votes if asked."""
+    """Vote on the target (when there is data) on the tensors ``names``, check the votes files,
+    save the votes if asked. With ``gradient="none"`` the model is kept for the descent report's
+    backward (:mod:`gradfix.jobs.descent`)."""
     fresh: list[SignVotes] = []
     record["votes_in"] = [input_record(p) for p in votes_in]
-    recipe = model = None
+    recipe = model = pending = None
     if drawn is not None:
-        voted, model, recipe, info = vote_on_target(target.path, votes, target.names(), names, drawn)
+        voted, model, recipe, info = vote_on_target(
+            target.path, votes, target.names(), names, drawn, gradient
+        )
         record["data"] = {**data_record(drawn.data), **info}
         fresh.append(voted)
+        if not voted.grad_sum:
+            pending = PendingDescent(model, recipe, drawn, votes, target.names())
         model = model if choosing is not None else None
     validate_votes_files(votes_in, {n: target.shapes()[n] for n in names})
     combined = None
@@ -206,6 +220,7 @@ def _collect_votes(
             save_votes(combined, votes_out, overwrite)
     held = _Votes(VoteReference(fresh, votes_in, votes.estimator), recipe, model)
     held.combined = combined if on_validation else None
+    held.pending = pending
     return held
 
 
@@ -240,7 +255,7 @@ def _choose(
     shots = drawn.drawn if drawn is not None else None
     choice = choose(choosing, tau, combined, model, recipe, mapping, shots, votes, masking.unvoted)
     if held is not None:
-        held.model = held.combined = None
+        held.model = held.combined = None  # the descent's backward keeps its own reference
     mask = gate_mask(choice.threshold)
     record.update(mask=mask, threshold=choice.threshold, alpha=choice.alpha, choice=choice_record(choice))
     if choosing.validation is not None:
@@ -274,13 +289,19 @@ def _write(
         raise unvoted_error(uncovered)
     alpha = fixed_alpha(masking.alpha)  # resolved: a number by now
     options = MaskOptions(gamma=masking.gamma, threshold=float(masking.threshold or 0.0), seed=votes.seed)
-    update = MaskedUpdate(tau, names, reference, mask, options, masking.unvoted == "keep", alpha)
+    keep = masking.unvoted == "keep"
+    inner = None
+    if held is not None and held.pending is not None:  # counts only: ḡ from one more backward
+        shapes = rt.shapes()
+        inner = descent_inner(held.pending, tau, shapes, names, held.reference, mask, options, keep)
+        held.pending = None  # the model is no longer needed
+    update = MaskedUpdate(tau, names, reference, mask, options, keep, alpha)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         if adapter is not None:
             record.update(write_adapter(tmp, rt, update, alpha, adapter))
         else:
             record["files"] = write_model(tmp, rt, update, alpha, shard_bytes)
-        report = update.report()
+        report = with_inner(update.report(), inner)
         record.update(kept_fraction=update.kept_fraction(), descent=report.to_dict() if report else None)
         finish_output(tmp, rt.path, record, held.recipe if held is not None else None, adapter is None)
 

@@ -21,7 +21,7 @@ from gradfix.errors import GradfixError
 from gradfix.io import CheckpointReader
 from gradfix.io.adapters import LoraAdapter
 from gradfix.io.checkpoint import SLICE_BYTES, row_slices
-from gradfix.masking.references import Reference
+from gradfix.masking.references import Reference, check_values
 from gradfix.ops.masks import Mask, MaskOptions, SliceContext, TensorStats
 from gradfix.ops.reductions import ordered_dot
 
@@ -107,6 +107,7 @@ def masked_rows(
             yield MaskedRows(start, stop, t, t if passes else torch.zeros_like(t), None)
         return
     assert reference is not None
+    check_values(reference, mask.name, mask.reads)
     stats = tensor_stats(name, slices, tau, reference) if mask.needs_stats else None
     prepared = mask.prepare(name, shape, options)
     for start, stop in slices:

@@ -3,7 +3,9 @@
 A reference is the target's sign votes (GradFix: in memory, in saved votes files, or both, added
 up) or a mapping of tensors (the oracle ``τ_B``, or plain sign tensors). Both give, for any rows
 of a tensor, a :class:`~gradfix.ops.masks.ReferenceRows` (sign, real values, vote margins) and,
-for votes, the mean gradient ``ḡ`` of those rows (the descent report's).
+for votes, the mean gradient ``ḡ`` of those rows (the descent report's), when the votes kept
+their gradient sums (majority votes taken with ``gradient="none"`` hold counts only: their rows
+carry no real values and no ``ḡ``).
 """
 
 from __future__ import annotations
@@ -95,9 +97,10 @@ class VoteReference:
         self.num_samples = sum(v.num_samples for v in self.votes)
         self.hits: dict[str, int] = {}
         self.has_counts = all(bool(v.counts) for v in self.votes)
+        self.has_gradient = all(v.has_gradient for v in self.votes)
         shapes: dict[str, dict[str, tuple[int, ...]]] = {}
         for i, v in enumerate(self.votes):
-            shapes[f"votes {i + 1}"] = {n: tuple(g.shape) for n, g in v.grad_sum.items()}
+            shapes[f"votes {i + 1}"] = v.shapes()
             for n, h in v.hits.items():
                 self.hits[n] = self.hits.get(n, 0) + h
         for path in files:
@@ -108,6 +111,8 @@ class VoteReference:
         self.shapes = next(iter(shapes.values()))
         if self.estimator == "majority" and not self.has_counts:
             raise ConfigError("the majority estimator needs vote counts; these votes were taken with 'mean'")
+        if self.estimator == "mean" and not self.has_gradient:
+            raise ConfigError("the mean estimator needs gradient sums; some of these votes kept counts only")
         self._finite = FiniteCheck()
 
     def _open(self, path: str | Path) -> dict[str, tuple[int, ...]]:
@@ -119,6 +124,7 @@ class VoteReference:
         for n, h in header.hits.items():
             self.hits[n] = self.hits.get(n, 0) + h
         self.has_counts = self.has_counts and header.has_counts
+        self.has_gradient = self.has_gradient and header.has_gradient
         return dict(header.shapes)
 
     def covers(self, name: str) -> bool:
@@ -129,43 +135,57 @@ class VoteReference:
         """The shape of tensor ``name``."""
         return self.shapes[name]
 
-    def sums(self, name: str, start: int, stop: int) -> tuple[Tensor | None, Tensor]:
-        """Summed vote counts (int64; ``None`` without counts) and gradient sums (float32/64) of some rows."""
+    def sums(self, name: str, start: int, stop: int) -> tuple[Tensor | None, Tensor | None]:
+        """Summed vote counts (int64; ``None`` without counts) and gradient sums (float32/64;
+        ``None`` when some source kept no gradient sums) of some rows."""
         counts: Tensor | None = None
         grad: Tensor | None = None
         for v in self.votes:
-            g = _as_sum(_rows(v.grad_sum[name], start, stop))
-            grad = g if grad is None else grad + g
+            if self.has_gradient:
+                g = _as_sum(_rows(v.grad_sum[name], start, stop))
+                grad = g if grad is None else grad + g
             if self.has_counts:
                 c = _rows(v.counts[name], start, stop).long()
                 counts = c if counts is None else counts + c
         for reader, header in zip(self.readers, self.headers, strict=True):
-            g = reader.rows(f"{GRAD_SUM_PREFIX}{name}", start, stop)
-            if not self._finite.check(reader.path, f"{GRAD_SUM_PREFIX}{name}", g):
-                self._finite.raise_if_any("the votes file is corrupted")
-            grad = _as_sum(g) if grad is None else grad + _as_sum(g)
+            if self.has_gradient:
+                g = reader.rows(f"{GRAD_SUM_PREFIX}{name}", start, stop)
+                if not self._finite.check(reader.path, f"{GRAD_SUM_PREFIX}{name}", g):
+                    self._finite.raise_if_any("the votes file is corrupted")
+                grad = _as_sum(g) if grad is None else grad + _as_sum(g)
             if self.has_counts:
                 c = reader.rows(f"{COUNTS_PREFIX}{name}", start, stop)
                 check_counts_range(header, name, c)
                 counts = c.long() if counts is None else counts + c.long()
-        assert grad is not None
         return counts, grad
 
     def rows(self, name: str, start: int, stop: int) -> tuple[ReferenceRows, Tensor | None]:
-        """The estimate ``ŝ``, ``−ḡ``, the margins ``v / n`` of rows ``start:stop``, and ``ḡ``."""
+        """The estimate ``ŝ``, ``−ḡ``, the margins ``v / n`` of rows ``start:stop``, and ``ḡ``
+        (``−ḡ`` and ``ḡ`` are ``None`` for votes without gradient sums)."""
         counts, grad_sum = self.sums(name, start, stop)
-        gradient = grad_sum / max(self.num_samples, 1)
+        gradient = grad_sum / max(self.num_samples, 1) if grad_sum is not None else None
         if self.estimator == "majority" and counts is not None:
             sign = majority_sign(counts)
         else:
+            assert grad_sum is not None  # the mean estimator needs the sums (checked when made)
             sign = mean_sign(grad_sum)
         margin = counts.float() / self.num_samples if counts is not None and self.num_samples else None
-        return ReferenceRows(sign, -gradient, margin), gradient
+        value = -gradient if gradient is not None else None
+        return ReferenceRows(sign, value, margin), gradient
 
     def close(self) -> None:
         """Release the votes files."""
         for reader in self.readers:
             reader.close()
+
+
+def check_values(reference: Reference | None, mask: str, reads: str) -> None:
+    """Raise a :class:`ConfigError` when a mask reads ``−ḡ`` and the votes kept no gradient sums."""
+    if reads == "value" and isinstance(reference, VoteReference) and not reference.has_gradient:
+        raise ConfigError(
+            f"the {mask!r} mask reads the mean gradient, and these votes kept no gradient sums "
+            "(taken with gradient='none'); vote with gradient='sum'"
+        )
 
 
 def as_reference(reference: SignVotes | Mapping[str, Tensor] | Reference) -> Reference:

@@ -68,8 +68,9 @@ def _device(backend: str) -> torch.device:
 def all_reduce_votes(votes: SignVotes) -> SignVotes:
     """Sum the votes of every process; each process receives the total.
 
-    Every process must have voted on the same tensor names and shapes (checked). Vote counts are
-    summed as integers, so the result is exactly that of one process voting on all examples.
+    Every process must have voted on the same tensor names and shapes, with the same estimator
+    and gradient setting (checked). Vote counts are summed as integers, so the result is exactly
+    that of one process voting on all examples; gradient sums, when kept, are summed too.
     Without an active process group the votes are returned unchanged.
     """
     import torch.distributed as dist
@@ -77,12 +78,15 @@ def all_reduce_votes(votes: SignVotes) -> SignVotes:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return votes
     device = _device(dist.get_backend())
-    names = list(votes.grad_sum)
+    shapes = votes.shapes()
+    names = list(shapes)
     layouts: list[object] = [None] * dist.get_world_size()
-    layout = (votes.estimator, bool(votes.counts), [(n, tuple(votes.grad_sum[n].shape)) for n in names])
+    layout = (votes.estimator, bool(votes.counts), bool(votes.grad_sum), [(n, shapes[n]) for n in names])
     dist.all_gather_object(layouts, layout)
     if any(other != layout for other in layouts):
-        raise GradfixError("processes voted on different tensors or with different estimators")
+        raise GradfixError(
+            "processes voted on different tensors, with different estimators or gradient settings"
+        )
     header = torch.tensor([votes.num_samples, *[votes.hits.get(n, 0) for n in names]], dtype=torch.int64)
     header = header.to(device)
     dist.all_reduce(header)
@@ -90,9 +94,10 @@ def all_reduce_votes(votes: SignVotes) -> SignVotes:
     dtype = count_dtype(total)
     counts, grad_sum = {}, {}
     for name in names:
-        g = votes.grad_sum[name].to(device)
-        dist.all_reduce(g)
-        grad_sum[name] = g.cpu()
+        if votes.grad_sum:
+            g = votes.grad_sum[name].to(device)
+            dist.all_reduce(g)
+            grad_sum[name] = g.cpu()
         if votes.counts:
             c = votes.counts[name].to(device=device, dtype=torch.int64)
             dist.all_reduce(c)

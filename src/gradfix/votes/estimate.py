@@ -6,7 +6,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -16,7 +16,7 @@ from gradfix.checks import check_same_architecture
 from gradfix.errors import ConfigError, GradfixError
 from gradfix.ops.signs import count_dtype, majority_sign, mean_sign
 from gradfix.settings import Engine, Estimator
-from gradfix.votes import native
+from gradfix.votes.accumulator import Accumulator, sum_dtype
 from gradfix.votes.file import read_votes, write_votes
 from gradfix.votes.hooks import hook_gradients, hooked_parameters, outside_use, thread_invariant_kernels
 from gradfix.votes.per_sample import (
@@ -35,6 +35,10 @@ ESTIMATORS: tuple[Estimator, ...] = get_args(Estimator)
 """The estimators, ``("majority", "mean")``."""
 ENGINES: tuple[Engine, ...] = get_args(Engine)
 """The per-sample engines, ``("auto", "hooks", "vmap", "loop")``."""
+Gradient = Literal["sum", "none"]
+"""What a majority vote keeps of the gradient: its sum over samples (float32), or nothing."""
+GRADIENTS: tuple[Gradient, ...] = get_args(Gradient)
+"""``("sum", "none")``."""
 
 
 @dataclass
@@ -44,11 +48,14 @@ class SignVotes:
     - ``counts[name]``: ``Σ_j sign(−g^(j))`` per coordinate, in the smallest integer dtype that
       holds ``num_samples`` (empty for the ``mean`` estimator, which needs no per-sample pass);
     - ``grad_sum[name]``: ``Σ_j g^(j)`` in float32 (``ḡ = grad_sum / n`` is the mean gradient);
+      empty for majority votes taken with ``gradient="none"`` (:func:`estimate_signs`): then
+      only the counts are held, at most 2 bytes per voting parameter (1 below 128 samples);
     - ``hits[name]``: how many samples gave that tensor a non-zero gradient.
 
     ``sign()`` gives the estimate ``ŝ`` of the anti-gradient sign: ``sign(counts)`` for the
     majority vote (Eq. 9) or ``sign(−grad_sum)`` for the mean estimator. Two estimates add up
-    (votes of several workers, or pooled examples of several tasks).
+    (votes of several workers, or pooled examples of several tasks); the sum keeps gradient sums
+    only if both have them.
     """
 
     counts: dict[str, Tensor]
@@ -60,23 +67,40 @@ class SignVotes:
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
             raise ConfigError(f"unknown estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-        if self.estimator == "majority" and set(self.counts) != set(self.grad_sum):
+        if self.grad_sum and self.counts and set(self.counts) != set(self.grad_sum):
+            raise ConfigError("vote counts and gradient sums must cover the same tensors")
+        if self.estimator == "majority" and self.grad_sum and not self.counts:
             raise ConfigError("the majority estimator needs vote counts for every tensor")
+        if self.estimator == "mean" and self.counts and not self.grad_sum:
+            raise ConfigError("the mean estimator needs gradient sums; these votes kept none")
 
     @classmethod
-    def zeros(cls, params: Mapping[str, Tensor], estimator: Estimator = "majority") -> SignVotes:
-        """No votes yet on ``params`` (zero counts and sums over zero samples)."""
+    def zeros(
+        cls, params: Mapping[str, Tensor], estimator: Estimator = "majority", gradient: Gradient = "sum"
+    ) -> SignVotes:
+        """No votes yet on ``params`` (zero counts, and zero sums unless ``gradient="none"``)."""
+        check_gradient(gradient)
         counts = (
             {n: torch.zeros(p.shape, dtype=torch.int8) for n, p in params.items()}
             if estimator == "majority"
             else {}
         )
-        grad_sum = {n: torch.zeros(p.shape, dtype=_sum_dtype(p)) for n, p in params.items()}
+        keep = gradient == "sum" or estimator == "mean"
+        grad_sum = {n: torch.zeros(p.shape, dtype=sum_dtype(p)) for n, p in params.items()} if keep else {}
         return cls(counts, grad_sum, 0, estimator, dict.fromkeys(params, 0))
+
+    @property
+    def has_gradient(self) -> bool:
+        """Whether the gradient sums were kept (the mean estimator, :meth:`mean_gradient`)."""
+        return bool(self.grad_sum) or not self.counts
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{name: shape}`` of the tensors that were voted on."""
+        return _shapes(self.grad_sum or self.counts)
 
     def names(self) -> list[str]:
         """Names of the tensors that were voted on."""
-        return list(self.grad_sum)
+        return list(self.grad_sum or self.counts)
 
     def sign(self) -> dict[str, Tensor]:
         """``{name: int8 tensor in {−1, 0, 1}}``: the estimated sign of the anti-gradient."""
@@ -85,36 +109,55 @@ class SignVotes:
         return {n: mean_sign(g) for n, g in self.grad_sum.items()}
 
     def mean_gradient(self) -> dict[str, Tensor]:
-        """``ḡ = (1/n) Σ_j g^(j)``, the gradient of the mean loss over the voting samples."""
+        """``ḡ = (1/n) Σ_j g^(j)``, the gradient of the mean loss over the voting samples.
+
+        Raises a :class:`ConfigError` for votes that kept no gradient sums (``gradient="none"``).
+        """
+        if not self.has_gradient:
+            raise ConfigError(
+                "these votes kept no gradient sums (taken with gradient='none'); vote with "
+                "gradient='sum' for the mean gradient"
+            )
         n = max(self.num_samples, 1)
         return {name: g / n for name, g in self.grad_sum.items()}
 
     def untouched(self) -> list[str]:
         """Tensors that received no non-zero gradient from any sample (they cast no vote)."""
-        return [n for n in self.grad_sum if self.hits.get(n, 0) == 0]
+        return [n for n in self.names() if self.hits.get(n, 0) == 0]
 
     def with_estimator(self, estimator: Estimator) -> SignVotes:
-        """The same evidence read with another estimator (``mean`` is always available)."""
+        """The same evidence read with another estimator (``mean`` needs the gradient sums)."""
+        if estimator == "mean" and not self.grad_sum:
+            raise ConfigError("the mean estimator needs gradient sums; these votes kept none")
         return SignVotes(self.counts, self.grad_sum, self.num_samples, estimator, self.hits)
+
+    def without_gradient(self) -> SignVotes:
+        """The majority votes without their gradient sums (the counts only)."""
+        if not self.counts:
+            raise ConfigError("votes of the mean estimator are their gradient sums; they cannot be dropped")
+        return SignVotes(self.counts, {}, self.num_samples, self.estimator, self.hits)
 
     def __add__(self, other: SignVotes) -> SignVotes:
         if not isinstance(other, SignVotes):
             return NotImplemented
-        check_same_architecture(
-            {"left votes": _shapes(self.grad_sum), "right votes": _shapes(other.grad_sum)}
-        )
+        check_same_architecture({"left votes": self.shapes(), "right votes": other.shapes()})
         n = self.num_samples + other.num_samples
         dtype = count_dtype(n)
         counts = {}
         if self.counts and other.counts:
             counts = {k: (self.counts[k].to(torch.int64) + other.counts[k]).to(dtype) for k in self.counts}
+        grad_sum = {}
+        if self.has_gradient and other.has_gradient:
+            grad_sum = {k: self.grad_sum[k] + other.grad_sum[k] for k in self.grad_sum}
+        if not counts and not grad_sum:
+            raise ConfigError("cannot add majority votes without gradient sums to votes without counts")
         estimator = self.estimator if counts or self.estimator == "mean" else "mean"
         return SignVotes(
             counts=counts,
-            grad_sum={k: self.grad_sum[k] + other.grad_sum[k] for k in self.grad_sum},
+            grad_sum=grad_sum,
             num_samples=n,
             estimator=estimator,
-            hits={k: self.hits.get(k, 0) + other.hits.get(k, 0) for k in self.grad_sum},
+            hits={k: self.hits.get(k, 0) + other.hits.get(k, 0) for k in self.names()},
         )
 
     def save(self, path: str | Path) -> Path:
@@ -134,109 +177,13 @@ def _shapes(tensors: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
     return {n: tuple(t.shape) for n, t in tensors.items()}
 
 
+def check_gradient(gradient: str) -> None:
+    """Raise a :class:`ConfigError` unless ``gradient`` is one of :data:`GRADIENTS`."""
+    if gradient not in GRADIENTS:
+        raise ConfigError(f"unknown gradient {gradient!r}; choose one of {', '.join(GRADIENTS)}")
+
+
 # -- the vote -----------------------------------------------------------------------------------
-class _Accumulator:
-    """Running vote sums and gradient sums (float32; float64 for float64 parameters).
-
-    Vote sums are kept in int16 while voting (half the memory of the gradient sums), widened to
-    int32 when the number of samples could exceed int16's range, and returned in the smallest
-    integer dtype that holds them.
-    """
-
-    def __init__(self, params: Mapping[str, Tensor], with_counts: bool):
-        self.grad_sum = _Zeros({n: (p.shape, _sum_dtype(p), p.device) for n, p in params.items()})
-        self.counts = _Zeros(
-            {n: (p.shape, torch.int16, p.device) for n, p in params.items()} if with_counts else {}
-        )
-        self.hits = dict.fromkeys(params, 0)
-        self.n = 0
-
-    def add_per_sample(self, name: str, grads: Tensor) -> None:
-        """Add the per-sample gradients of one tensor, shape ``[b, *shape]`` (one pass in C if it can)."""
-        flat = grads.detach().reshape(grads.shape[0], -1)
-        grad_sum, counts = self.grad_sum[name], self.counts[name]
-        hits = native.add_votes(flat, grad_sum.view(-1), counts.view(-1))
-        if hits is None:
-            signs = torch.sign(flat)
-            grad_sum += flat.sum(dim=0).view(grad_sum.shape).to(grad_sum.dtype)
-            counts -= signs.sum(dim=0).view(counts.shape).to(counts.dtype)  # Σ sign(−g) = −Σ sign(g), exact
-            hits = int(signs.ne(0).any(dim=1).sum())
-        self.hits[name] += hits
-
-    def add_linear(self, name: str, x: Tensor, grad_out: Tensor) -> bool:
-        """Add a linear weight's per-sample gradients ``δ_bᵀ x_b`` with the C kernel, if it can."""
-        hits = native.add_linear_votes(x.detach(), grad_out.detach(), self.grad_sum[name], self.counts[name])
-        if hits is None:
-            return False
-        self.hits[name] += hits
-        return True
-
-    def add_rows(self, name: str, rows: Tensor, grads: Tensor, samples: Tensor) -> None:
-        """Add per-sample gradients given only on some rows (an embedding): the others are 0.
-
-        Entry ``k`` is the gradient of row ``rows[k]`` for sample ``samples[k]`` (each pair once).
-        """
-        grads = grads.detach()
-        self.grad_sum[name].index_add_(0, rows, grads.to(self.grad_sum[name].dtype))
-        self.counts[name].index_add_(0, rows, -torch.sign(grads).to(self.counts[name].dtype))
-        self.hits[name] += int(torch.unique(samples[grads.flatten(1).ne(0).any(dim=1)]).numel())
-
-    def widen_for(self, incoming: int) -> None:
-        """Before a batch: switch the counters to int32 if ``n`` plus its samples could overflow int16."""
-        if self.counts.shapes and self.n + incoming > torch.iinfo(torch.int16).max:
-            self.counts.cast(torch.int32)
-
-    def reset(self, name: str) -> None:
-        """Forget everything added for ``name`` (its votes are recomputed)."""
-        self.grad_sum[name].zero_()
-        if self.counts.shapes:
-            self.counts[name].zero_()
-        self.hits[name] = 0
-
-    def add_summed(self, name: str, grad: Tensor | None, samples: int) -> None:
-        """Add the gradient of a summed loss over ``samples`` samples (mean estimator)."""
-        if grad is not None:
-            self.grad_sum[name] += grad.detach().to(self.grad_sum[name].dtype)
-            self.hits[name] += samples if bool(grad.ne(0).any()) else 0
-
-    def result(self, estimator: Estimator) -> SignVotes:
-        dtype = count_dtype(self.n)
-        counts = {k: v.to(device="cpu", dtype=dtype) for k, v in self.counts.all().items()}
-        grad_sum = {k: v.cpu() for k, v in self.grad_sum.all().items()}
-        return SignVotes(counts, grad_sum, self.n, estimator, self.hits)
-
-
-class _Zeros(dict):
-    """``{name: tensor of zeros}``, each made when first asked for.
-
-    The running sums are thus allocated during the first backward, as a gradient would be, rather
-    than before the forward pass: the allocator then reuses the memory the forward pass freed.
-    """
-
-    def __init__(self, shapes: Mapping[str, tuple[torch.Size, torch.dtype, torch.device]]):
-        super().__init__()
-        self.shapes = dict(shapes)
-
-    def __missing__(self, name: str) -> Tensor:
-        shape, dtype, device = self.shapes[name]
-        made = self[name] = torch.zeros(shape, dtype=dtype, device=device)
-        return made
-
-    def all(self) -> dict[str, Tensor]:
-        """Every tensor, in the order of the names given (made now if never asked for)."""
-        return {name: self[name] for name in self.shapes}
-
-    def cast(self, dtype: torch.dtype) -> None:
-        """Switch every tensor, made or to be made, to ``dtype``."""
-        self.shapes = {name: (shape, dtype, device) for name, (shape, _, device) in self.shapes.items()}
-        for name, tensor in self.items():
-            self[name] = tensor.to(dtype)
-
-
-def _sum_dtype(p: Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
-
-
 def estimate_signs(
     model: nn.Module,
     batches: Iterable[Any],
@@ -246,6 +193,7 @@ def estimate_signs(
     engine: Engine = "auto",
     chunk_size: int = 8,
     progress: bool = True,
+    gradient: Gradient = "sum",
 ) -> SignVotes:
     """Estimate the sign of the target's anti-gradient from per-sample gradients (Eq. 9).
 
@@ -268,15 +216,25 @@ def estimate_signs(
     the few PyTorch kernels whose rounding changes with the thread count run on one thread
     (:class:`gradfix.votes.hooks.thread_invariant_kernels`), and MKL's matrix products are in its
     strict reproducible mode (:func:`gradfix.votes.native.reproducible_blas`).
+
+    ``gradient`` says what the majority vote keeps besides its counts: ``"sum"`` (the default,
+    as before) keeps ``Σ_j g^(j)`` in float32, 4 bytes per voting parameter, for the mean
+    gradient (:meth:`SignVotes.mean_gradient`: the descent report, the ``magnitude`` and
+    ``tensorwise`` masks, the ``mean`` estimator read later); ``"none"`` keeps only the int16
+    counters while voting (returned in int8 below 128 samples), and the mean gradient, when
+    needed, comes from one summed backward (:func:`gradfix.votes.summed.summed_gradients`,
+    exact for the mean gradient). The ``mean`` estimator always keeps its sums (they are its votes).
     """
     if estimator not in ESTIMATORS:
         raise ConfigError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    check_gradient(gradient)
     params: dict[str, Tensor] = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise GradfixError("the model has no parameter with requires_grad=True to vote on")
-    acc = _Accumulator(params, with_counts=estimator == "majority")
+    majority = estimator == "majority"
+    acc = Accumulator(params, with_counts=majority, with_sums=not majority or gradient == "sum")
     runner = _Runner(model, params, loss_fn, acc, engine, chunk_size)
     was_training = model.training
     model.eval()
@@ -297,7 +255,8 @@ def estimate_signs(
         model.train(was_training)
     if acc.n == 0:
         raise GradfixError("no samples to vote on: the batches were empty")
-    return acc.result(estimator)
+    counts, grad_sum = acc.result(estimator)
+    return SignVotes(counts, grad_sum, acc.n, estimator, acc.hits)
 
 
 class _Runner:
@@ -308,7 +267,7 @@ class _Runner:
         model: nn.Module,
         params: dict[str, Tensor],
         loss_fn: LossFn,
-        acc: _Accumulator,
+        acc: Accumulator,
         engine: Engine,
         chunk_size: int,
     ):
@@ -391,7 +350,7 @@ class _only_trainable:
 
 
 def _summed_backward(
-    model: nn.Module, params: Mapping[str, Tensor], batch: Any, loss_fn: LossFn, acc: _Accumulator, size: int
+    model: nn.Module, params: Mapping[str, Tensor], batch: Any, loss_fn: LossFn, acc: Accumulator, size: int
 ) -> None:
     loss = check_losses(loss_fn(model, batch), size).sum()
     names = list(params)

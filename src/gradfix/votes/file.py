@@ -2,8 +2,11 @@
 
 This module is the only one that knows the format:
 
-- tensors ``grad_sum/<name>`` (``Σ_j g^(j)``, floating point) for every tensor voted on, and
-  ``counts/<name>`` (``Σ_j sign(−g^(j))``, an integer dtype, same shape) for all of them or none;
+- tensors ``grad_sum/<name>`` (``Σ_j g^(j)``, floating point) and ``counts/<name>``
+  (``Σ_j sign(−g^(j))``, an integer dtype, same shape), each for every tensor voted on or for
+  none: a ``majority`` file may hold counts only (votes taken with ``gradient="none"``), a
+  ``mean`` file needs the gradient sums, and counts without gradient sums need the majority
+  estimator's counts for every tensor;
 - header metadata ``gradfix_kind`` (:data:`VOTES_KIND`), ``num_samples`` (a positive
   integer), ``estimator`` (``majority`` or ``mean``) and ``hits`` (JSON ``{name: samples}``, each
   at most ``num_samples``).
@@ -55,8 +58,10 @@ _DIGITS = re.compile(r"[0-9]+")
 class VotesHeader:
     """What a votes file's header says: samples, estimator, hits and the tensors voted on.
 
-    ``shapes`` are those of the ``grad_sum`` tensors (by tensor name, without the prefix);
-    ``has_counts`` says whether the file holds vote counts (needed by the majority estimator).
+    ``shapes`` are those of the voted tensors (by tensor name, without the prefix: the
+    ``grad_sum`` tensors, or the ``counts`` of a file without gradient sums); ``has_counts`` says
+    whether the file holds vote counts (needed by the majority estimator), ``has_gradient``
+    whether it holds gradient sums (needed by the mean estimator and the mean gradient).
     """
 
     path: Path
@@ -65,6 +70,7 @@ class VotesHeader:
     hits: dict[str, int]
     has_counts: bool
     shapes: dict[str, tuple[int, ...]]
+    has_gradient: bool = True
 
 
 def _invalid(path: str | Path, problem: str) -> CheckpointError:
@@ -101,13 +107,17 @@ def read_votes_header(
         dtype = dtypes[GRAD_SUM_PREFIX + name]
         if not dtype.is_floating_point:
             raise _invalid(path, f"tensor {GRAD_SUM_PREFIX + name!r} is {dtype}, not floating point")
-    hits = _hits(path, meta, num_samples, grads)
+    has_gradient = bool(grads) or not counts
+    if not has_gradient and estimator == "mean":
+        raise _invalid(path, "the mean estimator needs gradient sums, and the file holds vote counts only")
+    voted = grads if has_gradient else counts
+    hits = _hits(path, meta, num_samples, voted, GRAD_SUM_PREFIX if has_gradient else COUNTS_PREFIX)
     has_counts = bool(counts) or estimator == "majority"
     if has_counts:
-        _check_count_tensors(path, grads, counts, dtypes)
-    header = VotesHeader(path, num_samples, cast(Estimator, estimator), hits, has_counts, grads)
+        _check_count_tensors(path, voted, counts, dtypes)
+    header = VotesHeader(path, num_samples, cast(Estimator, estimator), hits, has_counts, voted, has_gradient)
     if has_counts and check_counts:
-        for name, shape in grads.items():
+        for name, shape in voted.items():
             key = COUNTS_PREFIX + name
             if _counts_fit(dtypes[key], num_samples):
                 continue
@@ -131,7 +141,7 @@ def _num_samples(path: Path, meta: Mapping[str, str]) -> int:
 
 
 def _hits(
-    path: Path, meta: Mapping[str, str], num_samples: int, grads: Mapping[str, object]
+    path: Path, meta: Mapping[str, str], num_samples: int, grads: Mapping[str, object], prefix: str
 ) -> dict[str, int]:
     try:
         raw = json.loads(meta.get("hits", "{}"))
@@ -144,7 +154,7 @@ def _hits(
         if name not in grads:
             raise _invalid(
                 path,
-                f"hits names {_short(name)}, which is not a voted tensor (no {GRAD_SUM_PREFIX + name!r})",
+                f"hits names {_short(name)}, which is not a voted tensor (no {prefix + name!r})",
             )
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= num_samples:
             raise _invalid(
@@ -236,7 +246,7 @@ def read_votes(path: str | Path) -> SignVotes:
     path = Path(path)
     with open_checkpoint(path) as reader:
         header = read_votes_header(reader, path, check_counts=False)
-        grad_sum = {n: reader.get(GRAD_SUM_PREFIX + n) for n in header.shapes}
+        grad_sum = {n: reader.get(GRAD_SUM_PREFIX + n) for n in header.shapes} if header.has_gradient else {}
         counts = {n: reader.get(COUNTS_PREFIX + n) for n in header.shapes} if header.has_counts else {}
     for name, tensor in counts.items():
         check_counts_range(header, name, tensor)
@@ -279,7 +289,7 @@ def validate_votes_files(paths: Sequence[str | Path], tau_shapes: Mapping[str, t
             header = read_votes_header(reader, path)
             models[str(path)] = header.shapes
             dtypes = reader.dtypes()
-            for name, shape in header.shapes.items():
+            for name, shape in header.shapes.items() if header.has_gradient else ():
                 key = GRAD_SUM_PREFIX + name
                 for start, stop in _row_ranges(shape, dtypes[key].itemsize):
                     finite.check(path, name, reader.rows(key, start, stop))
@@ -303,7 +313,7 @@ def load_votes(paths: Sequence[str | Path], tau_shapes: Mapping[str, tuple[int, 
             finite.check(Path(given), name, tensor)
         loaded[str(Path(given))] = votes
     finite.raise_if_any("the votes file is corrupted")
-    _check_architectures({label: _shapes(v.grad_sum) for label, v in loaded.items()}, tau_shapes)
+    _check_architectures({label: v.shapes() for label, v in loaded.items()}, tau_shapes)
     return list(loaded.values())
 
 
@@ -332,10 +342,6 @@ def _foreign(path: str, voted: Mapping[str, object], tau_shapes: Mapping[str, ob
         f"tensor of the task vector (e.g. {_short(next(iter(tau_shapes)))}); the votes file was taken on "
         "another model (or on tensors that --include/--exclude now leave out)"
     )
-
-
-def _shapes(tensors: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
-    return {n: tuple(t.shape) for n, t in tensors.items()}
 
 
 __all__ = [
