@@ -9,10 +9,18 @@ Part 2, real: the whole ``gradfix transport`` on all-MiniLM-L6-v2 (source fine-t
 made by adding seeded noise to it), voting on 2 BBC sentences per class: the published
 algorithm (``--method gradfix``) and the default (``--method adaptive --alpha auto``).
 Reported against the fp32 model size, after subtracting the RSS of a process that only imports
-torch, transformers and gradfix.
+torch, transformers and gradfix. The vote holds its counts only (int16 while voting, int8 after);
+a run with ``--votes-out`` keeps the float32 gradient sums as well (they are saved), for comparison.
+
+Part 3, state: the vote's own memory per voting parameter on MiniLM (the running sums the vote
+engine holds at the end of the vote, read from its accumulator), with the gradient sums kept
+(``gradient="sum"``, the library default) and without (``gradient="none"``, what a transport uses),
+over every tensor and over a LoRA-like selection (the attention query and value weights: a task
+vector that changes only those votes only on those, the others need no gradient). Ends with the
+machine-readable ``state_bytes_per_voting_param=<x>`` of the counts-only vote.
 
 Each run is a fresh process; its peak RSS is its own ``ru_maxrss``.
-Run:  python benchmarks/transport_memory.py [--gb 2] [--largest-mb 256] [--skip-minilm]
+Run:  python benchmarks/transport_memory.py [--gb 2] [--largest-mb 256] [--skip-minilm] [--skip-synthetic]
 """
 
 from __future__ import annotations
@@ -215,16 +223,66 @@ def minilm() -> None:
         )
         # the published algorithm (batch 1: activations of one sample only), then the default
         # (adaptive: τ_A held in memory while t and α are chosen on the shots)
-        for method, alpha, batch in (("gradfix", "1.0", 8), ("gradfix", "1.0", 1), ("adaptive", "auto", 8)):
-            out = root / f"out-{method}-{batch}"
+        runs = [("gradfix", "1.0", 8, False), ("gradfix", "1.0", 8, True), ("gradfix", "1.0", 1, False)]
+        for method, alpha, batch, saved in [*runs, ("adaptive", "auto", 8, False)]:
+            out = root / f"out-{method}-{batch}-{saved}"
             settings = ["--method", method, "--alpha", alpha, "--batch-size", str(batch)]
+            if saved:  # the votes are saved: the gradient sums are kept while voting
+                settings += ["--votes-out", str(root / f"votes-{batch}.safetensors")]
             peak, wall = run_measured(_RUNNER, [*args[:-3], "--out", str(out), *settings, "--no-progress"])
+            state = json.loads((out / "gradfix.json").read_text())["data"]
             print(
-                f"  --method {method} --alpha {alpha}, batch {batch}: peak RSS {peak:.0f} MB "
-                f"in {wall:.0f} s; (peak - imports) / model = {(peak - baseline) / model_mb:.2f}"
+                f"  --method {method} --alpha {alpha}, batch {batch}{', --votes-out' if saved else ''}: "
+                f"peak RSS {peak:.0f} MB in {wall:.0f} s; (peak - imports) / model = "
+                f"{(peak - baseline) / model_mb:.2f}; {state['voted_parameters'] / 1e6:.1f} M parameters "
+                f"voted, gradient sums {'kept' if state['gradient'] == 'sum' else 'not kept'}"
             )
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def vote_state() -> None:
+    """Bytes of the vote's running sums per voting parameter on MiniLM, with and without sums."""
+    from gradfix.data import batched, label_set
+    from gradfix.recipes import load_recipe
+    from gradfix.votes import accumulator, estimate_signs
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from votes_speed import bbc_sentences, minilm_folder
+
+    examples = bbc_sentences(16)
+    model, recipe = load_recipe("text-zero-shot", minilm_folder(), label_set(examples))
+    batches = [recipe.collate(chunk) for chunk in batched(examples, 8)]
+    seen: list[int] = []
+    result = accumulator.Accumulator.result
+
+    def measured(self: accumulator.Accumulator, estimator: str) -> object:
+        seen.append(self.state_bytes())  # every running sum is made by the end of the vote
+        return result(self, estimator)  # type: ignore[arg-type]
+
+    accumulator.Accumulator.result = measured  # type: ignore[method-assign]
+    lora = ("attention.self.query.weight", "attention.self.value.weight")
+    print(f"\nvote state on all-MiniLM-L6-v2, {len(examples)} BBC sentences, batches of 8")
+    lean = 0.0
+    for label, voting in (("every tensor", None), ("LoRA-like (query, value)", lora)):
+        for param_name, p in model.named_parameters():
+            p.requires_grad_(voting is None or param_name.endswith(voting))
+        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        for gradient in ("sum", "none"):
+            start = time.perf_counter()
+            votes = estimate_signs(model, batches, recipe.loss, progress=False, gradient=gradient)  # type: ignore[arg-type]
+            wall = time.perf_counter() - start
+            per_param = seen[-1] / params
+            kept = sum(c.numel() * c.element_size() for c in votes.counts.values()) / params
+            print(
+                f"  {label}: {params / 1e6:.2f} M voting parameters, gradient={gradient!r}: "
+                f"{per_param:.2f} bytes per voting parameter while voting, {kept:.2f} in the result "
+                f"(counts {next(iter(votes.counts.values())).dtype}); vote {wall:.2f} s"
+            )
+            if gradient == "none" and voting is None:
+                lean = per_param
+    accumulator.Accumulator.result = result  # type: ignore[method-assign]
+    print(f"state_bytes_per_voting_param={lean:.2f}")
 
 
 def main() -> None:
@@ -234,11 +292,18 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=2.0, help="size of each synthetic checkpoint")
     parser.add_argument("--largest-mb", type=int, default=256, help="size of its largest tensor")
     parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--skip-synthetic", action="store_true")
     args = parser.parse_args()
-    synthetic(args.gb, args.largest_mb)
+    if not args.skip_synthetic:
+        synthetic(args.gb, args.largest_mb)
     if not args.skip_minilm:
         minilm()
-    print(f"\ncommand: python benchmarks/transport_memory.py --gb {args.gb} --largest-mb {args.largest_mb}")
+        vote_state()
+    skipped = "".join(f" --skip-{k}" for k in ("synthetic", "minilm") if getattr(args, f"skip_{k}"))
+    print(
+        "\ncommand: python benchmarks/transport_memory.py "
+        f"--gb {args.gb} --largest-mb {args.largest_mb}{skipped}"
+    )
 
 
 if __name__ == "__main__":
