@@ -41,6 +41,11 @@ def test_two_gloo_processes_equal_one_process(tmp_path) -> None:
     for name in alone.counts:
         assert torch.equal(together.counts[name], alone.counts[name]), name
         torch.testing.assert_close(together.grad_sum[name], alone.grad_sum[name])
+    # votes without gradient sums add up too
+    counts_only = SignVotes.load(tmp_path / "votes-counts.safetensors")
+    assert counts_only.grad_sum == {} and counts_only.hits == alone.hits
+    for name in alone.counts:
+        assert torch.equal(counts_only.counts[name], alone.counts[name]), name
 
 
 def test_without_a_process_group_nothing_changes() -> None:

@@ -29,6 +29,8 @@ if __name__ == "__main__":
     assert init_from_environment("gloo")
     model, samples = build()
     votes = all_reduce_votes(estimate_signs(model, shard(samples), loss, progress=False))
+    lean = all_reduce_votes(estimate_signs(model, shard(samples), loss, progress=False, gradient="none"))
     if world()[0] == 0:
         votes.save(sys.argv[1])
+        lean.save(sys.argv[1].replace(".safetensors", "-counts.safetensors"))
     torch.distributed.destroy_process_group()
