@@ -71,7 +71,8 @@ def split_over_threads(call: Callable[[int, int], int], units: int, work: int, t
             ok = call(bounds[i], bounds[i + 1]) == 0 and ok
         return ok
 
-    helpers: list[Future[bool]] = [_helpers(threads - 1).submit(take) for _ in range(min(threads, pieces) - 1)]
+    pool = _helpers(threads - 1)
+    helpers: list[Future[bool]] = [pool.submit(take) for _ in range(min(threads, pieces) - 1)]
     try:
         ok = take()
     finally:
