@@ -37,6 +37,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -287,9 +288,8 @@ def add_votes(grads: Tensor, grad_sum: Tensor, counts: Tensor) -> int | None:
     kernel = getattr(lib, f"gradfix_vote_{value}_{count}")
     nonzero = torch.zeros(max(samples, 1), dtype=torch.int32)
     args = (_ptr(grads, value_type), samples, n, _ptr(grad_sum, value_type), _ptr(counts, count_type))
-    flags = _ptr(nonzero, ctypes.c_int32)
     done = split_over_threads(
-        lambda begin, end: kernel(*args, begin, end, flags),
+        _over_ranges(kernel, args, _ptr(nonzero, ctypes.c_int32)),
         lib.gradfix_vote_units(n),
         samples * n,
         torch.get_num_threads(),
@@ -348,9 +348,8 @@ def add_linear_votes(x: Tensor, grad_out: Tensor, grad_sum: Tensor, counts: Tens
             _ptr(grad_sum, value_type),
             _ptr(counts, count_type),
         )
-        flags = _ptr(nonzero, ctypes.c_int32)
         done = split_over_threads(
-            lambda begin, end, args=args, flags=flags: kernel(*args, begin, end, flags),
+            _over_ranges(kernel, args, _ptr(nonzero, ctypes.c_int32)),
             units,
             (stop - start) * tokens * out_dim * in_dim,
             torch.get_num_threads(),
@@ -365,6 +364,11 @@ def _usable(*tensors: Tensor) -> bool:
 
 def _ptr(t: Tensor, ctype: type) -> Any:
     return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctype))
+
+
+def _over_ranges(kernel: Any, args: tuple[Any, ...], flags: Any) -> Callable[[int, int], int]:
+    """``kernel(*args, begin, end, flags)`` as a function of the range of units."""
+    return lambda begin, end: int(kernel(*args, begin, end, flags))
 
 
 def _hits(done: bool, nonzero: Tensor) -> int:
