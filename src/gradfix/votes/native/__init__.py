@@ -10,15 +10,19 @@ sum, sign, sum, cast, any). ``vote_counts.c`` does it in one:
   to the cost of one batched backward;
 - :func:`add_votes` counts per-sample gradients given in memory (other layers, other engines).
 
-Each coordinate's sums are added by one thread, sample after sample, so they are the same bits
-whatever the number of threads. Importing this module also asks MKL for products that do not
-depend on the thread count (:func:`reproducible_blas`).
+The kernel has no threads of its own (no OpenMP runtime beside PyTorch's, no thread that spins
+while it waits): each call covers a range of column blocks or tiles, and :func:`split_over_threads`
+hands out such ranges, several per thread, to PyTorch's number of threads (the calling thread
+and a small pool; :mod:`ctypes` releases the GIL during a call). A thread the system
+deschedules on a busy machine holds up the range it is in, not a fixed share of the work, and
+the others wait for it asleep. Each coordinate's sums are added in one range, sample after
+sample, so they are the same bits whatever the number of threads. Importing this module also
+asks MKL for products that do not depend on the thread count (:func:`reproducible_blas`).
 
 The kernel is plain C (no Python headers), built once per machine with ``$CC`` (default ``cc``)
-into ``native/`` under gradfix's cache (``$GRADFIX_CACHE``, default ``~/.cache/gradfix``), with
-OpenMP when the compiler has it, and loaded with :mod:`ctypes`. Without a compiler, or with
-``GRADFIX_NATIVE=0``, it is not used and the engine falls back to PyTorch operations: the same
-votes, more slowly.
+into ``native/`` under gradfix's cache (``$GRADFIX_CACHE``, default ``~/.cache/gradfix``) and
+loaded with :mod:`ctypes`. Without a compiler, or with ``GRADFIX_NATIVE=0``, it is not used and
+the engine falls back to PyTorch operations: the same votes, more slowly.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +45,16 @@ import torch
 from torch import Tensor
 
 from gradfix.cache_paths import cache_root
+from gradfix.votes.native.threads import split_over_threads
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("vote_counts.c")
 _VALUES = {torch.float32: ("f32", ctypes.c_float), torch.float64: ("f64", ctypes.c_double)}
 _COUNTS = {torch.int16: ("i16", ctypes.c_int16), torch.int32: ("i32", ctypes.c_int32)}
-_FLAG_SETS = (
-    ["-O3", "-march=native", "-fopenmp"],
-    ["-O3", "-fopenmp"],
+_FLAG_SETS = (  # -fopenmp-simd: the vector loops' pragmas, no OpenMP runtime
+    ["-O3", "-march=native", "-fopenmp-simd"],
+    ["-O3", "-fopenmp-simd"],
     ["-O3"],
 )
 
@@ -112,17 +118,20 @@ def _open(path: Path) -> ctypes.CDLL | None:
     except OSError as exc:
         log.debug("cannot load %s: %s", path, exc)
         return None
-    i64, i32 = ctypes.c_int64, ctypes.c_int32
+    i64, flags = ctypes.c_int64, ctypes.POINTER(ctypes.c_int32)
     try:
+        lib.gradfix_vote_units.argtypes, lib.gradfix_vote_units.restype = [i64], i64
         for value, value_type in _VALUES.values():
             for count, count_type in _COUNTS.values():
                 values, counts = ctypes.POINTER(value_type), ctypes.POINTER(count_type)
                 vote = getattr(lib, f"gradfix_vote_{value}_{count}")
-                vote.argtypes = [values, i64, i64, values, counts, i32]
+                vote.argtypes = [values, i64, i64, values, counts, i64, i64, flags]
                 vote.restype = i64
                 linear = getattr(lib, f"gradfix_linear_{value}_{count}")
-                linear.argtypes = [values, values, i64, i64, i64, i64, values, counts, i32]
+                linear.argtypes = [values, values, i64, i64, i64, i64, values, counts, i64, i64, flags]
                 linear.restype = i64
+                units = getattr(lib, f"gradfix_linear_{value}_{count}_units")
+                units.argtypes, units.restype = [i64, i64], i64
     except AttributeError as exc:  # a library built from another version of the source
         log.debug("%s lacks a function: %s", path, exc)
         return None
@@ -276,15 +285,16 @@ def add_votes(grads: Tensor, grad_sum: Tensor, counts: Tensor) -> int | None:
         return None
     (value, value_type), (count, count_type) = _VALUES[grads.dtype], _COUNTS[counts.dtype]
     samples, n = grads.shape
-    hits = getattr(lib, f"gradfix_vote_{value}_{count}")(
-        _ptr(grads, value_type),
-        samples,
-        n,
-        _ptr(grad_sum, value_type),
-        _ptr(counts, count_type),
+    kernel = getattr(lib, f"gradfix_vote_{value}_{count}")
+    nonzero = torch.zeros(max(samples, 1), dtype=torch.int32)
+    args = (_ptr(grads, value_type), samples, n, _ptr(grad_sum, value_type), _ptr(counts, count_type))
+    done = split_over_threads(
+        _over_ranges(kernel, args, _ptr(nonzero, ctypes.c_int32)),
+        lib.gradfix_vote_units(n),
+        samples * n,
         torch.get_num_threads(),
     )
-    return _checked(hits)
+    return _hits(done, nonzero)
 
 
 def add_linear_votes(x: Tensor, grad_out: Tensor, grad_sum: Tensor, counts: Tensor) -> int | None:
@@ -323,22 +333,28 @@ def add_linear_votes(x: Tensor, grad_out: Tensor, grad_sum: Tensor, counts: Tens
     # they stay in the shared cache while the tiles go over them
     step = max(1, LINEAR_CHUNK_BYTES // (tokens * (in_dim + out_dim) * x.element_size()))
     kernel = getattr(lib, f"gradfix_linear_{value}_{count}")
+    units = getattr(lib, f"gradfix_linear_{value}_{count}_units")(out_dim, in_dim)
     hits = 0
     for start in range(0, samples, step):
         stop = min(samples, start + step)
-        hits += _checked(
-            kernel(
-                _ptr(grad_out[start:stop], value_type),
-                _ptr(x[start:stop], value_type),
-                stop - start,
-                tokens,
-                out_dim,
-                in_dim,
-                _ptr(grad_sum, value_type),
-                _ptr(counts, count_type),
-                torch.get_num_threads(),
-            )
+        nonzero = torch.zeros(stop - start, dtype=torch.int32)
+        args = (
+            _ptr(grad_out[start:stop], value_type),
+            _ptr(x[start:stop], value_type),
+            stop - start,
+            tokens,
+            out_dim,
+            in_dim,
+            _ptr(grad_sum, value_type),
+            _ptr(counts, count_type),
         )
+        done = split_over_threads(
+            _over_ranges(kernel, args, _ptr(nonzero, ctypes.c_int32)),
+            units,
+            (stop - start) * tokens * out_dim * in_dim,
+            torch.get_num_threads(),
+        )
+        hits += _hits(done, nonzero)
     return hits
 
 
@@ -350,7 +366,13 @@ def _ptr(t: Tensor, ctype: type) -> Any:
     return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctype))
 
 
-def _checked(hits: int) -> int:
-    if hits < 0:
+def _over_ranges(kernel: Any, args: tuple[Any, ...], flags: Any) -> Callable[[int, int], int]:
+    """``kernel(*args, begin, end, flags)`` as a function of the range of units."""
+    return lambda begin, end: int(kernel(*args, begin, end, flags))
+
+
+def _hits(done: bool, nonzero: Tensor) -> int:
+    """How many samples the kernel flagged as non-zero; MemoryError when a call ran out of memory."""
+    if not done:
         raise MemoryError("gradfix.votes.native: out of memory in the vote kernel")
-    return int(hits)
+    return int(nonzero.count_nonzero())

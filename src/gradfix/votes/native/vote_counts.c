@@ -4,21 +4,25 @@
  *   grad_sum[j] += sum_b g_b[j]
  *   counts[j]   -= sum_b sign(g_b[j])        (the votes of the anti-gradient, sign(-g))
  *
- * and returns how many samples b have some g_b[j] != 0 (-1 when out of memory).
+ * for the coordinates of a range [begin, end) of work units, sets nonzero[b] = 1 for every sample
+ * b with some g_b[j] != 0 among them, and returns 0 (-1 when out of memory).
  *
- * gradfix_vote_*: the per-sample gradients are given, row-major [samples, n].  Columns are split
- * into blocks shared among the threads; a block is visited sample by sample with its running sums
+ * gradfix_vote_*: the per-sample gradients are given, row-major [samples, n].  A unit is a block
+ * of BLOCK columns (gradfix_vote_units); a block is visited sample by sample with its running sums
  * in a local array, so that each value of g is read once and the running sums stay in cache.
  *
  * gradfix_linear_*: the per-sample gradients of a linear weight, g_b = d_b^T x_b, are formed here
  * from the layer's output gradients d ([samples, tokens, out]) and inputs x ([samples, tokens,
- * in]), one register tile of R x W coordinates at a time, and counted while
- * still in registers: they are never written to memory.  Each thread takes whole tiles; a tile's
- * running sums stay local for all samples and are written once.
+ * in]), one register tile of R x W coordinates at a time, and counted while still in registers:
+ * they are never written to memory.  A unit is GROUP neighbouring tiles of one row block
+ * (gradfix_linear_units_*); a tile's running sums stay local for all samples and are written once.
  *
- * Work is split among threads by coordinates, never by samples: each coordinate's sum is added by
- * one thread in sample order (and a product over tokens in token order), so grad_sum is the same
- * bits whatever the number of threads.
+ * There are no threads here: the caller splits the units into ranges and calls these functions
+ * from its own threads, several ranges per thread taken as they come, so that a thread the system
+ * deschedules holds up one range, not a fixed share.  Ranges never share a coordinate: each
+ * coordinate's sum is added by one call in sample order (and a product over tokens in token order),
+ * so grad_sum is the same bits however the units are split.  Only the flags in nonzero are shared,
+ * written with relaxed atomic stores of the same value.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -26,32 +30,18 @@
 
 #define BLOCK 1024
 
-/* Flag sample b as having a non-zero gradient (threads may flag the same sample). */
+/* Flag sample b as having a non-zero gradient (several calls may flag the same sample at once). */
 static inline void mark(int32_t *nonzero, int64_t b) {
-  int32_t seen;
-#pragma omp atomic read
-  seen = nonzero[b];
-  if (!seen) {
-#pragma omp atomic write
-    nonzero[b] = 1;
-  }
+  if (!__atomic_load_n(nonzero + b, __ATOMIC_RELAXED)) __atomic_store_n(nonzero + b, 1, __ATOMIC_RELAXED);
 }
 
-/* How many samples are flagged; frees the flags. */
-static int64_t count_and_free(int32_t *nonzero, int64_t samples) {
-  int64_t hits = 0;
-  for (int64_t b = 0; b < samples; ++b) hits += nonzero[b] != 0;
-  free(nonzero);
-  return hits;
-}
+/* How many units gradfix_vote_* splits n columns into. */
+int64_t gradfix_vote_units(int64_t n) { return (n + BLOCK - 1) / BLOCK; }
 
 #define VOTE(NAME, T, C)                                                                        \
-  int64_t NAME(const T *g, int64_t samples, int64_t n, T *grad_sum, C *counts, int32_t threads) { \
-    int32_t *nonzero = (int32_t *)calloc(samples > 0 ? samples : 1, sizeof(int32_t));           \
-    if (!nonzero) return -1;                                                                    \
-    int64_t blocks = (n + BLOCK - 1) / BLOCK;                                                   \
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")                           \
-    for (int64_t k = 0; k < blocks; ++k) {                                                      \
+  int64_t NAME(const T *g, int64_t samples, int64_t n, T *grad_sum, C *counts, int64_t begin,     \
+               int64_t end, int32_t *nonzero) {                                                 \
+    for (int64_t k = begin; k < end; ++k) {                                                     \
       int64_t j0 = k * BLOCK, width = (j0 + BLOCK < n ? j0 + BLOCK : n) - j0;                   \
       T sum[BLOCK];                                                                             \
       int32_t vote[BLOCK];                                                                      \
@@ -75,7 +65,7 @@ static int64_t count_and_free(int32_t *nonzero, int64_t samples) {
         counts[j0 + j] = (C)(counts[j0 + j] - vote[j]);                                         \
       }                                                                                         \
     }                                                                                           \
-    return count_and_free(nonzero, samples);                                                    \
+    return 0;                                                                                   \
   }
 
 VOTE(gradfix_vote_f32_i16, float, int16_t)
@@ -106,29 +96,24 @@ VOTE(gradfix_vote_f64_i32, double, int32_t)
 #endif
 
 #define LINEAR(NAME, T, C, R, W)                                                                \
+  int64_t NAME##_units(int64_t out, int64_t in) {                                               \
+    return ((in + W - 1) / W + GROUP - 1) / GROUP * ((out + R - 1) / R);                        \
+  }                                                                                             \
   int64_t NAME(const T *dg, const T *x, int64_t samples, int64_t tokens, int64_t out, int64_t in, \
-               T *grad_sum, C *counts, int32_t threads) {                                        \
-    int32_t *nonzero = (int32_t *)calloc(samples > 0 ? samples : 1, sizeof(int32_t));           \
-    if (!nonzero) return -1;                                                                    \
+               T *grad_sum, C *counts, int64_t begin, int64_t end, int32_t *nonzero) {          \
     int64_t iblocks = (in + W - 1) / W, oblocks = (out + R - 1) / R;                            \
-    int64_t groups = (iblocks + GROUP - 1) / GROUP;                                             \
-    int failed = 0;                                                                             \
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")                           \
-    for (int64_t k = 0; k < groups * oblocks; ++k) {                                            \
+    T *pad = NULL; /* an edge tile is computed on zero-padded copies of its panels */           \
+    for (int64_t k = begin; k < end; ++k) {                                                     \
       int64_t ob = k % oblocks, ib_end = (k / oblocks + 1) * GROUP;                             \
       for (int64_t ib = (k / oblocks) * GROUP; ib < (ib_end < iblocks ? ib_end : iblocks); ++ib) { \
         int64_t i0 = ib * W, o0 = ob * R;                                                       \
         int64_t rows = out - o0 < R ? out - o0 : R, cols = in - i0 < W ? in - i0 : W;          \
         int edge = rows < R || cols < W;                                                        \
-        T *pad = NULL; /* an edge tile is computed on zero-padded copies of its panels */       \
-        if (edge) {                                                                             \
+        if (edge && !pad) {                                                                     \
           pad = (T *)calloc((size_t)tokens * (R + W), sizeof(T));                               \
-          if (!pad) {                                                                           \
-            _Pragma("omp atomic write")                                                         \
-            failed = 1;                                                                         \
-            continue;                                                                           \
-          }                                                                                     \
+          if (!pad) return -1;                                                                  \
         }                                                                                       \
+        if (edge) memset(pad, 0, sizeof(T) * (size_t)tokens * (R + W));                         \
         T gs[R][W];                                                                             \
         int32_t vt[R][W];                                                                       \
         for (int r = 0; r < R; ++r)                                                             \
@@ -179,11 +164,10 @@ VOTE(gradfix_vote_f64_i32, double, int32_t)
             grad_sum[j] = gs[r][w];                                                             \
             counts[j] = (C)(counts[j] - vt[r][w]);                                              \
           }                                                                                     \
-        free(pad);                                                                              \
       }                                                                                         \
     }                                                                                           \
-    int64_t hits = count_and_free(nonzero, samples);                                            \
-    return failed ? -1 : hits;                                                                  \
+    free(pad);                                                                                  \
+    return 0;                                                                                   \
   }
 
 LINEAR(gradfix_linear_f32_i16, float, int16_t, R32, W32)
