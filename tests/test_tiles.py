@@ -52,7 +52,8 @@ def test_tiles_equal_whole_products(samples: int, tokens: int, out_dim: int, in_
     x, g = _inputs(samples, tokens, out_dim, in_dim)
     per_row = samples * in_dim * 5  # float32 products and a byte of mask per value
     budget = tiles.TILE_BYTES if rows is None else rows * per_row
-    assert tiles.tile_rows(samples, out_dim, in_dim, x.dtype, budget, x.device) == min(out_dim, rows or out_dim)
+    chosen = tiles.tile_rows(samples, out_dim, in_dim, x.dtype, budget, x.device)
+    assert chosen == min(out_dim, rows or out_dim)
     counts = torch.randint(-3, 4, (out_dim, in_dim), dtype=torch.int16)
     sums = torch.randn(out_dim, in_dim)
     want_counts, want_sums = counts.clone(), sums.clone()

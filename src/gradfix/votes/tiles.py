@@ -41,7 +41,7 @@ def _setting() -> str:
 
 
 def forced() -> bool:
-    """Whether ``GRADFIX_TILES`` asks for the tiled path on every device (``1``, ``true``, ``yes``, ``on``)."""
+    """Whether ``GRADFIX_TILES`` (``1``, ``true``, ``yes``, ``on``) asks for the tiled path everywhere."""
     return _setting() in ("1", "true", "yes", "on")
 
 
@@ -94,7 +94,8 @@ def check_linear(x: Tensor, grad_out: Tensor, counts: Tensor, grad_sum: Tensor |
         )
     shape = (grad_out.shape[2], x.shape[2])
     if tuple(counts.shape) != shape or counts.dtype not in _COUNT_TYPES:
-        raise ValueError(f"counts must be an integer tensor of shape {shape}, got {counts.dtype} {tuple(counts.shape)}")
+        got = f"{counts.dtype} {tuple(counts.shape)}"
+        raise ValueError(f"counts must be an integer tensor of shape {shape}, got {got}")
     if grad_out.dtype not in _FLOATS or x.dtype != grad_out.dtype:
         raise ValueError(f"x and grad_out must share a floating dtype, got {x.dtype} and {grad_out.dtype}")
     if grad_sum is not None and (tuple(grad_sum.shape) != shape or grad_sum.device != counts.device):
