@@ -13,7 +13,7 @@ Measured:
 
 1. the transport (``gradfix transport --recipe causal-lm --method gradfix``, voting on the
    projections: ``--include '*_proj.weight'`` unless ``--all-tensors``) in a fresh process: its
-   peak RSS (``ru_maxrss``) over the model's bytes, raw and after subtracting a process that only
+   peak RSS (``VmHWM``) over the model's bytes, raw and after subtracting a process that only
    imports torch, transformers and gradfix;
 2. in this process, on ``--device`` in ``--dtype``: B votes on the same samples with
    ``estimate_signs`` against one batched forward+backward of the same samples (same trainable
@@ -56,16 +56,28 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 SPECIALS = ["[PAD]", "[UNK]", "<s>", "</s>"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+_PEAK = (
+    "def _peak_kb():\n"
+    "    # VmHWM: this process's own high-water mark (ru_maxrss would include the parent's RSS at exec)\n"
+    "    try:\n"
+    "        for line in open('/proc/self/status'):\n"
+    "            if line.startswith('VmHWM:'):\n"
+    "                return int(line.split()[1])\n"
+    "    except OSError:\n"
+    "        pass\n"
+    "    import resource\n"
+    "    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+)
 _RUNNER = (
-    "import resource, sys\n"
+    _PEAK + "import sys\n"
     "from gradfix.cli.main import main\n"
     "code = main(sys.argv[1:])\n"
-    "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    "print('PEAK_RSS_KB', _peak_kb(), file=sys.stderr)\n"
     "sys.exit(code)\n"
 )
 _BASELINE = (
-    "import resource, sys, torch, transformers, gradfix.cli.main, gradfix.jobs\n"
-    "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    _PEAK + "import sys, torch, transformers, gradfix.cli.main, gradfix.jobs\n"
+    "print('PEAK_RSS_KB', _peak_kb(), file=sys.stderr)\n"
 )
 
 

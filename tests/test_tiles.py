@@ -106,10 +106,12 @@ def test_when_the_tiles_are_used(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, meta = torch.device("cpu"), torch.device("meta")
     monkeypatch.delenv("GRADFIX_TILES", raising=False)
     assert not tiles.wanted(cpu) and tiles.wanted(meta) and not tiles.forced()
+    assert tiles.wanted(cpu, torch.bfloat16) and tiles.wanted(cpu, torch.float16)
+    assert not tiles.wanted(cpu, torch.float64)
     monkeypatch.setenv("GRADFIX_TILES", "1")
     assert tiles.wanted(cpu) and tiles.forced()
     monkeypatch.setenv("GRADFIX_TILES", "off")
-    assert not tiles.wanted(cpu) and not tiles.wanted(meta)
+    assert not tiles.wanted(cpu) and not tiles.wanted(meta) and not tiles.wanted(cpu, torch.bfloat16)
     assert tiles.product_dtype(torch.bfloat16) == tiles.product_dtype(torch.float16) == torch.float32
     assert tiles.product_dtype(torch.float64) == torch.float64
 

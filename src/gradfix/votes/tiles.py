@@ -17,8 +17,9 @@ elsewhere), so each vote is the sign of the float32 sum over the sample's tokens
 model's half-precision values. Counts stay integers and gradient sums float32 (float64 for a
 float64 model).
 
-``GRADFIX_TILES=1`` forces this path on the CPU too (where it computes, in float32, the same votes
-as the C kernel and the loop of one backward per sample); ``GRADFIX_TILES=0`` turns it off.
+:func:`wanted` says when a layer votes here: off the CPU and for half-precision layers. On the
+CPU ``GRADFIX_TILES=1`` forces this path for every layer (in float32 it computes the same votes as
+the C kernel and the loop of one backward per sample); ``GRADFIX_TILES=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -45,15 +46,17 @@ def forced() -> bool:
     return _setting() in ("1", "true", "yes", "on")
 
 
-def wanted(device: torch.device) -> bool:
-    """Whether a linear layer on ``device`` votes through :func:`add_linear_votes`.
+def wanted(device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether a linear layer on ``device`` in ``dtype`` votes through :func:`add_linear_votes`.
 
-    Yes off the CPU (where the C kernel does not run) and, when :func:`forced`, on the CPU too;
-    never when ``GRADFIX_TILES`` is ``0``, ``false``, ``no`` or ``off``.
+    Yes off the CPU (where the C kernel does not run), for bfloat16 and float16 layers anywhere
+    (the C kernel takes float32 and float64 only; here their products are accumulated in
+    float32) and, when :func:`forced`, always; never when ``GRADFIX_TILES`` is ``0``, ``false``,
+    ``no`` or ``off``.
     """
     if _setting() in ("0", "false", "no", "off"):
         return False
-    return device.type != "cpu" or forced()
+    return device.type != "cpu" or dtype in _HALF or forced()
 
 
 def product_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -128,10 +131,13 @@ def add_linear_votes(
     x = x.contiguous()
     g_t = grad_out.transpose(1, 2)  # [b, out, tokens]; each tile's slice goes to bmm as a view
     nonzero = torch.zeros(samples, dtype=torch.bool, device=x.device)
+    seen_all = False
     for start in range(0, out_dim, rows):
         stop = min(out_dim, start + rows)
         tile = _products(g_t[:, start:stop], x)  # [b, rows, in]
-        nonzero |= tile.ne(0).flatten(1).any(dim=1)
+        if not seen_all:  # once every sample has a non-zero product, no tile needs checking
+            nonzero |= tile.ne(0).flatten(1).any(dim=1)
+            seen_all = bool(nonzero.all())
         if grad_sum is not None:
             grad_sum[start:stop] += tile.sum(dim=0).to(device=grad_sum.device, dtype=grad_sum.dtype)
         # Σ_b sign(G_b) over ±1 and 0 is exact in the tile's float dtype up to 2^24 samples
