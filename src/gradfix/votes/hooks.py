@@ -217,7 +217,8 @@ def hook_gradients(
             unsure.append(len(calls))
         if not output.requires_grad:
             output.requires_grad_()
-        calls.append((module, x.detach(), output))
+        # a module moved by a device hook (device_map) is given its input on another device
+        calls.append((module, x.detach().to(output.device), output))
         return replaced
 
     flags = {n: p.requires_grad for n, p in params.items()}

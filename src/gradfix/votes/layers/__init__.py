@@ -121,17 +121,36 @@ def covering_rule(module: nn.Module) -> LayerRule | None:
     Only a module whose own class is registered is covered: a subclass of a registered type may
     compute something else, or have its weight used by its parent outside its ``forward`` (as
     ``nn.MultiheadAttention`` does with its ``out_proj``), so it goes to the loop unless its class
-    is registered too. A module whose ``forward`` is replaced on the instance, or that the rule's
-    ``covers`` refuses, goes to the loop as well.
+    is registered too. A module whose ``forward`` is replaced on the instance (other than by
+    ``accelerate``'s device hook, :func:`moves_devices_only`), or that the rule's ``covers``
+    refuses, goes to the loop as well.
     """
     rule = _registered(type(module))
     if rule is None:
         return None
-    if "forward" in vars(module):
+    if "forward" in vars(module) and not moves_devices_only(module):
         return None
     if rule.covers is not None and not rule.covers(module):
         return None
     return rule
+
+
+def moves_devices_only(module: nn.Module) -> bool:
+    """Whether ``module.forward`` is replaced on the instance only by ``accelerate``'s device hook.
+
+    A model spread over devices (``from_pretrained(..., device_map=...)``, ``dispatch_model``)
+    may have ``accelerate``'s ``AlignDevicesHook`` wrapped around a module's own ``forward``: it
+    moves the inputs to the module's device (and back) and computes the same, so the module's
+    rule still applies (the rule moves the recorded input beside the output gradient). A hook
+    that offloads weights, or any other replacement of ``forward``, does not qualify.
+    """
+    hook = getattr(module, "_hf_hook", None)
+    original = getattr(module, "_old_forward", None)
+    return (
+        type(hook).__name__ == "AlignDevicesHook"
+        and not getattr(hook, "offload", True)
+        and getattr(original, "__func__", None) is type(module).forward
+    )
 
 
 def module_sums(
@@ -164,6 +183,7 @@ __all__ = [
     "SumsFn",
     "covering_rule",
     "module_sums",
+    "moves_devices_only",
     "register_layer_rule",
     "rule_for",
     "type_path",

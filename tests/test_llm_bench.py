@@ -1,0 +1,82 @@
+"""The LLM-shaped benchmark's pieces at its tiny size: models the causal-lm recipe loads, a task
+vector only on the projections, a transport that runs on them, and the vote figures it prints."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from argparse import Namespace
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gradfix.cli.main import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("llm_transport", ROOT / "benchmarks" / "llm_transport.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModuleType, dict[str, Path], Path, int]:
+    bench = _bench()
+    root = tmp_path_factory.mktemp("llm")
+    paths, words, numel = bench.write_models(root, "tiny", rank=4, seed=0)
+    data = bench.write_data(root / "data.jsonl", words, samples=4, tokens=6, seed=0)
+    return bench, paths, data, numel
+
+
+def test_the_task_vector_is_low_rank_on_the_projections_only(built) -> None:
+    bench, paths, _, numel = built
+    a, tuned, b = (load_file(str(paths[k] / "model.safetensors")) for k in ("A", "A-ft", "B"))
+    assert sum(t.numel() for t in a.values()) == numel and set(a) == set(tuned) == set(b)
+    changed = {n for n in a if not torch.equal(a[n], tuned[n])}
+    assert changed == {n for n in a if n.split(".")[-2] in bench.PROJECTIONS}
+    assert len(changed) == 2 * len(bench.PROJECTIONS)  # two layers
+    for name in changed:
+        delta = tuned[name].double() - a[name].double()  # B·A, up to float32 rounding
+        assert int(torch.linalg.matrix_rank(delta, rtol=1e-3)) == 4
+    assert all(not torch.equal(a[n], b[n]) for n in a)  # B moved everywhere, a little
+    assert max(float((a[n] - b[n]).abs().max() / a[n].abs().max().clamp_min(1e-12)) for n in a) < 0.05
+
+
+def test_a_transport_of_the_benchmark_runs(built, tmp_path: Path) -> None:
+    bench, paths, data, _ = built
+    out = tmp_path / "out"
+    assert main(bench.transport_args(paths, data, 4, out, all_tensors=False)) == 0
+    record = json.loads((out / "gradfix.json").read_text())
+    assert record["data"]["num_samples"] == 4 and record["method"] == "gradfix"
+    written = load_file(str(out / "model.safetensors"))
+    base = load_file(str(paths["B"] / "model.safetensors"))
+    moved = {n for n in base if not torch.equal(base[n], written[n])}
+    assert moved and all(n.endswith("_proj.weight") for n in moved)
+
+
+@pytest.mark.parametrize("force_tiles", [False, True])
+def test_the_vote_figures(built, monkeypatch: pytest.MonkeyPatch, force_tiles: bool) -> None:
+    bench, paths, data, _ = built
+    if force_tiles:
+        monkeypatch.setenv("GRADFIX_TILES", "1")
+    args = Namespace(dtype="float32", all_tensors=False, batch_size=2, engine="auto", rounds=1)
+    timing = bench.time_votes(paths["B"], data, args, torch.device("cpu"))
+    projections = 2 * len(bench.PROJECTIONS)
+    assert timing["samples"] == 4 and timing["voting_params"] > 0
+    # int8 counts (4 samples) and float32 gradient sums: 5 bytes per voting parameter today
+    assert timing["state_bytes"] == timing["voting_params"] * 5 and timing["count_dtype"] == "torch.int8"
+    assert timing["batched"] > 0 and timing["votes"] > 0 and timing["ratio"] > 0
+    assert timing["paths"].endswith("(calls per linear weight and batch)")
+    counted = sum(int(part.split()[-1]) for part in timing["paths"].split(" (")[0].split(", "))
+    assert counted == projections * 2  # every projection, in each of the two batches, by one path
