@@ -19,10 +19,8 @@ from tiny_models import make_tiny_bert, perturbed_copy, topic_examples, write_js
 
 from gradfix.cli.main import main
 from gradfix.io import load_state_dict
-from gradfix.jobs import transport_checkpoints
 from gradfix.jobs.check_stats import unit_shuffle, unit_shuffle_at
 from gradfix.jobs.check_votes import rebasin_blocker, warning_line
-from gradfix.settings import MaskSettings, VoteSettings
 
 WARNING = "gradfix: warning: "
 SMALL_GRID = ("--thresholds", "0", "naive", "--alphas", "0", "1")
@@ -125,14 +123,6 @@ def test_other_methods_warn_but_keep_tau(
     aligned, err = _transport(models, "B-perm", tmp_path / "tf", capsys, *masked)
     assert aligned["check"]["tau"] == "aligned to B by --method transfusion"
     assert aligned["check"]["verdict"] == "transfers" and _warnings(err) == []
-
-
-def test_the_check_can_be_left_out_from_python(models: dict[str, Path], tmp_path: Path) -> None:
-    votes = VoteSettings(data=str(models["few"]), shots=2, progress=False)
-    masking = MaskSettings(mask="agreement", alpha=1.0, exclude=["pooler.*"])
-    args = (models["A"], models["A-ft"], models["B-perm"], tmp_path / "out", votes, masking)
-    record = transport_checkpoints(*args, method="gradfix", check=False)
-    assert "check" not in record and "aligned_by" not in record
 
 
 def test_bad_input_is_still_one_line_and_writes_nothing(

@@ -21,7 +21,7 @@ shots keep the agreement above chance, so it can call ``weak`` what this calls `
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,34 @@ def _meta(shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtyp
 
 
 @dataclass
+class _Null:
+    """The unit shuffles of ``τ`` on sampled coordinates, and their agreements as they add up."""
+
+    picked: dict[str, Tensor]
+    permutations: int
+    generator: torch.Generator
+    agreeing: Tensor = field(init=False)
+    compared: Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.agreeing = torch.zeros(self.permutations, dtype=torch.float64)
+        self.compared = torch.zeros(self.permutations, dtype=torch.float64)
+
+    def add(self, name: str, tau: Tensor, sign: Tensor) -> None:
+        """Add tensor ``name``: ``permutations`` shuffles of ``τ``'s signs against the vote ``ŝ``."""
+        picked = self.picked[name]
+        tau_sign, vote = torch.sign(tau).to(torch.int8), sign.reshape(-1)[picked]
+        for p in range(self.permutations):
+            agreeing, compared = agreement_counts(unit_shuffle_at(tau_sign, picked, self.generator), vote)
+            self.agreeing[p] += agreeing
+            self.compared[p] += compared
+
+    def agreements(self) -> Tensor:
+        """The agreement of every shuffle."""
+        return self.agreeing / self.compared.clamp(min=1)
+
+
+@dataclass
 class _Tally:
     agreeing: int = 0
     compared: int = 0
@@ -111,9 +139,14 @@ class _Tally:
 
 
 def _measure(
-    tau: TauRows, names: Sequence[str], shapes: Mapping[str, tuple[int, ...]], votes: VoteReference
+    tau: TauRows,
+    names: Sequence[str],
+    shapes: Mapping[str, tuple[int, ...]],
+    votes: VoteReference,
+    null: _Null | None = None,
 ) -> _Tally:
-    """Agreement of ``τ`` with the votes and ``⟨ḡ, τ⟩`` over tensors ``names``, one tensor at a time."""
+    """Agreement of ``τ`` with the votes and ``⟨ḡ, τ⟩`` over tensors ``names``, one tensor at a
+    time, and on the way the ``null``'s shuffles of ``τ`` (one pass over ``τ`` and the votes)."""
     tally = _Tally()
     for name in names:
         t = tau.whole(name, shapes[name])
@@ -122,31 +155,9 @@ def _measure(
         tally.agreeing, tally.compared = tally.agreeing + agreeing, tally.compared + compared
         if gradient is not None:
             tally.inner += ordered_dot(gradient.double(), t.double())
+        if null is not None:
+            null.add(name, t, reference.sign)
     return tally
-
-
-def _null(
-    tau: TauRows,
-    names: Sequence[str],
-    shapes: Mapping[str, tuple[int, ...]],
-    votes: VoteReference,
-    settings: tuple[int, int, int],
-) -> Tensor:
-    """The agreements of ``permutations`` unit shuffles of ``τ`` with the votes on sampled coordinates."""
-    coordinates, permutations, seed = settings
-    generator = torch.Generator().manual_seed(seed)
-    numels = {n: int(torch.Size(shapes[n]).numel()) for n in names}
-    picked = sample_coordinates(numels, coordinates, generator)
-    agreeing = torch.zeros(permutations, dtype=torch.float64)
-    compared = torch.zeros(permutations, dtype=torch.float64)
-    for name in names:
-        tau_sign = torch.sign(tau.whole(name, shapes[name])).to(torch.int8)
-        vote = votes.rows(name, 0, _rows(shapes[name]))[0].sign.reshape(-1)[picked[name]]
-        for p in range(permutations):
-            a, c = agreement_counts(unit_shuffle_at(tau_sign, picked[name], generator), vote)
-            agreeing[p] += a
-            compared[p] += c
-    return agreeing / compared.clamp(min=1)
 
 
 def _rows(shape: Sequence[int]) -> int:
@@ -175,11 +186,13 @@ def verdict_from_votes(
     transfers) and the aligned ``τ_A`` when re-basin was measured.
     """
     compared = [n for n in names if votes.covers(n) and (nonzero is None or n in nonzero)]
-    direct = _measure(tau, compared, shapes, votes)
+    generator = torch.Generator().manual_seed(seed)
+    numels = {n: int(torch.Size(shapes[n]).numel()) for n in compared}
+    null = _Null(sample_coordinates(numels, coordinates, generator), permutations, generator)
+    direct = _measure(tau, compared, shapes, votes, null)
     if not direct.compared:
         return VotesCheck({"verdict": None, "reason": "no coordinate of τ_A was voted on"})
-    null = _null(tau, compared, shapes, votes, (coordinates, permutations, seed))
-    chance, chance_sd = spread(null)
+    chance, chance_sd = spread(null.agreements())
     agreement = Agreement(share(direct.agreeing, direct.compared), 0.0, chance, chance_sd)
     stats = CheckStatistics(agreement, direct.inner)
     record: dict[str, Any] = {
@@ -193,7 +206,7 @@ def verdict_from_votes(
         "high": stats.direct.band[1],
         "sd": chance_sd,
         "permutations": permutations,
-        "coordinates": min(coordinates, sum(int(torch.Size(shapes[n]).numel()) for n in compared)),
+        "coordinates": sum(len(p) for p in null.picked.values()),
     }
     aligned = None
     if rebasin is None or stats.direct.clear:

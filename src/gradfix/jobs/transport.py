@@ -80,7 +80,6 @@ def transport_checkpoints(
     out_format: str = "full",
     adapter_rank: int | None = None,
     revision: str | None = None,
-    check: bool = True,
 ) -> dict[str, Any]:
     """Transport ``τ_A = source_finetuned − source_base`` onto ``target_base`` and write ``out``.
 
@@ -108,9 +107,9 @@ def transport_checkpoints(
     ``adapter_rank`` for the target instead (:mod:`gradfix.jobs.adapter_output`; not with the
     aligned methods), recorded under ``"adapter"``.
 
-    With ``check`` (the default) a transport that votes states the verdict of ``gradfix check``
-    from the votes it took (:func:`gradfix.jobs.check_votes.verdict_from_votes`, no second vote),
-    recorded under ``"check"``; when a permutation explains the disagreement, the adaptive method
+    A transport that votes states the verdict of ``gradfix check`` from the votes it took
+    (:func:`gradfix.jobs.check_votes.verdict_from_votes`, no second vote), recorded under
+    ``"check"``; when a permutation explains the disagreement, the adaptive method
     aligns ``τ_A`` by re-basin before choosing (recorded as ``"aligned_by": "transfusion"``).
     """
     hub_target = parse_hub_id(target_base)  # an adapter output names B as the user did: a Hub id stays one
@@ -142,7 +141,6 @@ def transport_checkpoints(
             overwrite,
             shard_bytes,
             options,
-            check,
         )
     out, files_in = Path(out), [Path(p) for p in votes_in]
     needs_votes = get_mask(str(masking.mask)).needs_reference
@@ -173,7 +171,7 @@ def transport_checkpoints(
         record.update(out_format=out_format, adapter_rank=adapter_rank)
         record["num_samples"] = held.reference.num_samples if held is not None else 0
         try:
-            if held is not None and check:  # the verdict of gradfix check, from these votes
+            if held is not None:  # the verdict of gradfix check, from these votes
                 bases = (source_base, target_base)
                 tau = state_verdict(
                     record, chosen.name, (tau, rt), (names, nonzero), held.reference, bases, votes.seed
@@ -309,7 +307,6 @@ def _transport_aligned(
     overwrite: bool,
     shard_bytes: int,
     options: dict[str, Any],
-    check: bool = True,
 ) -> dict[str, Any]:
     """TransFusion or Theseus: align ``τ_A`` to the target, mask it (votes taken on the target), write."""
     data = votes.data if get_mask(str(masking.mask)).needs_reference else None
@@ -331,8 +328,7 @@ def _transport_aligned(
         record["data"] = {**data_record(data), **info}
         if world()[0] != 0:
             return {**record, "written_by_another_process": True}
-        if check:
-            record["check"] = aligned_verdict(tau, reference, method.name, votes.seed)
+        record["check"] = aligned_verdict(tau, reference, method.name, votes.seed)
     alpha = fixed_alpha(masking.alpha)
     masked = mask_task_vector(
         tau,
