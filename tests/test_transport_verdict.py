@@ -20,7 +20,9 @@ from tiny_models import make_tiny_bert, perturbed_copy, topic_examples, write_js
 from gradfix.cli.main import main
 from gradfix.io import load_state_dict
 from gradfix.jobs.check_stats import unit_shuffle, unit_shuffle_at
-from gradfix.jobs.check_votes import rebasin_blocker, warning_line
+from gradfix.jobs.check_votes import rebasin_blocker, verdict_from_votes, warning_line
+from gradfix.masking import TauRows, VoteReference
+from gradfix.votes import SignVotes
 
 WARNING = "gradfix: warning: "
 SMALL_GRID = ("--thresholds", "0", "naive", "--alphas", "0", "1")
@@ -161,3 +163,33 @@ def test_warning_only_when_the_verdict_is_not_transfers() -> None:
     assert warning_line({"verdict": "transfers", "sign_agreement": agreement}) is None
     weak = warning_line({"verdict": "weak", "recommended_method": "adaptive", "sign_agreement": agreement})
     assert weak is not None and "50.0 %" in weak and "49.9 %–50.1 %" in weak and "\n" not in weak
+
+
+def _votes(grad: dict[str, torch.Tensor]) -> VoteReference:
+    """Majority votes of one sample whose gradient is ``grad``."""
+    counts = {n: torch.sign(-g).to(torch.int8) for n, g in grad.items()}
+    return VoteReference([SignVotes(counts, grad, 1, "majority", {n: 1 for n in grad})])
+
+
+def test_verdict_from_votes_against_its_null() -> None:
+    generator = torch.Generator().manual_seed(0)
+    tau = {"w": torch.randn(300, 200, generator=generator), "b": torch.randn(300, generator=generator)}
+    shapes = {n: tuple(t.shape) for n, t in tau.items()}
+    noise = {n: torch.randn(t.shape, generator=generator) for n, t in tau.items()}
+    related = _votes({n: -(0.3 * tau[n] + noise[n]) for n in tau})  # votes lean towards τ's signs
+    found = verdict_from_votes(TauRows(tensors=tau), list(tau), shapes, related, seed=1, coordinates=5000)
+    assert found.verdict == "transfers" and found.aligned is None
+    null = found.record["sign_agreement"]["null"]
+    assert null["coordinates"] <= 5000 and null["permutations"] == 20
+    assert found.record["sign_agreement"]["estimate"] > 0.55 > null["high"]
+    unrelated = _votes(noise)
+    again = verdict_from_votes(TauRows(tensors=tau), list(tau), shapes, unrelated, seed=1)
+    assert again.verdict == "nothing-transfers" and again.record["note"]
+    assert (
+        again.record == verdict_from_votes(TauRows(tensors=tau), list(tau), shapes, unrelated, seed=1).record
+    )
+    # τ of one sign: every shuffle is the same, so the null on a sample has no spread
+    ones, grad = {"v": torch.ones(10)}, {"v": -torch.tensor([1.0] * 6 + [-1.0] * 4)}
+    lone = verdict_from_votes(TauRows(tensors=ones), ["v"], {"v": (10,)}, _votes(grad), 0, coordinates=2)
+    json.dumps(lone.record, allow_nan=False)  # non-finite statistics are written as null
+    assert lone.record["sign_agreement"]["null"]["sd"] == 0 and lone.record["sign_agreement"]["z"] is None

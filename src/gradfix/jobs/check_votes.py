@@ -20,6 +20,7 @@ shots keep the agreement above chance, so it can call ``weak`` what this calls `
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,10 +202,10 @@ def verdict_from_votes(
         "first_order": {"alpha": 1.0, "naive": direct.inner},
     }
     record["sign_agreement"]["null"] = {
-        "mean": chance,
-        "low": stats.direct.band[0],
-        "high": stats.direct.band[1],
-        "sd": chance_sd,
+        "mean": _finite(chance),
+        "low": _finite(stats.direct.band[0]),
+        "high": _finite(stats.direct.band[1]),
+        "sd": _finite(chance_sd),
         "permutations": permutations,
         "coordinates": sum(len(p) for p in null.picked.values()),
     }
@@ -282,11 +283,21 @@ def _after_rebasin(
 
 
 def _agreement_record(stats: Agreement, tally: _Tally) -> dict[str, Any]:
-    return {"estimate": stats.estimate, "excess": stats.excess, "z": stats.z, "compared": tally.compared}
+    return {
+        "estimate": _finite(stats.estimate),
+        "excess": _finite(stats.excess),
+        "z": _finite(stats.z),
+        "compared": tally.compared,
+    }
 
 
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f} %"
+def _finite(value: float) -> float | None:
+    """``value``, or ``None`` (JSON ``null``) when it is not finite (a null without spread)."""
+    return value if math.isfinite(value) else None
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
 
 
 def warning_line(check: Mapping[str, Any] | None) -> str | None:
