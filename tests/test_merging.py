@@ -193,14 +193,10 @@ def test_mask_then_merge_and_merge_then_mask_hand_computed():
 
 def test_pipelines_match_brute_force_with_ties():
     gen = torch.Generator().manual_seed(0)
-    tvs = [
-        TaskVector({"w": torch.randn(6, 5, generator=gen), "b": torch.randn(7, generator=gen)})
-        for _ in range(4)
-    ]
-    refs = [
-        {n: torch.randint(-1, 2, t.shape, generator=gen, dtype=torch.int8) for n, t in tv.items()}
-        for tv in tvs
-    ]
+    tvs = [TaskVector({"w": torch.randn(6, 5, generator=gen), "b": torch.randn(7, generator=gen)})
+           for _ in range(4)]
+    refs = [{n: torch.randint(-1, 2, t.shape, generator=gen, dtype=torch.int8) for n, t in tv.items()}
+            for tv in tvs]
     opts = {"density": 0.4, "elect": "count"}
     # mask-then-merge: agreement masks by hand, then TIES per tensor
     mtm = mask_then_merge(tvs, refs, **opts)

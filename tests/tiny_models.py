@@ -201,7 +201,9 @@ def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any] | Example]) -
     return out
 
 
-def topic_examples(n_per_class: int, seed: int, labels: Sequence[str] = DEFAULT_TOPICS) -> list[Example]:
+def topic_examples(
+    n_per_class: int, seed: int, labels: Sequence[str] = DEFAULT_TOPICS
+) -> list[Example]:
     """``n_per_class`` short sentences per topic, built from topic words, in seeded random order.
 
     Every token is in the vocabulary of :func:`write_vocab`. Topics are keys of
