@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from check_models import finetune, permuted, save_like
 from cli_checks import file_hashes, one_error_line
 from tiny_models import (
     load_saved_model,
@@ -38,45 +39,9 @@ from gradfix.jobs.check_stats import (
     unit_shuffle,
 )
 from gradfix.jobs.check_verdict import FINE_TUNE_B, MIN_EXCESS, Agreement, CheckStatistics, decide
-from gradfix.methods.transfusion import apply_permutations, bert_spec
-from gradfix.recipes import load_recipe
 from gradfix.settings import CheckSettings, VoteSettings
 
 SHOTS = 2
-
-
-def _save_like(model: torch.nn.Module, src: Path, out: Path) -> Path:
-    from transformers import AutoTokenizer
-
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(src, local_files_only=True).save_pretrained(out)
-    return out
-
-
-def _finetune(base: Path, out: Path, steps: int = 10, lr: float = 0.05) -> Path:
-    """``base`` after ``steps`` full-batch gradient steps on the topic task (a task-like ``τ_A``)."""
-    examples = topic_examples(16, seed=7)
-    model, recipe = load_recipe("text-zero-shot", base, sorted({e.label for e in examples}))
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    batch = recipe.collate(examples)
-    for _ in range(steps):
-        recipe.loss(model, batch).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return _save_like(model, base, out)
-
-
-def _permuted(src: Path, out: Path, seed: int) -> Path:
-    """``src`` with its residual stream and FFN units permuted at random (the same function)."""
-    model = load_saved_model(src)
-    state = model.state_dict()
-    spec = bert_spec(num_layers=2, num_heads=2)
-    generator = torch.Generator().manual_seed(seed)
-    perms = {"residual": torch.randperm(32, generator=generator)}
-    perms |= {f"layer.{i}.ffn": torch.randperm(64, generator=generator) for i in range(2)}
-    covered = {n: t for n, t in state.items() if n in set(spec.tensor_names())}
-    model.load_state_dict({**state, **apply_permutations(covered, perms, spec)})
-    return _save_like(model, src, out)
 
 
 def _shuffled_task_vector(base: Path, finetuned: Path, out: Path, seed: int) -> Path:
@@ -90,7 +55,7 @@ def _shuffled_task_vector(base: Path, finetuned: Path, out: Path, seed: int) -> 
             t = a[name] + tau[torch.randperm(tau.numel(), generator=generator)].reshape(t.shape)
         state[name] = t
     ft.load_state_dict(state)
-    return _save_like(ft, finetuned, out)
+    return save_like(ft, finetuned, out)
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +66,11 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "root": root,
         "A": a,
-        "A-ft": _finetune(a, root / "A-ft"),
+        "A-ft": finetune(a, root / "A-ft"),
         "A-shuf": _shuffled_task_vector(a, root / "A-ft", root / "A-shuf", seed=12),
         "B-near": near,
         "B-far": make_tiny_bert(root / "B-far", seed=3),
-        "B-perm": _permuted(near, root / "B-perm", seed=11),
+        "B-perm": permuted(near, root / "B-perm", seed=11),
         "wide": make_tiny_bert(root / "wide", seed=4, hidden=48, heads=2),
         "few": write_jsonl(root / "few.jsonl", topic_examples(4, seed=0)),
     }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import fields
 from typing import Any
 
@@ -136,3 +137,12 @@ def print_report(record: dict[str, Any], top: int = 8) -> None:
         print(f"\n{'tensor (most drift first)':<{width}}  {'drift':>9}  {'agreement':>9}")
         for n in ranked:
             print(f"{n:<{width}}  {_pct(drifts[n]):>9}  {_pct(tensors.get(n)):>9}")
+
+
+def print_transport_verdict(record: dict[str, Any]) -> None:
+    """The transport's one-line warning on stderr when its check's verdict is not ``transfers``."""
+    from gradfix.jobs.check_votes import warning_line
+
+    line = warning_line(record.get("check"))
+    if line:
+        print(f"gradfix: warning: {line}", file=sys.stderr)

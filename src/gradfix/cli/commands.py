@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from gradfix.cli.check_cmd import print_transport_verdict
 from gradfix.cli.config import flag_of
 from gradfix.errors import ConfigError
 
@@ -119,6 +120,7 @@ def run_transport(args: argparse.Namespace) -> dict[str, Any]:
     )
     if record.get("written_by_another_process"):
         return record
+    print_transport_verdict(record)  # a warning on stderr unless τ_A transfers
     if not args.json:
         _print_transport(record, args.out)
     return record

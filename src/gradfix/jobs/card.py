@@ -3,7 +3,8 @@
 A Hugging Face model card is Markdown after YAML front matter. :func:`model_card` writes it from
 the record alone (it reads no file), so the same record gives the same card, byte for byte: front
 matter with ``base_model`` (the target B), ``tags`` and ``library_name``; then what the model is,
-its source models, the method, the chosen threshold and α with every candidate's score, the kept
+its source models, the method, the verdict of the pre-flight check (when the transport stated
+one), the chosen threshold and α with every candidate's score, the kept
 share of ``τ_A``, the first-order descent certificate, the sha256 of every input and how to replay
 the job. It covers the records of ``transport`` (every method, the aligned ones included) and of
 ``merge``.
@@ -24,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from gradfix.jobs.check_votes import card_section
 from gradfix.jobs.replay import REPLAY_FILE
 from gradfix.merge import MERGE_METHODS, TRIM_SCOPES
 from gradfix.methods import METHODS
@@ -42,6 +44,7 @@ def model_card(record: Mapping[str, Any]) -> str:
         _merge_intro(record) if merge else _transport_intro(record),
         _merge_sources(record) if merge else _transport_sources(record),
         _merge_method(record) if merge else _transport_method(record),
+        card_section(record.get("check")),
         _choice(record.get("choice")),
         _result(record),
         _inputs(record),

@@ -10,7 +10,8 @@ writes nothing. It measures
 - the first-order loss change ``⟨ḡ, α·Δ⟩`` of naive addition (``Δ = τ_A``) and of the GradFix
   agreement mask (``Δ = m ⊙ τ_A``) at α = 1 (:func:`gradfix.diagnostics.descent_report`);
 - when ``τ_A`` does not clearly agree, the same agreement after aligning ``τ_A`` by re-basin
-  (TransFusion's weight matching), where the model's layout allows it;
+  (TransFusion's weight matching), where the model's layout allows it (read from the checkpoint
+  headers first, so a model that cannot be permuted loads no weights for it);
 
 and states a verdict with a recommended method (:func:`gradfix.jobs.check_verdict.decide`).
 
@@ -35,7 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from gradfix.diagnostics import DescentReport
-from gradfix.errors import ConfigError, DataError, MismatchError
+from gradfix.errors import ConfigError, DataError
 from gradfix.io import CheckpointReader, open_checkpoint
 from gradfix.io.checkpoint import row_slices
 from gradfix.jobs.check_stats import (
@@ -50,6 +51,7 @@ from gradfix.jobs.check_stats import (
     unit_shuffle,
 )
 from gradfix.jobs.check_verdict import Agreement, CheckStatistics, decide
+from gradfix.jobs.check_votes import align_by_rebasin
 from gradfix.jobs.common import (
     Shots,
     base_record,
@@ -59,7 +61,6 @@ from gradfix.jobs.common import (
     rename_votes,
 )
 from gradfix.jobs.inputs import check_checkpoints, input_record
-from gradfix.methods import get_method
 from gradfix.ops.signs import count_dtype
 from gradfix.settings import CheckSettings, VoteSettings
 from gradfix.task_vector import TaskVector, float_names
@@ -187,7 +188,7 @@ def _after_rebasin(
         record["rebasin"] = {"tried": False, "reason": why}
         return stats
     whole = TaskVector({n: get(n) for n in shots.touched})
-    aligned, reason = _rebasin(whole, paths[0], paths[2], seed)
+    aligned, reason = align_by_rebasin(whole, paths[0], paths[2], seed)
     if aligned is None:
         record["rebasin"] = {"tried": False, "reason": reason}
         return stats
@@ -339,15 +340,3 @@ def _first_order(measure: AgreementTally) -> dict[str, Any]:
             for n, m in zip(measure.naive, measure.masked, strict=True)
         },
     }
-
-
-def _rebasin(
-    tau: TaskVector, source_base: str | Path, target_base: str | Path, seed: int
-) -> tuple[TaskVector | None, str]:
-    """``τ_A`` aligned to B by TransFusion's weight matching, or ``None`` and why it does not apply
-    (the reason is empty when it applies)."""
-    try:
-        aligned = get_method("transfusion").align(tau, source_base, target_base, seed=seed)
-    except (ConfigError, MismatchError) as exc:
-        return None, f"re-basin does not apply to this model: {exc}"
-    return aligned, ""

@@ -117,6 +117,27 @@ def unit_shuffle(t: Tensor, generator: torch.Generator) -> Tensor:
     return out
 
 
+def unit_shuffle_at(t: Tensor, picked: Tensor, generator: torch.Generator) -> Tensor:
+    """``unit_shuffle(t, generator).reshape(-1)[picked]`` without shuffling the whole tensor.
+
+    Draws the same row and column permutations as :func:`unit_shuffle` (so the same generator
+    state gives the same values) and gathers only the flat coordinates ``picked``: a null over a
+    sample of coordinates costs the sample, not the tensor.
+    """
+    flat = t.reshape(-1)
+    if t.dim() == 0:
+        return flat[picked]
+    rows = torch.randperm(t.shape[0], generator=generator)
+    per_row = flat.numel() // t.shape[0] if t.shape[0] else 0
+    row, rest = picked // max(per_row, 1), picked % max(per_row, 1)
+    if t.dim() > 1:
+        cols = torch.randperm(t.shape[1], generator=generator)
+        per_col = per_row // t.shape[1] if t.shape[1] else 0
+        col, inner = rest // max(per_col, 1), rest % max(per_col, 1)
+        rest = cols[col] * per_col + inner
+    return flat[rows[row] * per_row + rest]
+
+
 def sample_coordinates(
     numels: Mapping[str, int], budget: int, generator: torch.Generator
 ) -> dict[str, Tensor]:

@@ -151,10 +151,14 @@ def decide(stats: CheckStatistics) -> Verdict:
        knowledge; recommend fine-tuning B.
     4. **weak** (in between: some agreement above chance, but not clearly): recommend
        ``adaptive``, which keeps B unchanged unless the shots show that a transport helps.
+
+    An agreement without a spread over the shots (``se = 0``: a transport's summed votes, see
+    :mod:`gradfix.jobs.check_votes`) is judged on the null alone, and its reason states no interval.
     """
     direct, aligned = stats.direct, stats.aligned
+    interval = f" ({_pct(direct.low)} to {_pct(direct.high)})" if direct.se > 0 else ""
     said = (
-        f"τ_A agrees with B's votes on {_pct(direct.estimate)} ({_pct(direct.low)} to {_pct(direct.high)}), "
+        f"τ_A agrees with B's votes on {_pct(direct.estimate)}{interval}, "
         f"chance {_pct(direct.band[0])} to {_pct(direct.band[1])}"
     )
     if direct.clear:
@@ -164,8 +168,8 @@ def decide(stats: CheckStatistics) -> Verdict:
         why = "but the whole of it raises B's loss on the shots to first order: keep the agreeing part"
         return Verdict("transfers", "adaptive", f"{said}, {why}")
     if aligned is not None and stats.rebasin_helps:
-        interval = f"{_pct(aligned.low)} to {_pct(aligned.high)}"
-        why = f"after re-basin it agrees on {_pct(aligned.estimate)} ({interval})"
+        interval = f" ({_pct(aligned.low)} to {_pct(aligned.high)})" if aligned.se > 0 else ""
+        why = f"after re-basin it agrees on {_pct(aligned.estimate)}{interval}"
         return Verdict("permutation", "transfusion", f"{said}; {why}: a permutation explains the gap")
     if direct.indistinguishable:
         tried = "" if aligned is None else ", also after re-basin"

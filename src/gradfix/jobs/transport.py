@@ -22,6 +22,7 @@ from gradfix.io.adapters import is_adapter_folder
 from gradfix.io.hub import parse_hub_id, resolve_models
 from gradfix.jobs.adapter_output import AdapterOutput, check_out_format, prepare_adapter, write_adapter
 from gradfix.jobs.adaptive import check_evidence, choice_record, choose, plan_choice
+from gradfix.jobs.check_votes import aligned_verdict, state_verdict
 from gradfix.jobs.common import (
     Shots,
     align_names,
@@ -108,6 +109,11 @@ def transport_checkpoints(
     ``out_format="adapter"`` writes the update ``α · mask(τ_A)`` as a PEFT LoRA adapter of rank
     ``adapter_rank`` for the target instead (:mod:`gradfix.jobs.adapter_output`; not with the
     aligned methods), recorded under ``"adapter"``.
+
+    A transport that votes states the verdict of ``gradfix check`` from the votes it took
+    (:func:`gradfix.jobs.check_votes.verdict_from_votes`, no second vote), recorded under
+    ``"check"``; when a permutation explains the disagreement, the adaptive method
+    aligns ``τ_A`` by re-basin before choosing (recorded as ``"aligned_by": "transfusion"``).
     """
     hub_target = parse_hub_id(target_base)  # an adapter output names B as the user did: a Hub id stays one
     b_name = hub_target[0] if hub_target else str(target_base)
@@ -172,6 +178,11 @@ def transport_checkpoints(
         record.update(out_format=out_format, adapter_rank=adapter_rank)
         record["num_samples"] = held.reference.num_samples if held is not None else 0
         try:
+            if held is not None:  # the verdict of gradfix check, from these votes
+                bases = (source_base, target_base)
+                tau = state_verdict(
+                    record, chosen.name, (tau, rt), (names, nonzero), held.reference, bases, votes.seed
+                )
             if choosing is not None:
                 masking = _choose(choosing, masking, record, votes, (tau, rt), names, nonzero, held, drawn)
             _write(
@@ -338,6 +349,7 @@ def _transport_aligned(
         record["data"] = {**data_record(data), **info}
         if world()[0] != 0:
             return {**record, "written_by_another_process": True}
+        record["check"] = aligned_verdict(tau, reference, method.name, votes.seed)
     alpha = fixed_alpha(masking.alpha)
     masked = mask_task_vector(
         tau,
