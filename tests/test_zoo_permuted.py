@@ -186,3 +186,29 @@ def test_registered_scenario_reuses_the_short_release() -> None:
     assert permuted.entries["B"].deps["model"].key() == short.entries["B"].key()
     for task in short.tasks:
         assert permuted.entries[f"B-ft/{task}"].deps["model"].key() == short.entries[f"B-ft/{task}"].key()
+
+
+def test_a_built_scenario_is_read_without_the_cache_lock(tmp_path: Path, monkeypatch) -> None:
+    import contextlib
+
+    from gradfix.zoo import scenario as scenario_module
+    from gradfix.zoo.cache import Artifact
+    from gradfix.zoo.scenario import Scenario
+
+    def write(out: Path, deps: object, progress: bool) -> dict:
+        (out / "value.txt").write_text("v")
+        return {}
+
+    toy = Scenario("toy", "toy", "a toy", {"A": Artifact("toy/A", "file", {"v": 1}, write)}, tasks=())
+    taken: list[Path] = []
+
+    @contextlib.contextmanager
+    def lock(root: Path):
+        taken.append(root)
+        yield
+
+    monkeypatch.setattr(scenario_module, "build_lock", lock)
+    build_scenario(toy, tmp_path, log=lambda m: None, progress=False)
+    assert taken == [tmp_path]  # building takes the lock
+    view = build_scenario(toy, tmp_path, log=lambda m: None, progress=False)
+    assert taken == [tmp_path] and (view / "A" / "value.txt").read_text() == "v"  # reading does not
