@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 5])
     parser.add_argument("--name")
     args, rec, scenario = setup(parser)
-    view = scenario_view(scenario, args.cache)
+    view = scenario_view(scenario, args.cache, args.tasks)
     tasks = args.tasks or list(scenario.tasks)
     label = scenario.name if args.target == "B" else f"{scenario.name} (B = {args.target})"
     include = "encoder.*" if scenario.family == "text" else None

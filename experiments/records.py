@@ -75,6 +75,6 @@ def setup(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, Recorder
     return args, rec, scenario
 
 
-def scenario_view(scenario: Scenario, cache: str | None) -> Path:
-    """Build (or reuse) the scenario in the cache and return its folder."""
-    return build_scenario(scenario, cache, progress=False)
+def scenario_view(scenario: Scenario, cache: str | None, tasks: list[str] | None = None) -> Path:
+    """Build (or reuse) the scenario in the cache, for ``tasks`` (all when empty), and return its folder."""
+    return build_scenario(scenario, cache, tasks=tasks or None, progress=False)

@@ -288,7 +288,7 @@ def main() -> None:
     parser.add_argument("--no-fewshot", action="store_true")
     parser.add_argument("--name", help="name of the results file (default table1-<scenario>)")
     args, rec, scenario = setup(parser)
-    args.view = scenario_view(scenario, args.cache)
+    args.view = scenario_view(scenario, args.cache, args.tasks)
     family = scenario.family
     tasks = args.tasks or list(scenario.tasks)
     label = scenario.name if args.target == "B" else f"{scenario.name} (B = {args.target})"

@@ -5,6 +5,8 @@ Scenarios (``gradfix zoo list``):
 - ``text-release-short`` / ``text-release-long``: A = all-MiniLM-L6-v2 (real), B = a later
   release of it built by short / long continued pre-training on Python's docstrings; three BBC
   News tasks (headline topic, sentence topic, headline-or-sentence).
+- ``text-release-permuted``: the short release's B with every layer's attention heads and FFN
+  units permuted (the same function, coordinates not aligned with A's); the same tasks.
 - ``vision-independent``: two small CNNs pre-trained here from different seeds on different
   halves of Fashion-MNIST; three image tasks (new Fashion-MNIST classes, MNIST, digits).
 - ``vision-widths``: the same A (width 32) and a B of width 16 pre-trained like the other B: the
@@ -52,6 +54,12 @@ def _text(name: str, level: str) -> Callable[[], Scenario]:
     return make
 
 
+def _permuted() -> Scenario:
+    from gradfix.zoo.text_permuted import permuted_scenario
+
+    return permuted_scenario("text-release-permuted", "short")
+
+
 def _vision() -> Scenario:
     from gradfix.zoo.vision import vision_scenario
 
@@ -67,6 +75,7 @@ def _vision_widths() -> Scenario:
 SCENARIOS: dict[str, Callable[[], Scenario]] = {
     "text-release-short": _text("text-release-short", "short"),
     "text-release-long": _text("text-release-long", "long"),
+    "text-release-permuted": _permuted,
     "vision-independent": _vision,
     "vision-widths": _vision_widths,
 }

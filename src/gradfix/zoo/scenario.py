@@ -7,6 +7,7 @@ links every entry into ``<cache>/<scenario>/`` and writes ``manifest.json`` ther
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -91,13 +92,16 @@ def build_scenario(
     """Build (or reuse) the artifacts of ``scenario`` for ``tasks`` and return its view folder.
 
     Artifacts already in the cache are reused; the others are built in dependency order, each
-    atomically. The view ``<cache>/<name>/`` gets a relative link per entry and a
-    ``manifest.json`` with every artifact's recipe, seeds, counts, wall time and package versions.
+    atomically, under the cache's lock (a scenario whose artifacts are all built takes no lock, so
+    reading it never waits for another build). The view ``<cache>/<name>/`` gets a relative link
+    per entry and a ``manifest.json`` with every artifact's recipe, seeds, counts, wall time and
+    package versions.
     """
     base = cache_root(root)
     selected = scenario.select(tasks)
     start = time.perf_counter()
-    with build_lock(base):
+    missing = any(not artifact.is_built(base) for artifact in selected.values())
+    with build_lock(base) if missing else contextlib.nullcontext():
         folders = {}
         for entry, artifact in selected.items():
             folders[entry] = ensure(artifact, base, log=log, progress=progress)
