@@ -27,7 +27,7 @@ from aggregate import (
     stat,
     table1_rows,
 )
-from claims import claims_section, default_section
+from claims import claims_section, default_section, floors_section
 
 INTRO = """# Results
 
@@ -47,6 +47,19 @@ What is real and what was built here (details in [scenarios.md](scenarios.md)):
   two small CNNs pre-trained from different seeds on different halves of Fashion-MNIST; a narrower
   CNN for the cross-width study), every task split, every fine-tune and every head.
 """
+
+
+FLOORS_INTRO = """What `gradfix transport` does without `--validation`: t and α chosen from the shots alone by
+2-fold cross-validation (one vote per fold, every candidate scored on the held-out shots) and the
+*no-harm* rule: B stays unchanged unless a candidate lowers B's held-out loss on every fold and by
+more than one standard error of the mean improvement, and is no less accurate than B on the
+held-out shots; among those the largest lower bound (mean − one standard error) wins. Its floors:
+at least zero-shot B − 0.5 point, at least the better of naive and GradFix (α on validation) − 1
+point, and with `--validation` at least that better one. Each run below measures every row on the
+same grid and shots; *no-harm z=2* asks for two standard errors, *1-SE* and *min loss* are the
+earlier rules. The controls replace part of GradFix's update: the same votes on a random task
+vector with τ_A's per-tensor mean and spread, a sign step `ŝ · mean|τ_A|` on every voted
+coordinate, and τ_A's magnitudes shuffled within each tensor under GradFix's signs."""
 
 
 def table1_section(result: dict[str, Any]) -> str:
@@ -294,6 +307,11 @@ def main() -> None:
     parts = [INTRO, "## Table 1: transport of one task vector", ""]
     parts += [table1_section(r) + "\n" for r in table1]
     parts += ["## A transport never worse than naive addition or GradFix", "", default_section(table1), ""]
+    floors = load(raw, "floors-")
+    if floors:
+        parts += ["## A default that never harms: the floors", "", FLOORS_INTRO, ""]
+        parts += [table1_section(r) + "\n" for r in floors]
+        parts += [floors_section(floors), ""]
     parts += [
         "## How transport degrades as B drifts from A",
         "",
