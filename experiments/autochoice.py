@@ -37,6 +37,7 @@ from records import scenario_view, setup
 
 from gradfix import mask_task_vector
 from gradfix.methods.autotune import NAIVE, gated
+from gradfix.zoo import build_scenario
 
 RULE_NAMES = {
     "no-harm": "adaptive (shots, no-harm)",
@@ -143,7 +144,9 @@ def main() -> None:
     if args.references and not args.name:
         rec.path = rec.path.with_name(rec.path.name.replace("autochoice-", "floors-", 1))
         rec.meta["experiment"] = rec.path.stem
-    view = scenario_view(scenario, args.cache)
+    # only the tasks asked for are built (or reused)
+    view = build_scenario(scenario, args.cache, tasks=args.tasks, progress=False) if args.tasks else None
+    view = view or scenario_view(scenario, args.cache)
     tasks = args.tasks or list(scenario.tasks)
     label = scenario.name if args.target == "B" else f"{scenario.name} (B = {args.target})"
     include = "encoder.*" if scenario.family == "text" else None

@@ -132,6 +132,33 @@ def _verdict(ok: bool) -> str:
     return "holds" if ok else "**does not hold**"
 
 
+REFERENCE_ROWS = ("zero-shot B", "fine-tuned B", "naive", "oracle mask", "GradFix", "adaptive (validation)")
+"""The rows the floors compare with; a floors run without them borrows them from Table 1."""
+
+
+def borrow_references(result: dict[str, Any], table1: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``result`` with the reference rows it lacks taken from its scenario's Table 1 (same tasks,
+    k and seeds); ``references`` in the result names where they come from."""
+    have = {r["method"] for r in result["rows"]}
+    missing = [m for m in REFERENCE_ROWS if m not in have]
+    source = [t for t in table1 if t["scenario"] == result["scenario"]]
+    if not missing or not source:
+        return {**result, "references": "this run"}
+
+    def keep(r: dict[str, Any]) -> bool:
+        return (
+            r["method"] in missing
+            and r["task"] in result["tasks"]
+            and r.get("k") in (None, *result.get("ks", DEFAULT_KS))
+            and r.get("seed") in (None, *result.get("seeds", ()))
+            and "study" not in r
+        )
+
+    rows = [r for r in source[0]["rows"] if keep(r)]
+    grid = grid_of([{"rows": rows}])
+    return {**result, "rows": result["rows"] + rows, "references": f"Table 1 run (α ∈ {{{grid}}})"}
+
+
 def _met(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
@@ -140,6 +167,7 @@ def floors_section(results: Sequence[dict[str, Any]]) -> str:
     """The floors of the shots-only default against zero-shot B and the better of naive and GradFix."""
     header = [
         "scenario",
+        "references",
         "k",
         "zero-shot B",
         "naive",
@@ -169,6 +197,7 @@ def floors_section(results: Sequence[dict[str, Any]]) -> str:
             table.append(
                 [
                     result["scenario"],
+                    result.get("references", "this run"),
                     str(k),
                     *(_pct(v) for v in (zero, naive, gradfix, better, valid, default)),
                     f"{100 * worst:+.1f}",
@@ -186,9 +215,10 @@ def floors_section(results: Sequence[dict[str, Any]]) -> str:
     if not table:
         return "(no floors results yet)"
     text = [
-        "Test accuracy (%, mean over tasks and seeds), every row on the grid of its run "
-        f"(α ∈ {{{grid_of(results)}}}, t ∈ {{0, 0.2, 0.4, naive}}); naive, GradFix and adaptive "
-        "(validation) choose on the validation split, the default from the shots alone.",
+        "Test accuracy (%, mean over tasks and seeds); the default on the CLI's grid (α ∈ "
+        f"{{{', '.join(f'{a:g}' for a in results[0].get('alphas', ()))}}}, t ∈ {{0, 0.2, 0.4, naive}}), "
+        "from the shots alone; naive, GradFix and adaptive (validation) choose on the validation "
+        "split, on the grid of the run named under *references* (the same shots and seeds).",
         "",
         md_table(header, table),
         "",

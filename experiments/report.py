@@ -27,7 +27,7 @@ from aggregate import (
     stat,
     table1_rows,
 )
-from claims import claims_section, default_section, floors_section
+from claims import borrow_references, claims_section, default_section, floors_section
 
 INTRO = """# Results
 
@@ -307,7 +307,7 @@ def main() -> None:
     parts = [INTRO, "## Table 1: transport of one task vector", ""]
     parts += [table1_section(r) + "\n" for r in table1]
     parts += ["## A transport never worse than naive addition or GradFix", "", default_section(table1), ""]
-    floors = load(raw, "floors-")
+    floors = [borrow_references(r, table1) for r in load(raw, "floors-")]
     if floors:
         parts += ["## A default that never harms: the floors", "", FLOORS_INTRO, ""]
         parts += [table1_section(r) + "\n" for r in floors]

@@ -28,7 +28,15 @@ def _result(default: float, valid: float, controls: tuple[float, float, float]) 
                     for name, value in zip(CONTROL_ROWS, controls, strict=True)
                 ),
             ]
-    return {"scenario": "s", "experiment": "floors-s", "tasks": ["t1", "t2"], "ks": [1], "rows": rows}
+    return {
+        "scenario": "s",
+        "experiment": "floors-s",
+        "tasks": ["t1", "t2"],
+        "ks": [1],
+        "seeds": [0, 1],
+        "alphas": [0.0, 0.02],
+        "rows": rows,
+    }
 
 
 def test_floors_are_met_when_the_default_keeps_up_and_named_with_numbers_when_not() -> None:
@@ -56,3 +64,37 @@ def test_knowledge_claim_holds_only_when_gradfix_beats_the_controls_without_tau_
     fails = knowledge_claims([_result(0.6, 0.6, controls=(0.52, 0.592, 0.58))])
     assert "**does not hold** (GradFix +2 points" in fails[0]
     assert knowledge_claims([{**_result(0.6, 0.6, (0.5,) * 3), "rows": []}]) == []
+
+
+def test_a_floors_run_without_references_borrows_them_from_its_table1() -> None:
+    from claims import borrow_references
+
+    full = _result(default=0.595, valid=0.61, controls=(0.5, 0.5, 0.5))
+    shots_only = {
+        **full,
+        "tasks": ["t1"],
+        "seeds": [0],
+        "alphas": [0.0, 0.02],
+        "rows": [
+            r for r in full["rows"] if r["method"] == DEFAULT_ROW and r["task"] == "t1" and r["seed"] == 0
+        ],
+    }
+    merged = borrow_references(
+        shots_only,
+        [
+            {
+                **full,
+                "rows": full["rows"] + [{"task": "t1", "method": "GradFix", "k": 9, "seed": 0, "test": 0.1}],
+            }
+        ],
+    )
+    methods = sorted({r["method"] for r in merged["rows"]})
+    assert methods == sorted(
+        [DEFAULT_ROW, "zero-shot B", "fine-tuned B", "naive", "GradFix", "adaptive (validation)"]
+    )
+    assert all(
+        r["task"] == "t1" and r.get("seed") in (None, 0) and r.get("k") in (None, 1) for r in merged["rows"]
+    )
+    assert merged["references"] == "Table 1 run (α ∈ {0, 0.02})"
+    assert "| s | Table 1 run (α ∈ {0, 0.02}) | 1 |" in floors_section([merged])
+    assert borrow_references(full, [])["references"] == "this run"
