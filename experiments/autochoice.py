@@ -9,13 +9,14 @@ votes on every shot make the mask, and the transported model is measured on vali
 Rows are named ``adaptive (shots, <rule>)``.
 
 Without ``--references`` the rows join their scenario's Table 1 (file ``autochoice-<scenario>``).
-With ``--references`` the file (``floors-<scenario>``) is self-contained, every row on the grid
-of this run: zero-shot B, fine-tuned B, naive and GradFix (α on validation), adaptive with t and α
-on validation, the controls of :mod:`controls` (α on validation), and the shots-only rules: the
-floors of the default are read from it.
+With ``--references all`` the file (``floors-<scenario>``) is self-contained, every row on the
+grid of this run: zero-shot B, fine-tuned B, naive, the oracle mask and GradFix (α on validation),
+adaptive with t and α on validation, the controls of :mod:`controls` (α on validation), and the
+shots-only rules: the floors of the default are read from it. ``--references lean`` measures only
+zero-shot B, fine-tuned B, naive and GradFix besides the rules (a floors run on a busy machine).
 
 Run:  python experiments/autochoice.py --scenario text-release-short --out docs/results/raw
-      python experiments/autochoice.py --scenario vision-independent --references --threads 1
+      python experiments/autochoice.py --scenario vision-independent --references all --threads 1
 """
 
 from __future__ import annotations
@@ -72,9 +73,10 @@ class Accuracies:
 
 
 def shot_rows(
-    env: TaskEnv, row: Callable[..., None], k: int, seed: int, rules: list[str], references: bool
+    env: TaskEnv, row: Callable[..., None], k: int, seed: int, rules: list[str], references: str
 ) -> None:
-    """The rows of one draw of shots: each rule's choice, and with ``references`` the others."""
+    """The rows of one draw of shots: each rule's choice; with ``references`` ``lean`` GradFix (α on
+    validation) too, with ``all`` also adaptive on validation and the controls."""
     start = time.perf_counter()
     shots = env.shots(k, seed)
     votes = env.votes(shots)
@@ -94,9 +96,11 @@ def shot_rows(
             test=acc(t, alpha, "test"),
             seconds=round(time.perf_counter() - start, 2),
         )
-    if not references:
+    if references == "none":
         return
     row(method="GradFix", k=k, seed=seed, **env.sweep(acc.updates[0.0]))
+    if references == "lean":
+        return
     t, alpha = acc.best_on_validation()
     row(
         method="adaptive (validation)",
@@ -111,8 +115,9 @@ def shot_rows(
         row(method=f"control: {name}", k=k, seed=seed, **env.sweep(update))
 
 
-def task_rows(env: TaskEnv, row: Callable[..., None]) -> None:
-    """The rows that need no shots: zero-shot B, fine-tuned B, naive (α on validation), oracle mask."""
+def task_rows(env: TaskEnv, row: Callable[..., None], references: str) -> None:
+    """The rows that need no shots: zero-shot B, fine-tuned B, naive (α on validation), and unless
+    ``references`` is ``lean`` the oracle mask."""
     row(
         method="zero-shot B",
         validation=env.accuracy(None, 0, "validation"),
@@ -125,6 +130,8 @@ def task_rows(env: TaskEnv, row: Callable[..., None]) -> None:
         alpha=1.0,
     )
     row(method="naive", **env.sweep(env.tau_a))
+    if references == "lean":
+        return
     row(method="oracle mask", **env.sweep(mask_task_vector(env.tau_a, env.tau_b, "agreement")))
 
 
@@ -138,10 +145,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 5])
     parser.add_argument("--rules", nargs="+", default=["no-harm", "no-harm:2", "one-se", "min"])
-    parser.add_argument("--references", action="store_true", help="also the rows the floors compare with")
+    parser.add_argument(
+        "--references",
+        choices=("none", "lean", "all"),
+        default="none",
+        help="also the rows the floors compare with: lean (zero-shot, fine-tuned B, naive, GradFix) "
+        "or all (also the oracle mask, adaptive on validation and the controls)",
+    )
     parser.add_argument("--name")
     args, rec, scenario = setup(parser)
-    if args.references and not args.name:
+    if args.references != "none" and not args.name:
         rec.path = rec.path.with_name(rec.path.name.replace("autochoice-", "floors-", 1))
         rec.meta["experiment"] = rec.path.stem
     # only the tasks asked for are built (or reused)
@@ -167,12 +180,12 @@ def main() -> None:
         rec.meta["sizes"][task] = env.sizes
         row = partial(rec.add, scenario=label, task=task)
 
-        if args.references:
-            task_rows(env, row)
+        if args.references != "none":
+            task_rows(env, row, args.references)
         for k in args.ks:
             for seed in args.seeds:
                 shot_rows(env, row, k, seed, args.rules, args.references)
-            rec.save()
+                rec.save()
             rec.log(f"{task} k={k} done")
     rec.save()
 

@@ -98,3 +98,10 @@ def test_a_floors_run_without_references_borrows_them_from_its_table1() -> None:
     assert merged["references"] == "Table 1 run (α ∈ {0, 0.02})"
     assert "| s | Table 1 run (α ∈ {0, 0.02}) | 1 |" in floors_section([merged])
     assert borrow_references(full, [])["references"] == "this run"
+
+
+def test_a_lean_run_without_a_validation_choice_checks_the_other_two_floors() -> None:
+    full = _result(default=0.49, valid=0.61, controls=(0.5, 0.5, 0.5))
+    lean = {**full, "rows": [r for r in full["rows"] if r["method"] != "adaptive (validation)"]}
+    text = floors_section([lean])
+    assert text.count("**not met**") == 2 and "| n/a | -1.0 | **not met** | **not met** | n/a |" in text
