@@ -104,4 +104,4 @@ def test_a_lean_run_without_a_validation_choice_checks_the_other_two_floors() ->
     full = _result(default=0.49, valid=0.61, controls=(0.5, 0.5, 0.5))
     lean = {**full, "rows": [r for r in full["rows"] if r["method"] != "adaptive (validation)"]}
     text = floors_section([lean])
-    assert text.count("**not met**") == 2 and "| n/a | -1.0 | **not met** | **not met** | n/a |" in text
+    assert text.count("**not met**") == 2 and "| n/a | 49.0 | -1.0 | **not met** | **not met** | n/a |" in text
