@@ -62,7 +62,7 @@ vector with τ_A's per-tensor mean and spread, a sign step `ŝ · mean|τ_A|` on
 coordinate, and τ_A's magnitudes shuffled within each tensor under GradFix's signs."""
 
 
-def table1_section(result: dict[str, Any]) -> str:
+def table1_section(result: dict[str, Any], title: str | None = None) -> str:
     """Table 1 of one scenario: methods × tasks, the average and its gap share, the paper's share."""
     rows = table1_rows(result)
     tasks = list(result["tasks"])
@@ -88,7 +88,7 @@ def table1_section(result: dict[str, Any]) -> str:
     notes = [r for r in result["rows"] if "note" in r]
     sizes = ", ".join(f"{t}: {s.get('validation')} / {s.get('test')}" for t, s in result["sizes"].items())
     text = [
-        f"### {result['scenario']}",
+        f"### {title or result['scenario']}",
         "",
         f"Drift of B from A: ‖θ_B − θ_A‖ / ‖θ_A‖ = {100 * result['drift']:.2f} % over the transported "
         f"tensors. Seeds {result['seeds']}; validation / test examples per task: {sizes}. "
@@ -310,7 +310,7 @@ def main() -> None:
     floors = [borrow_references(r, table1) for r in load(raw, "floors-")]
     if floors:
         parts += ["## A default that never harms: the floors", "", FLOORS_INTRO, ""]
-        parts += [table1_section(r) + "\n" for r in floors]
+        parts += [table1_section(r, f"{r['scenario']}: {r['experiment']}") + "\n" for r in floors]
         parts += [floors_section(floors), ""]
     parts += [
         "## How transport degrades as B drifts from A",
