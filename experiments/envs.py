@@ -21,13 +21,21 @@ from torch import Tensor, nn
 
 from gradfix import SignVotes, TaskVector, estimate_signs
 from gradfix.data import batched, load_examples
-from gradfix.methods.autotune import NAIVE, Choice, choose_on_shots
+from gradfix.methods.autotune import (
+    DEFAULT_ALPHAS,
+    DEFAULT_THRESHOLDS,
+    Choice,
+    FoldScores,
+    score_on_shots,
+)
 from gradfix.recipes import load_recipe
 from gradfix.zoo import vision as zv
 
-ALPHAS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
-"""The α grid of every sweep (0 is the target unchanged, as in the reference code's 0.0 … 2.0)."""
-GATE_GRID = (0.0, 0.2, 0.4, NAIVE)
+ALPHAS = DEFAULT_ALPHAS
+"""The α grid of every sweep: the CLI's default (0 is the target unchanged, small steps 0.02 … 0.2,
+then 0.5 … 2 as in the reference code's sweep). Raw files made before it used 0, 0.25, 0.5, 1, 1.5,
+2 (their rows' ``validation_by_alpha`` keys say which)."""
+GATE_GRID = DEFAULT_THRESHOLDS
 """Gate thresholds of the adaptive choice: GradFix (0), two gates, naive addition."""
 TEXT_VALIDATION_CAP = 250
 """Validation examples per text task used to choose α (the first of a fixed shuffle)."""
@@ -145,12 +153,12 @@ class TaskEnv:
             param.requires_grad_(name in params)
         return estimate_signs(self.model, [self.collate(indices)], self.loss, estimator, progress=False)
 
-    def choose_on_shots(self, shots: Sequence[int], seed: int, **options: Any) -> Choice:
-        """:func:`gradfix.methods.autotune.choose_on_shots` on ``θ_B`` with these shots (2 folds, the α grid
-        :data:`ALPHAS`, gate thresholds :data:`GATE_GRID`); ``options`` (``rule``, ``correct``) go to it."""
+    def score_on_shots(self, shots: Sequence[int], seed: int, **options: Any) -> FoldScores:
+        """:func:`gradfix.methods.autotune.score_on_shots` on ``θ_B`` with these shots (2 folds, the α
+        grid :data:`ALPHAS`, gate thresholds :data:`GATE_GRID`); ``options`` (``correct``) go to it."""
         self.set_weights(None)
         labels = [self.train_labels[i] for i in shots]
-        return choose_on_shots(
+        return score_on_shots(
             self.model,
             self.tau_a,
             shots,
@@ -163,6 +171,10 @@ class TaskEnv:
             seed=seed,
             **options,
         )
+
+    def choose_on_shots(self, shots: Sequence[int], seed: int, rule: str, **options: Any) -> Choice:
+        """:meth:`score_on_shots`, then ``rule`` (``no-harm``, ``one-se`` or ``min``)."""
+        return self.score_on_shots(shots, seed, **options).choose(rule)
 
     def finetune(
         self, indices: Sequence[int], steps: Sequence[int], lr: float, seed: int = 0

@@ -27,7 +27,7 @@ from aggregate import (
     stat,
     table1_rows,
 )
-from claims import claims_section, default_section
+from claims import borrow_references, claims_section, default_section, floors_section
 
 INTRO = """# Results
 
@@ -49,7 +49,20 @@ What is real and what was built here (details in [scenarios.md](scenarios.md)):
 """
 
 
-def table1_section(result: dict[str, Any]) -> str:
+FLOORS_INTRO = """What `gradfix transport` does without `--validation`: t and α chosen from the shots alone by
+2-fold cross-validation (one vote per fold, every candidate scored on the held-out shots) and the
+*no-harm* rule: B stays unchanged unless a candidate lowers B's held-out loss on every fold and by
+more than one standard error of the mean improvement, and is no less accurate than B on the
+held-out shots; among those the largest lower bound (mean − one standard error) wins. Its floors:
+at least zero-shot B − 0.5 point, at least the better of naive and GradFix (α on validation) − 1
+point, and with `--validation` at least that better one. Each run below measures every row on the
+same grid and shots; *no-harm z=2* asks for two standard errors, *1-SE* and *min loss* are the
+earlier rules. The controls replace part of GradFix's update: the same votes on a random task
+vector with τ_A's per-tensor mean and spread, a sign step `ŝ · mean|τ_A|` on every voted
+coordinate, and τ_A's magnitudes shuffled within each tensor under GradFix's signs."""
+
+
+def table1_section(result: dict[str, Any], title: str | None = None) -> str:
     """Table 1 of one scenario: methods × tasks, the average and its gap share, the paper's share."""
     rows = table1_rows(result)
     tasks = list(result["tasks"])
@@ -75,7 +88,7 @@ def table1_section(result: dict[str, Any]) -> str:
     notes = [r for r in result["rows"] if "note" in r]
     sizes = ", ".join(f"{t}: {s.get('validation')} / {s.get('test')}" for t, s in result["sizes"].items())
     text = [
-        f"### {result['scenario']}",
+        f"### {title or result['scenario']}",
         "",
         f"Drift of B from A: ‖θ_B − θ_A‖ / ‖θ_A‖ = {100 * result['drift']:.2f} % over the transported "
         f"tensors. Seeds {result['seeds']}; validation / test examples per task: {sizes}. "
@@ -294,6 +307,11 @@ def main() -> None:
     parts = [INTRO, "## Table 1: transport of one task vector", ""]
     parts += [table1_section(r) + "\n" for r in table1]
     parts += ["## A transport never worse than naive addition or GradFix", "", default_section(table1), ""]
+    floors = [borrow_references(r, table1) for r in load(raw, "floors-")]
+    if floors:
+        parts += ["## A default that never harms: the floors", "", FLOORS_INTRO, ""]
+        parts += [table1_section(r, f"{r['scenario']}: {r['experiment']}") + "\n" for r in floors]
+        parts += [floors_section(floors), ""]
     parts += [
         "## How transport degrades as B drifts from A",
         "",

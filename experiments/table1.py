@@ -3,8 +3,10 @@
 Rows per task: zero-shot B, fine-tuned B (upper bound), naive ``θ_B + α τ_A``, the oracle mask
 (``sign(τ_B)``), the random task vector ablation, TransFusion and GradFix on TransFusion, GradFix at
 each k, the vote-margin gate (t = 0.2, 0.4), adaptive (t and α chosen on validation, and from the
-shots alone by 2-fold cross-validation of the loss), and few-shot fine-tuning of B on the same
-examples (1 step, and a tuned number of steps). Text tasks also get the support check (retrieval
+shots alone by 2-fold cross-validation of the loss), the controls of :mod:`controls` (the same
+votes on a random task vector, a sign step of B, τ_A's magnitudes shuffled under GradFix's signs;
+each with α on validation), and few-shot fine-tuning of B on the same examples (1 step, and a
+tuned number of steps). Text tasks also get the support check (retrieval
 accuracy of the transported model, a skill no task trains).
 
 Run:  python experiments/table1.py --scenario text-release-short --out docs/results/raw
@@ -24,6 +26,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from controls import control_vectors
 from envs import ALPHAS, GATE_GRID, TaskEnv, make_env, relative_drift
 from records import Recorder, scenario_view, setup
 
@@ -125,6 +128,9 @@ def run_task(env: TaskEnv, rec: Recorder, args: argparse.Namespace, family: str,
                 row(method="GradFix on TransFusion", k=k, seed=seed, **env.sweep(on_tf))
             if k in args.gate_ks:
                 gate_rows(env, row, k, seed, shots, votes, gradfix, naive, result)
+            if k in args.control_ks:
+                for name, update in control_vectors(env.tau_a, votes, seed).items():
+                    row(method=f"control: {name}", k=k, seed=seed, **env.sweep(update))
         rec.log(f"{env.task}: k={k} done ({time.perf_counter() - start:.0f} s)")
     for seed in [] if args.no_fewshot else args.seeds:
         fewshot_rows(env, row, args.fewshot_k, seed, FEWSHOT_LR[family])
@@ -282,6 +288,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 5, 10])
     parser.add_argument("--gate-ks", type=int, nargs="*", default=[1, 2, 5])
+    parser.add_argument("--control-ks", type=int, nargs="*", default=[1, 2, 5])
     parser.add_argument("--fewshot-k", type=int, default=5)
     parser.add_argument("--no-transfusion", action="store_true")
     parser.add_argument("--no-skill", dest="skill", action="store_false")

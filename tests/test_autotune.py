@@ -269,7 +269,7 @@ def test_one_standard_error_rule_prefers_the_smallest_update_within_noise(target
         return torch.tensor(list(items), dtype=torch.float64)
 
     kwargs = dict(thresholds=(NAIVE,), alphas=alphas, folds=2, seed=0)
-    chosen = choose_on_shots(model, tau, shots, labels, collate, _scalar_loss, **kwargs)
+    chosen = choose_on_shots(model, tau, shots, labels, collate, _scalar_loss, rule="one-se", **kwargs)
     plain = choose_on_shots(model, tau, shots, labels, collate, _scalar_loss, rule="min", **kwargs)
     assert plain.alpha == minimum
     assert chosen.alpha == one_se

@@ -332,7 +332,7 @@ def test_default_method_is_adaptive_and_writes_the_gate_for_the_recorded_choice(
     assert "method=adaptive" in printed and "chose t=" in printed and "2-fold shots" in printed
     record = json.loads((out / "gradfix.json").read_text())
     choice = record["choice"]
-    assert record["method"] == "adaptive" and choice["source"] == "2-fold shots, one-se rule"
+    assert record["method"] == "adaptive" and choice["source"] == "2-fold shots, no-harm rule"
     assert len(choice["scores"]) == len(DEFAULT_THRESHOLDS) * len(DEFAULT_ALPHAS)
     assert record["threshold"] == choice["threshold"] and record["alpha"] == choice["alpha"]
     chosen_key = candidate_key(choice["threshold"], choice["alpha"])

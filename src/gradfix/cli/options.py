@@ -41,9 +41,11 @@ examples:
 
 choosing (--method adaptive, or --alpha auto): every candidate (t, α) of --thresholds × --alphas
 is scored as θ_B + α · (m_t ⊙ τ_A), m_t the vote-margin gate (t=0: GradFix's agreement mask,
-t>1: naive addition): by accuracy on --validation, else by the mean loss on one half of the shots
-with votes from the other half (2 folds, at least 2 shots per class). Ties go to the earlier
-candidate. gradfix.json records the choice and every candidate's score under "choice".
+t>1: naive addition): by accuracy on --validation, else by the loss on one half of the shots with
+votes from the other half (2 folds, at least 2 shots per class), where B stays unchanged (α=0)
+unless a candidate lowers B's held-out loss on both halves and by more than one standard error.
+Ties go to the earlier candidate. gradfix.json records the choice and every candidate's score
+under "choice".
 
 data: JSON lines {"text": ..., "label": ...} or CSV with text,label columns; `--shots` examples
 per class are drawn from it with `--seed`. The output folder holds model.safetensors (sharded

@@ -9,9 +9,10 @@ naive addition) and ``(t, α)`` chosen from a grid by :mod:`gradfix.methods.auto
   memory), ``m_t`` from the votes on every shot;
 - otherwise by **2-fold cross-validation over the shots**
   (:func:`~gradfix.methods.autotune.choose_on_shots`): votes on one fold, the loss on the other, and
-  the one-standard-error rule (the smallest update within one standard error of the lowest
-  held-out loss), never a candidate less accurate on the held-out shots than B itself (recipes
-  with class logits); the final votes then use every shot.
+  the no-harm rule (B unchanged unless a candidate lowers B's held-out loss on every fold and by
+  more than one standard error; then the largest such lower bound), never a candidate less
+  accurate on the held-out shots than B itself (recipes with class logits); the final votes then
+  use every shot.
 
 ``alpha="auto"`` with ``method="gradfix"`` chooses only α (the threshold grid is ``[0]``: the
 agreement mask); a fixed α with ``method="adaptive"`` chooses only ``t``. Ties go to the earlier

@@ -4,10 +4,12 @@ Two sources of evidence, as a user has them:
 
 - a **validation file**: :func:`choose_on_validation` scores every candidate ``(t, α)`` by a
   user-given score (validation accuracy) and keeps the best;
-- **only the few shots**: :func:`choose_on_shots` splits the shots into folds; for each fold it
-  votes with the other folds, masks ``τ_A`` with those votes and measures the mean loss of
-  ``θ_B + α · (m_t ⊙ τ_A)`` on the held-back fold; the candidate with the lowest loss summed over
-  folds wins (cross-validation over the shots; the final model then votes on every shot).
+- **only the few shots**: :func:`score_on_shots` splits the shots into folds; for each fold it
+  votes with the other folds, masks ``τ_A`` with those votes and measures the loss of
+  ``θ_B + α · (m_t ⊙ τ_A)`` (and of ``θ_B`` itself) on each held-back shot;
+  :func:`choose_on_shots` then applies a rule of :mod:`gradfix.methods.shot_rules`. The default
+  rule, ``no-harm``, keeps B unchanged unless a candidate lowers B's held-out loss on every fold
+  and by more than one standard error (the final model then votes on every shot).
 
 A candidate's threshold ``t`` is the vote-margin gate's (:func:`gradfix.ops.masks.vote_margin_gate`):
 ``t = 0`` is GradFix's agreement mask and ``t > 1`` (:data:`NAIVE`) is naive addition.
@@ -28,6 +30,16 @@ from torch import Tensor, nn
 
 from gradfix.errors import ConfigError
 from gradfix.masking import mask_task_vector
+from gradfix.methods.shot_rules import (
+    DEFAULT_MARGIN,
+    DEFAULT_RULE,
+    RULES,
+    Candidate,
+    best_bound,
+    lowest,
+    no_harm,
+    one_standard_error,
+)
 from gradfix.settings import Engine
 from gradfix.task_vector import TaskVector, apply_tensor
 from gradfix.votes import SignVotes, estimate_signs
@@ -35,8 +47,11 @@ from gradfix.votes import SignVotes, estimate_signs
 NAIVE = 2.0
 """A gate threshold above 1: no coordinate is ever dropped (naive addition ``θ_B + α τ_A``)."""
 
-DEFAULT_ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
-"""α grid; 0 keeps the target unchanged, the choice when no candidate beats it."""
+DEFAULT_ALPHAS: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 1.5, 2.0)
+"""α grid: 0 keeps the target unchanged; 0.02 … 0.2 are small steps (a ratio of 2 to 2.5 between
+neighbours: where B and A share no coordinates the useful α is a small step along B's own
+descent signs), 0.5 … 2 the full-size transports (α = 1 is τ_A as fine-tuned, up to 2 as in the
+paper's sweep). Every candidate costs one forward pass over the held-out shots per fold."""
 DEFAULT_THRESHOLDS: tuple[float, ...] = (0.0, 0.2, 0.4, NAIVE)
 
 Score = Callable[[TaskVector, float], float]
@@ -189,7 +204,62 @@ def mean_loss(
     return float(evaluate(model, theta, update, alpha, batch, loss_fn).mean())
 
 
-RULES = ("one-se", "min")
+def score_on_shots(
+    model: nn.Module,
+    tau: Mapping[str, Tensor],
+    shots: Sequence[Any],
+    labels: Sequence[Any],
+    collate: Callable[[Sequence[Any]], Any],
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    folds: int = 2,
+    seed: int = 0,
+    unvoted: str = "error",
+    engine: Engine = "auto",
+    correct: Callable[[nn.Module, Any], Tensor] | None = None,
+) -> FoldScores:
+    """The held-out evidence of every candidate ``(t, α)``, by ``folds``-fold cross-validation.
+
+    For each fold ``f``: one vote ``v_{−f}`` on the other folds' shots (the model's current weights
+    are ``θ_B``), then for every candidate the per-shot loss of ``θ_B + α (m_t(v_{−f}) ⊙ τ_A)``
+    on fold ``f``'s shots, and B's own loss there. The cost is one vote per fold; each candidate
+    adds only a forward pass over the held-out shots, so a finer α grid stays cheap.
+    ``correct(model, batch)`` (optional, 1/0 per sample) adds the held-out hits for the accuracy
+    guard. The model's weights are unchanged afterwards; only parameters with ``requires_grad`` vote.
+    """
+    _check_grid(thresholds, alphas)
+    if len(shots) != len(labels):
+        raise ConfigError(f"{len(shots)} shots but {len(labels)} labels")
+    theta = {n: p.detach().clone() for n, p in model.named_parameters() if n in tau}
+    scores = FoldScores()
+    needs_votes = any(t <= 1 for t in thresholds)
+    for index, held in enumerate(shot_folds(labels, folds, seed)):
+        held_set = set(held)
+        voters = [shots[i] for i in range(len(shots)) if i not in held_set]
+        votes = (
+            estimate_signs(model, [collate(voters)], loss_fn, engine=engine, progress=False)
+            if needs_votes and voters
+            else None
+        )
+        batch = collate([shots[i] for i in held])
+        base = evaluate(model, theta, {}, 0.0, batch, loss_fn)
+        scores.base.append(base)
+        scores.fold.append(torch.full((base.numel(),), index, dtype=torch.long))
+        if correct is not None:
+            scores.base_hits.append(evaluate(model, theta, {}, 0.0, batch, correct))
+        for t in thresholds:
+            update = gated(tau, votes, t, unvoted) if (votes is not None or t > 1) else TaskVector(dict(tau))
+            scores.norms.setdefault(t, []).append(_norm(update))
+            for alpha in alphas:
+                scores.losses.setdefault((t, alpha), []).append(
+                    evaluate(model, theta, update, alpha, batch, loss_fn)
+                )
+                if correct is not None:
+                    scores.hits.setdefault((t, alpha), []).append(
+                        evaluate(model, theta, update, alpha, batch, correct)
+                    )
+    return scores
 
 
 def choose_on_shots(
@@ -205,111 +275,88 @@ def choose_on_shots(
     seed: int = 0,
     unvoted: str = "error",
     engine: Engine = "auto",
-    rule: str = "one-se",
+    rule: str = DEFAULT_RULE,
     correct: Callable[[nn.Module, Any], Tensor] | None = None,
+    margin: float = DEFAULT_MARGIN,
 ) -> Choice:
-    """Choose ``(t, α)`` from the shots alone, by ``folds``-fold cross-validation of the loss.
+    """Choose ``(t, α)`` from the shots alone: :func:`score_on_shots`, then ``rule``.
 
-    For each fold ``f``: votes ``v_{−f}`` on the other folds' shots (the model's current weights
-    are ``θ_B``), then for every candidate ``c = (t, α)`` the loss ``ℓ_i(c)`` of ``θ_B + α
-    (m_t(v_{−f}) ⊙ τ_A)`` on each held-back shot ``i`` of fold ``f``; ``L(c) = mean_i ℓ_i(c)``
-    over all shots. ``rule``:
+    With ``ℓ_i(c)`` the held-out loss of candidate ``c`` on shot ``i`` and ``L(c) = mean_i ℓ_i(c)``:
 
+    - ``no-harm`` (default, :func:`gradfix.methods.shot_rules.no_harm`): B unchanged (α = 0)
+      unless a candidate lowers B's held-out loss on every fold and by more than ``margin``
+      standard errors, ``min_f D_f(c) > 0`` and ``d̄(c) − z·SE(c) > 0`` with ``d_i = ℓ_i(B) − ℓ_i(c)``;
+      then the largest such lower bound. A grid without α = 0 (the user excluded B) gets the
+      candidate with the largest lower bound instead;
     - ``min``: the candidate minimising ``L``;
-    - ``one-se`` (default, the one-standard-error rule): among the candidates whose ``L`` is within
-      one standard error of the minimum, ``L(c) − L(c*) ≤ sd_i(ℓ_i(c) − ℓ_i(c*)) / √n``, the
-      one that moves B least, i.e. with the smallest ``α · mean_f ‖m_t(v_{−f}) ⊙ τ_A‖``. A few
-      shots estimate ``L`` noisily; this keeps B unchanged (α = 0) or the update small unless the
-      shots give clear evidence for more.
+    - ``one-se``: among the candidates whose ``L`` is within one standard error of the minimum, the
+      one that moves B least (the smallest ``α · mean_f ‖m_t(v_{−f}) ⊙ τ_A‖``).
 
     ``correct(model, batch)`` (optional, per-sample 1/0 for a right/wrong prediction) guards
-    against a loss that falls while accuracy falls too (e.g. less confident but more often wrong
-    predictions): a candidate whose held-out accuracy is below B's own (``α = 0``) is never chosen,
-    and ``c*`` is the minimiser among the others (B itself always qualifies).
+    against a loss that falls while accuracy falls too: a candidate whose held-out accuracy is
+    below B's own is never chosen (B itself always qualifies).
 
-    The model's weights are unchanged afterwards; only parameters with ``requires_grad`` vote.
-    ``score`` in the result is ``−L`` of the chosen candidate (higher is better, as for validation).
+    The model's weights are unchanged afterwards. ``score`` in the result is ``−L`` of the chosen
+    candidate (higher is better, as for validation).
     """
-    _check_grid(thresholds, alphas)
     if rule not in RULES:
         raise ConfigError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
-    if len(shots) != len(labels):
-        raise ConfigError(f"{len(shots)} shots but {len(labels)} labels")
-    theta = {n: p.detach().clone() for n, p in model.named_parameters() if n in tau}
-    scores = _FoldScores()
-    for held in shot_folds(labels, folds, seed):
-        held_set = set(held)
-        voters = [shots[i] for i in range(len(shots)) if i not in held_set]
-        needs_votes = any(t <= 1 for t in thresholds)
-        votes = (
-            estimate_signs(model, [collate(voters)], loss_fn, engine=engine, progress=False)
-            if needs_votes and voters
-            else None
-        )
-        batch = collate([shots[i] for i in held])
-        if correct is not None:
-            scores.base_hits.append(evaluate(model, theta, {}, 0.0, batch, correct))
-        for t in thresholds:
-            update = gated(tau, votes, t, unvoted) if (votes is not None or t > 1) else TaskVector(dict(tau))
-            scores.norms.setdefault(t, []).append(_norm(update))
-            for alpha in alphas:
-                scores.losses.setdefault((t, alpha), []).append(
-                    evaluate(model, theta, update, alpha, batch, loss_fn)
-                )
-                if correct is not None:
-                    scores.hits.setdefault((t, alpha), []).append(
-                        evaluate(model, theta, update, alpha, batch, correct)
-                    )
-    return scores.choose(rule, f"{folds}-fold shots, {rule} rule")
-
-
-Candidate = tuple[float, float]
+    scores = score_on_shots(
+        model, tau, shots, labels, collate, loss_fn, thresholds, alphas, folds, seed, unvoted, engine, correct
+    )
+    return scores.choose(rule, margin)
 
 
 @dataclass
-class _FoldScores:
-    """Held-out per-sample losses (and hits) of every candidate ``(t, α)``, gathered over the folds."""
+class FoldScores:
+    """Held-out per-sample losses (and hits) of every candidate ``(t, α)`` and of B, per fold."""
 
     losses: dict[Candidate, list[Tensor]] = field(default_factory=dict)
     hits: dict[Candidate, list[Tensor]] = field(default_factory=dict)
+    base: list[Tensor] = field(default_factory=list)
     base_hits: list[Tensor] = field(default_factory=list)
+    fold: list[Tensor] = field(default_factory=list)
     norms: dict[float, list[float]] = field(default_factory=dict)
 
-    def allowed(self, mean: Mapping[Candidate, float]) -> list[Candidate]:
+    def allowed(self) -> list[Candidate]:
         """The candidates at least as accurate as B on the held-out shots (all without hits)."""
         if not self.hits:
-            return list(mean)
+            return list(self.losses)
         accuracy = {key: float(torch.cat(parts).mean()) for key, parts in self.hits.items()}
         floor = float(torch.cat(self.base_hits).mean())
-        allowed = [key for key in mean if accuracy[key] >= floor - 1e-12]
+        allowed = [key for key in self.losses if accuracy[key] >= floor - 1e-12]
         # α = 0 not in the grid and every candidate below B: the least harmful
         return allowed or [max(accuracy, key=lambda k: accuracy[k])]
 
-    def choose(self, rule: str, source: str) -> Choice:
-        """The candidate of ``rule`` (``min``, or ``one-se``: the smallest update within one SE)."""
+    def choose(self, rule: str = DEFAULT_RULE, margin: float = DEFAULT_MARGIN) -> Choice:
+        """The candidate of ``rule`` (see :func:`choose_on_shots`) as a :class:`Choice`."""
+        if rule not in RULES:
+            raise ConfigError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
         per_sample = {key: torch.cat(parts) for key, parts in self.losses.items()}
-        mean = {
-            key: float(v.mean()) if bool(torch.isfinite(v).all()) else math.inf
-            for key, v in per_sample.items()
-        }
-        allowed = self.allowed(mean)
-        best = min(allowed, key=lambda k: mean[k])
-        chosen = best
-        if rule == "one-se" and math.isfinite(mean[best]):
-            n = per_sample[best].numel()
+        base, folds = torch.cat(self.base), torch.cat(self.fold)
+        allowed = self.allowed()
+        chosen: Candidate | None
+        if rule == "min":
+            chosen = lowest(per_sample, allowed)
+        elif rule == "one-se":
+            chosen = one_standard_error(per_sample, allowed, self._size)
+        else:
+            chosen = no_harm(per_sample, base, folds, allowed, margin)
+        mean = {key: -_finite_mean(v) for key, v in per_sample.items()}
+        scores = {candidate_key(t, a): v for (t, a), v in mean.items()}
+        source = f"{len(self.base)}-fold shots, {rule} rule"
+        if chosen is None:  # B unchanged where the grid allows it, else the best lower bound
+            kept = [key for key in self.losses if key[1] == 0]
+            chosen = kept[0] if kept else best_bound(per_sample, base, folds, allowed, margin)
+        return Choice(chosen[0], chosen[1], mean[chosen], scores, source)
 
-            def within(key: Candidate) -> bool:
-                if not math.isfinite(mean[key]):
-                    return False
-                spread = float((per_sample[key] - per_sample[best]).std()) if n > 1 else 0.0
-                return mean[key] - mean[best] <= spread / math.sqrt(n)
+    def _size(self, key: Candidate) -> float:
+        norms = self.norms[key[0]]
+        return abs(key[1]) * sum(norms) / len(norms)
 
-            def size(key: Candidate) -> float:
-                return abs(key[1]) * sum(self.norms[key[0]]) / len(self.norms[key[0]])
 
-            chosen = min((key for key in allowed if within(key)), key=size)
-        scores = {candidate_key(t, a): -v for (t, a), v in mean.items()}
-        return Choice(chosen[0], chosen[1], -mean[chosen], scores, source)
+def _finite_mean(values: Tensor) -> float:
+    return float(values.mean()) if bool(torch.isfinite(values).all()) else math.inf
 
 
 def _norm(update: Mapping[str, Tensor]) -> float:
