@@ -174,3 +174,32 @@ def test_hooks_with_tiles_equal_the_loop_on_a_llama() -> None:
     assert projections and projections <= sink.linear  # every projection went through the tiles
     for name in sink.linear:
         assert torch.equal(sink.counts[name], loop.counts[name].to(torch.int16)), name
+
+
+@pytest.mark.parametrize("gradient", ["sum", "none"])
+def test_estimate_signs_counts_linear_weights_by_tiles_when_forced(
+    monkeypatch: pytest.MonkeyPatch, gradient: str
+) -> None:
+    """``GRADFIX_TILES=1``: the vote's own accumulator sends every linear weight to the tiles
+    (as it does on a GPU), with the same votes (and gradient sums) as the loop."""
+    model = tiny_llama(seed=2)
+    batch = {"input_ids": torch.randint(0, 61, (4, 7), generator=torch.Generator().manual_seed(3))}
+    loop = estimate_signs(model, [batch], lm_loss, engine="loop", progress=False)
+    called: list[tuple[int, ...]] = []
+    real = tiles.add_linear_votes
+
+    def spy(x: Tensor, grad_out: Tensor, counts: Tensor, grad_sum: Tensor | None = None, **kw: Any) -> int:
+        called.append(tuple(counts.shape))
+        return real(x, grad_out, counts, grad_sum, **kw)
+
+    monkeypatch.setattr(tiles, "add_linear_votes", spy)
+    monkeypatch.setenv("GRADFIX_TILES", "1")
+    tiled = estimate_signs(model, [batch], lm_loss, engine="hooks", progress=False, gradient=gradient)  # type: ignore[arg-type]
+    assert len(called) >= 2 * 7  # q, k, v, o, gate, up, down in both layers
+    for name, counts in loop.counts.items():
+        assert torch.equal(tiled.counts[name], counts), name
+    if gradient == "sum":
+        for name, total in loop.grad_sum.items():
+            torch.testing.assert_close(tiled.grad_sum[name], total, rtol=1e-5, atol=1e-6)
+    else:
+        assert not tiled.has_gradient

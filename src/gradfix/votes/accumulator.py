@@ -16,7 +16,7 @@ from torch import Tensor
 
 from gradfix.ops.signs import count_dtype
 from gradfix.settings import Estimator
-from gradfix.votes import native
+from gradfix.votes import native, tiles
 
 
 class Accumulator:
@@ -58,10 +58,23 @@ class Accumulator:
         self.hits[name] += hits
 
     def add_linear(self, name: str, x: Tensor, grad_out: Tensor) -> bool:
-        """Add a linear weight's per-sample gradients ``δ_bᵀ x_b`` with the C kernel, if it can."""
-        counts = self.counts[name]
-        sums = self.grad_sum[name] if self.with_sums else self.scratch.take(counts.numel(), x.dtype, x.device)
-        hits = native.add_linear_votes(x.detach(), grad_out.detach(), sums.view(counts.shape), counts)
+        """Add a linear weight's per-sample gradients ``δ_bᵀ x_b`` without storing them, if it can.
+
+        Off the CPU and for half-precision layers by tiles of output rows
+        (:func:`gradfix.votes.tiles.add_linear_votes`); otherwise with the C kernel, when it runs.
+        """
+        x, grad_out, counts = x.detach(), grad_out.detach(), self.counts[name]
+        if tiles.wanted(x.device, x.dtype):
+            hits: int | None = tiles.add_linear_votes(
+                x, grad_out, counts, self.grad_sum[name] if self.with_sums else None
+            )
+        else:
+            sums = (
+                self.grad_sum[name]
+                if self.with_sums
+                else self.scratch.take(counts.numel(), x.dtype, x.device)
+            )
+            hits = native.add_linear_votes(x, grad_out, sums.view(counts.shape), counts)
         if hits is None:
             return False
         self.hits[name] += hits
