@@ -219,8 +219,14 @@ def floors_section(results: Sequence[dict[str, Any]]) -> str:
                 if ok is False and gap_ is not None:
                     mine = [r for r in rows if r["method"] == DEFAULT_ROW and r.get("k") == k]
                     kept = sum(1 for r in mine if r.get("alpha") == 0)
+                    chosen = ", ".join(f"{r['alpha']:g}" for r in mine if "alpha" in r)
+                    valid_alphas = ", ".join(
+                        f"{r['alpha']:g}" for r in rows if label(r) == f"GradFix k={k}" and "alpha" in r
+                    )
                     why = (
-                        ": the shots did not show a gain beyond one standard error on both folds"
+                        f" (α from the shots: {chosen}; GradFix's α on validation: {valid_alphas}); "
+                        "the rule moves B only as far as the held-out shots show a gain on both folds "
+                        "beyond one standard error"
                         if what == "default − better"
                         else ""
                     )
