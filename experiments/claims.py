@@ -137,12 +137,13 @@ REFERENCE_ROWS = ("zero-shot B", "fine-tuned B", "naive", "oracle mask", "GradFi
 
 
 def borrow_references(result: dict[str, Any], table1: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """``result`` with the reference rows it lacks taken from its scenario's Table 1 (same tasks,
-    k and seeds); ``references`` in the result names where they come from."""
+    """``result`` with the reference rows taken from its scenario's Table 1 (same tasks, k and
+    seeds) when it has none of its own (models rebuilt since would not compare); ``references`` in
+    the result names where they come from."""
     have = {r["method"] for r in result["rows"]}
     missing = [m for m in REFERENCE_ROWS if m not in have]
     source = [t for t in table1 if t["scenario"] == result["scenario"]]
-    if not missing or not source:
+    if len(missing) < len(REFERENCE_ROWS) or not source:  # a run with its own references keeps them
         return {**result, "references": "this run"}
 
     def keep(r: dict[str, Any]) -> bool:
@@ -182,6 +183,7 @@ def floors_section(results: Sequence[dict[str, Any]]) -> str:
     ]
     table, misses = [], []
     for result in results:
+        name = f"{result['scenario']} ({', '.join(result['tasks'])})"
         zero, naive = _avg(result, "zero-shot B"), _avg(result, "naive")
         for k in result.get("ks", DEFAULT_KS):
             gradfix, default = _avg(result, f"GradFix k={k}"), _avg(result, f"{DEFAULT_ROW} k={k}")
@@ -200,7 +202,7 @@ def floors_section(results: Sequence[dict[str, Any]]) -> str:
             )
             table.append(
                 [
-                    result["scenario"],
+                    name,
                     result.get("references", "this run"),
                     str(k),
                     *(_pct(v) for v in (zero, naive, gradfix, better, valid, default)),
@@ -215,7 +217,23 @@ def floors_section(results: Sequence[dict[str, Any]]) -> str:
                 strict=True,
             ):
                 if ok is False and gap_ is not None:
-                    misses.append(f"- {result['scenario']}, k = {k}: {what} = {100 * gap_:+.1f} points.")
+                    mine = [r for r in rows if r["method"] == DEFAULT_ROW and r.get("k") == k]
+                    kept = sum(1 for r in mine if r.get("alpha") == 0)
+                    chosen = ", ".join(f"{r['alpha']:g}" for r in mine if "alpha" in r)
+                    valid_alphas = ", ".join(
+                        f"{r['alpha']:g}" for r in rows if label(r) == f"GradFix k={k}" and "alpha" in r
+                    )
+                    why = (
+                        f" (α from the shots: {chosen}; GradFix's α on validation: {valid_alphas}); "
+                        "the rule moves B only as far as the held-out shots show a gain on both folds "
+                        "beyond one standard error"
+                        if what == "default − better"
+                        else ""
+                    )
+                    misses.append(
+                        f"- {name}, k = {k}: {what} = {100 * gap_:+.1f} points; the default kept B "
+                        f"(α = 0) in {kept} of {len(mine)} draws{why}."
+                    )
     if not table:
         return "(no floors results yet)"
     text = [

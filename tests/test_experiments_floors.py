@@ -46,9 +46,9 @@ def test_floors_are_met_when_the_default_keeps_up_and_named_with_numbers_when_no
     # below zero-shot by 1 point, below GradFix (60) by 11 points, validation below GradFix
     bad = floors_section([_result(default=0.49, valid=0.58, controls=(0.5, 0.5, 0.5))])
     assert bad.count("**not met**") == 3
-    assert "s, k = 1: default − zero-shot B = -1.0 points." in bad
-    assert "s, k = 1: default − better = -11.0 points." in bad
-    assert "adaptive (validation) − better = -2.0 points." in bad
+    assert "s (t1, t2), k = 1: default − zero-shot B = -1.0 points; the default kept B (α = 0) in 0 of 4" in bad
+    assert "s (t1, t2), k = 1: default − better = -11.0 points;" in bad
+    assert "adaptive (validation) − better = -2.0 points;" in bad
     assert "| -1.0 |" in bad  # the worst task's margin over zero-shot B
 
 
@@ -96,7 +96,7 @@ def test_a_floors_run_without_references_borrows_them_from_its_table1() -> None:
         r["task"] == "t1" and r.get("seed") in (None, 0) and r.get("k") in (None, 1) for r in merged["rows"]
     )
     assert merged["references"] == "Table 1 run (α ∈ {0, 0.02})"
-    assert "| s | Table 1 run (α ∈ {0, 0.02}) | 1 |" in floors_section([merged])
+    assert "| s (t1) | Table 1 run (α ∈ {0, 0.02}) | 1 |" in floors_section([merged])
     assert borrow_references(full, [])["references"] == "this run"
 
 
@@ -104,4 +104,15 @@ def test_a_lean_run_without_a_validation_choice_checks_the_other_two_floors() ->
     full = _result(default=0.49, valid=0.61, controls=(0.5, 0.5, 0.5))
     lean = {**full, "rows": [r for r in full["rows"] if r["method"] != "adaptive (validation)"]}
     text = floors_section([lean])
-    assert text.count("**not met**") == 2 and "| n/a | 49.0 | -1.0 | **not met** | **not met** | n/a |" in text
+    assert (
+        text.count("**not met**") == 2 and "| n/a | 49.0 | -1.0 | **not met** | **not met** | n/a |" in text
+    )
+
+
+def test_a_run_with_some_references_of_its_own_borrows_none() -> None:
+    from claims import borrow_references
+
+    full = _result(default=0.5, valid=0.61, controls=(0.5, 0.5, 0.5))
+    lean = {**full, "rows": [r for r in full["rows"] if r["method"] != "adaptive (validation)"]}
+    kept = borrow_references(lean, [full])
+    assert kept["references"] == "this run" and kept["rows"] == lean["rows"]
