@@ -51,6 +51,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from types import TracebackType
 
+import gradfix  # noqa: F401  # isort: skip  (before torch, as the gradfix command: OpenMP wait policy)
 import torch
 
 from gradfix import estimate_signs
