@@ -251,3 +251,22 @@ def test_verdict_rules() -> None:
     assert decide(CheckStatistics(tiny, -1.0)).verdict == "weak"
     # a shot draw that could fall to chance: not "transfers" either
     assert decide(CheckStatistics(_agreement(0.52, se=0.02), -1.0)).verdict == "weak"
+
+
+def test_a_permutation_wins_over_a_small_clear_agreement() -> None:
+    """A permuted release: τ_A clearly but barely above chance as it is (its residual stream still
+    lines up), far above after re-basin. Re-basin is tried (not strong) and the verdict is the
+    permutation; a strong direct agreement needs no re-basin, and an equal one after it is no
+    permutation."""
+    small = _agreement(0.5066, se=0.0008, chance=0.5002, sd=0.0004)  # the permuted MiniLM release
+    assert small.clear and not small.strong
+    after = _agreement(0.540, se=0.004, chance=0.5002, sd=0.0004)
+    verdict = decide(CheckStatistics(small, -0.1, aligned=after))
+    assert (verdict.verdict, verdict.recommended_method) == ("permutation", "transfusion")
+    assert decide(CheckStatistics(small, -0.1)).verdict == "transfers"  # re-basin not tried
+    strong = _agreement(0.540, se=0.004, chance=0.5002, sd=0.0004)
+    assert strong.strong
+    same = decide(
+        CheckStatistics(strong, -1.4, aligned=_agreement(0.541, se=0.004, chance=0.5002, sd=0.0004))
+    )
+    assert same.verdict == "transfers"

@@ -134,7 +134,8 @@ class OutputSettings:
 
 
 Rebasin = Literal["auto", "always", "never"]
-"""When ``gradfix check`` aligns ``τ_A`` by re-basin: when it does not agree clearly, always, never."""
+"""When ``gradfix check`` aligns ``τ_A`` by re-basin: when it is not clearly 2 points above chance,
+always, never."""
 
 
 @dataclass

@@ -26,7 +26,7 @@ what it measures: the drift ‖θ_B − θ_A‖/‖θ_A‖; the share of τ_A's 
 with B's vote on the shots (the descent direction), with an interval from bootstrap resamples of
 the shots and the band of chance agreement of τ_A with its rows and columns permuted within each
 tensor; the first-order loss change ⟨ḡ, Δ⟩ (α = 1) of naive addition and of the GradFix mask; the
-agreement after re-basin when τ_A does not agree clearly. Verdicts: transfers (recommends naive
+agreement after re-basin when τ_A is not clearly 2 points above chance. Verdicts: transfers (recommends naive
 or adaptive), permutation (transfusion), weak (adaptive), nothing-transfers (fine-tune B).
 """
 
@@ -64,7 +64,10 @@ def add_check_parser(sub: Any) -> None:
         g, "check", "coordinates", "coordinates that keep each shot's gradient for the bootstrap", metavar="N"
     )
     add_option(
-        g, "check", "rebasin", "align τ_A by re-basin: when it does not agree clearly (auto), always, never"
+        g,
+        "check",
+        "rebasin",
+        "align τ_A by re-basin: when it is not clearly 2 points above chance (auto), always, never",
     )
     add_common(p)
     p.set_defaults(handler=run_check)

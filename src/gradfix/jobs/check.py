@@ -9,7 +9,7 @@ writes nothing. It measures
   agreement from ``τ_A`` with its rows and columns permuted within tensors;
 - the first-order loss change ``⟨ḡ, α·Δ⟩`` of naive addition (``Δ = τ_A``) and of the GradFix
   agreement mask (``Δ = m ⊙ τ_A``) at α = 1 (:func:`gradfix.diagnostics.descent_report`);
-- when ``τ_A`` does not clearly agree, the same agreement after aligning ``τ_A`` by re-basin
+- when ``τ_A`` is not clearly 2 points above chance, the same agreement after aligning ``τ_A`` by re-basin
   (TransFusion's weight matching), where the model's layout allows it (read from the checkpoint
   headers first, so a model that cannot be permuted loads no weights for it);
 
@@ -183,8 +183,12 @@ def _after_rebasin(
     seed: int,
 ) -> CheckStatistics:
     """``stats`` with the agreement of ``τ_A`` aligned by re-basin, when it is tried and applies."""
-    if settings.rebasin == "never" or (settings.rebasin == "auto" and stats.direct.clear):
-        why = "--rebasin never" if settings.rebasin == "never" else "τ_A agrees clearly without it"
+    if settings.rebasin == "never" or (settings.rebasin == "auto" and stats.direct.strong):
+        why = (
+            "--rebasin never"
+            if settings.rebasin == "never"
+            else "τ_A agrees clearly, by 2 points or more above chance"
+        )
         record["rebasin"] = {"tried": False, "reason": why}
         return stats
     whole = TaskVector({n: get(n) for n in shots.touched})
@@ -192,7 +196,11 @@ def _after_rebasin(
     if aligned is None:
         record["rebasin"] = {"tried": False, "reason": reason}
         return stats
-    why = "--rebasin always" if settings.rebasin == "always" else "τ_A does not agree clearly"
+    why = (
+        "--rebasin always"
+        if settings.rebasin == "always"
+        else "τ_A does not agree clearly by 2 points or more above chance"
+    )
     measured, _ = _measure(aligned.__getitem__, shots, 0, torch.Generator())
     aligned_stats = _agreement(measured, shots)
     stats = replace(stats, aligned=aligned_stats)

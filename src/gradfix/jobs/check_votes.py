@@ -8,7 +8,7 @@ summed votes (a :class:`~gradfix.masking.VoteReference`) instead of a vote of it
   permuted within tensors, :func:`~gradfix.jobs.check_stats.unit_shuffle_at`) on a seeded sample
   of at most ``coordinates`` coordinates, so the null costs the sample, not the model;
 - ``⟨ḡ, τ_A⟩``, the first-order loss change of naive addition at α = 1;
-- when ``τ_A`` does not agree clearly and the layout allows re-basin (read from the checkpoints'
+- when ``τ_A`` is not clearly 2 points above chance and the layout allows re-basin (read from the checkpoints'
   names and shapes, no weight loaded: :func:`rebasin_blocker`), the agreement of ``τ_A`` aligned
   to B by TransFusion's weight matching;
 
@@ -181,7 +181,7 @@ def verdict_from_votes(
 
     Only tensors the votes cover (and, when given, in ``nonzero``) are compared; re-basin aligns
     every tensor of ``names``. ``rebasin`` is ``(source base, target base)`` to
-    try re-basin when ``τ_A`` does not agree clearly (``None``: never). Deterministic for a
+    try re-basin when ``τ_A`` is not clearly 2 points above chance (``None``: never). Deterministic for a
     ``seed``. Returns the record (``verdict``, ``recommended_method``, ``reason``, ``statistic``,
     ``sign_agreement`` with its ``null``, ``first_order``, ``rebasin``, and ``note`` when nothing
     transfers) and the aligned ``τ_A`` when re-basin was measured.
@@ -210,8 +210,8 @@ def verdict_from_votes(
         "coordinates": sum(len(p) for p in null.picked.values()),
     }
     aligned = None
-    if rebasin is None or stats.direct.clear:
-        why = "τ_A agrees clearly without it" if rebasin is not None else "not asked"
+    if rebasin is None or stats.direct.strong:
+        why = "τ_A agrees clearly, by 2 points or more above chance" if rebasin is not None else "not asked"
         record["rebasin"] = {"tried": False, "reason": why}
     else:
         whole = TaskVector({n: tau.whole(n, shapes[n]) for n in names})
@@ -275,7 +275,7 @@ def _after_rebasin(
     stats = CheckStatistics(direct, stats.naive_inner, after)
     record = {
         "tried": True,
-        "reason": "τ_A does not agree clearly",
+        "reason": "τ_A does not agree clearly by 2 points or more above chance",
         "sign_agreement": _agreement_record(after, moved),
         "gain": stats.gain,
     }
