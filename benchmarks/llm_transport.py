@@ -18,8 +18,8 @@ Measured:
 2. in this process, on ``--device`` in ``--dtype``: B votes on the same samples with
    ``estimate_signs`` against one batched forward+backward of the same samples (same trainable
    tensors), in interleaved rounds (median of the per-round ratios); the vote state per voting
-   parameter (bytes of the returned counts and gradient sums over the voting parameters) and which
-   path counted the linear weights (C kernel, tiles, per-sample chunks).
+   parameter (bytes of the vote's running sums while voting, counts only as the transport keeps
+   them) and which path counted the linear weights (C kernel, tiles, per-sample chunks).
 
 It prints the device, every figure and the command, then machine-readable lines
 ``state_bytes_per_voting_param=<x>`` and ``peak_over_model_bytes=<x>``.
@@ -36,7 +36,6 @@ import os
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +45,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import transport_memory  # the fresh-process measurement, shared
 
 SIZES: dict[str, tuple[int, int, int, int, int]] = {  # hidden, MLP, layers, heads, vocabulary
     "tiny": (128, 352, 2, 4, 1000),
@@ -175,13 +177,8 @@ def write_data(path: Path, words: list[str], samples: int, tokens: int, seed: in
 # -- 1. the transport in a fresh process --------------------------------------------------------
 def run_measured(code: str, args: list[str]) -> tuple[float, float]:
     """Run ``code`` in a fresh interpreter; return (peak RSS in bytes, wall seconds)."""
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    line = next(x for x in done.stderr.splitlines() if x.startswith("PEAK_RSS_KB"))
-    return int(line.split()[1]) * 1024.0, wall
+    peak_mb, wall = transport_memory.run_measured(code, args)
+    return peak_mb * 1024 * 1024, wall
 
 
 def transport_args(
@@ -266,18 +263,22 @@ def time_votes(b_dir: Path, data: Path, args: argparse.Namespace, device: torch.
 
     def votes() -> tuple[float, Any]:
         start = time.perf_counter()
-        result = estimate_signs(model, batches, recipe.loss, engine=args.engine, progress=False)
+        # what `gradfix transport` keeps for a gradfix mask: the counts only
+        result = estimate_signs(
+            model, batches, recipe.loss, engine=args.engine, progress=False, gradient="none"
+        )
         _sync(device)
         return time.perf_counter() - start, result
 
     batched()  # warm-up (allocator, kernels, the C kernel's build)
-    with PathCounter() as paths:
+    with PathCounter() as paths, transport_memory.vote_state_watch() as seen:
         _, result = votes()
     rounds = []
     for _ in range(args.rounds):
         rounds.append((batched(), votes()[0]))
+    state = seen[-1]  # the running sums while voting (int16 counters), at the end of the vote
     held = [*result.counts.values(), *result.grad_sum.values()]
-    state = sum(t.numel() * t.element_size() for t in held)
+    returned = sum(t.numel() * t.element_size() for t in held)
     params = sum(p.numel() for p in voting.values())
     linear = sum(1 for n in voting if n.endswith("_proj.weight"))
     return {
@@ -285,6 +286,7 @@ def time_votes(b_dir: Path, data: Path, args: argparse.Namespace, device: torch.
         "votes": statistics.median(r[1] for r in rounds),
         "ratio": statistics.median(r[1] / r[0] for r in rounds),
         "state_bytes": state,
+        "returned_bytes": returned,
         "voting_params": params,
         "count_dtype": str(next(iter(result.counts.values())).dtype) if result.counts else "none",
         "paths": paths.summary(linear, len(batches)),
@@ -356,8 +358,11 @@ def report(args: argparse.Namespace, device: torch.device, command: str, root: P
     for label, key in (("batched forward+backward", "batched"), ("votes (estimate_signs)  ", "votes")):
         print(f"   {label} {timing[key]:.3f} s ({timing[key] / n:.4f} s/sample)")
     print(f"   votes over batched pass  {timing['ratio']:.2f}")
-    print(f"   vote state returned: {timing['state_bytes'] / 2**20:.1f} MiB = {per_param:.2f} bytes per")
-    print(f"   voting parameter (counts {timing['count_dtype']} + gradient sums); floor: <= 2 bytes")
+    state_mib = timing["state_bytes"] / 2**20
+    print(f"   vote state while voting (counts only, as the transport keeps): {state_mib:.1f} MiB")
+    print(f"   = {per_param:.2f} bytes per voting parameter; floor: <= 2 bytes")
+    returned = timing["returned_bytes"] / max(1, timing["voting_params"])
+    print(f"   returned: {returned:.2f} bytes per voting parameter (counts {timing['count_dtype']})")
     print(f"votes_over_batched_backward={timing['ratio']:.3f}")
     print(f"state_bytes_per_voting_param={per_param:.3f}")
     print(f"peak_over_model_bytes={peak_over:.3f}")

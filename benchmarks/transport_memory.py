@@ -26,6 +26,7 @@ Run:  python benchmarks/transport_memory.py [--gb 2] [--largest-mb 256] [--skip-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import shutil
@@ -33,7 +34,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -241,11 +244,30 @@ def minilm() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def vote_state_watch() -> Iterator[list[int]]:
+    """Within the block, every vote appends the bytes of its running sums (counters and gradient
+    sums) as they stand at the end of the vote, when every one of them has been made."""
+    from gradfix.votes import accumulator
+
+    seen: list[int] = []
+    result = accumulator.Accumulator.result
+
+    def measured(self: accumulator.Accumulator, estimator: str) -> object:
+        seen.append(self.state_bytes())
+        return result(self, estimator)  # type: ignore[arg-type]
+
+    accumulator.Accumulator.result = measured  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        accumulator.Accumulator.result = result  # type: ignore[method-assign]
+
+
 def vote_state() -> None:
     """Bytes of the vote's running sums per voting parameter on MiniLM, with and without sums."""
     from gradfix.data import batched, label_set
     from gradfix.recipes import load_recipe
-    from gradfix.votes import accumulator, estimate_signs
 
     sys.path.insert(0, str(Path(__file__).parent))
     from votes_speed import bbc_sentences, minilm_folder
@@ -253,14 +275,15 @@ def vote_state() -> None:
     examples = bbc_sentences(16)
     model, recipe = load_recipe("text-zero-shot", minilm_folder(), label_set(examples))
     batches = [recipe.collate(chunk) for chunk in batched(examples, 8)]
-    seen: list[int] = []
-    result = accumulator.Accumulator.result
+    with vote_state_watch() as seen:
+        _vote_state_rows(model, recipe, batches, examples, seen)
 
-    def measured(self: accumulator.Accumulator, estimator: str) -> object:
-        seen.append(self.state_bytes())  # every running sum is made by the end of the vote
-        return result(self, estimator)  # type: ignore[arg-type]
 
-    accumulator.Accumulator.result = measured  # type: ignore[method-assign]
+def _vote_state_rows(
+    model: Any, recipe: Any, batches: list[Any], examples: list[Any], seen: list[int]
+) -> None:
+    from gradfix.votes import estimate_signs
+
     lora = ("attention.self.query.weight", "attention.self.value.weight")
     print(f"\nvote state on all-MiniLM-L6-v2, {len(examples)} BBC sentences, batches of 8")
     lean = 0.0
@@ -281,7 +304,6 @@ def vote_state() -> None:
             )
             if gradient == "none" and voting is None:
                 lean = per_param
-    accumulator.Accumulator.result = result  # type: ignore[method-assign]
     print(f"state_bytes_per_voting_param={lean:.2f}")
 
 

@@ -74,8 +74,10 @@ def test_the_vote_figures(built, monkeypatch: pytest.MonkeyPatch, force_tiles: b
     timing = bench.time_votes(paths["B"], data, args, torch.device("cpu"))
     projections = 2 * len(bench.PROJECTIONS)
     assert timing["samples"] == 4 and timing["voting_params"] > 0
-    # int8 counts (4 samples) and float32 gradient sums: 5 bytes per voting parameter today
-    assert timing["state_bytes"] == timing["voting_params"] * 5 and timing["count_dtype"] == "torch.int8"
+    # int16 counters while voting, counts only (as the transport keeps): 2 bytes per voting
+    # parameter; int8 counts returned for 4 samples
+    assert timing["state_bytes"] == timing["voting_params"] * 2 and timing["count_dtype"] == "torch.int8"
+    assert timing["returned_bytes"] == timing["voting_params"]
     assert timing["batched"] > 0 and timing["votes"] > 0 and timing["ratio"] > 0
     assert timing["paths"].endswith("(calls per linear weight and batch)")
     counted = sum(int(part.split()[-1]) for part in timing["paths"].split(" (")[0].split(", "))
