@@ -7,8 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+GRADFIX=${GRADFIX:-.venv/bin/gradfix}
 SCENARIO=${1:-text-release-permuted}
-S=$($PY -m gradfix zoo path "$SCENARIO")
+S=$($GRADFIX zoo path "$SCENARIO")
 T='This news article is about {label}.'
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -16,10 +17,10 @@ echo "command: bash experiments/cli_default.sh $SCENARIO"
 for k in 2 5; do
   for seed in 0 1 2; do
     out="$WORK/k$k-s$seed"
-    $PY -m gradfix transport --source-base "$S/A" --source-finetuned "$S/A-ft/headlines" --target-base "$S/B" \
+    $GRADFIX transport --source-base "$S/A" --source-finetuned "$S/A-ft/headlines" --target-base "$S/B" \
       --data "$S/data/headlines/train.jsonl" --shots "$k" --seed "$seed" --include 'encoder.*' \
       --template "$T" --max-length 24 --no-progress --out "$out" > /dev/null
-    acc=$($PY -m gradfix eval --model "$out" --data "$S/data/headlines/test.jsonl" --template "$T" \
+    acc=$($GRADFIX eval --model "$out" --data "$S/data/headlines/test.jsonl" --template "$T" \
       --max-length 24 --json | $PY -c "import json, sys; print(round(json.load(sys.stdin)['accuracy'], 4))")
     $PY - "$out/gradfix.json" "$k" "$seed" "$acc" <<'PYEOF'
 import json, sys
