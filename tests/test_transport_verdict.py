@@ -193,3 +193,26 @@ def test_verdict_from_votes_against_its_null() -> None:
     lone = verdict_from_votes(TauRows(tensors=ones), ["v"], {"v": (10,)}, _votes(grad), 0, coordinates=2)
     json.dumps(lone.record, allow_nan=False)  # non-finite statistics are written as null
     assert lone.record["sign_agreement"]["null"]["sd"] == 0 and lone.record["sign_agreement"]["z"] is None
+
+
+def test_tau_is_not_read_whole_when_rebasin_cannot_apply(models: dict[str, Path], tmp_path: Path) -> None:
+    """Re-basin asked for a layout it cannot permute: the reason comes from the headers, and τ_A is
+    read one tensor at a time for the agreement only, never gathered whole for re-basin (on a large
+    model that gathering held a second copy of the task vector)."""
+    generator = torch.Generator().manual_seed(0)
+    tau = {"w": torch.randn(30, 20, generator=generator)}
+    unrelated = _votes({"w": torch.randn(30, 20, generator=generator)})
+
+    reads: list[str] = []
+
+    class Counted(TauRows):
+        def whole(self, name: str, shape: Any) -> torch.Tensor:
+            reads.append(name)
+            return super().whole(name, shape)
+
+    weights = tmp_path / "weights.safetensors"  # no config: re-basin does not apply
+    weights.symlink_to(models["A"] / "model.safetensors")
+    found = verdict_from_votes(Counted(tensors=tau), ["w"], {"w": (30, 20)}, unrelated, 1, (weights, weights))
+    assert found.record["rebasin"]["tried"] is False
+    assert "num_heads" in found.record["rebasin"]["reason"] and found.aligned is None
+    assert reads == ["w"]  # the agreement's own read; none for re-basin

@@ -213,6 +213,8 @@ def verdict_from_votes(
     if rebasin is None or stats.direct.strong:
         why = "τ_A agrees clearly, by 2 points or more above chance" if rebasin is not None else "not asked"
         record["rebasin"] = {"tried": False, "reason": why}
+    elif blocked := rebasin_blocker(*rebasin):  # from the headers: τ_A is not read whole for nothing
+        record["rebasin"] = {"tried": False, "reason": blocked}
     else:
         whole = TaskVector({n: tau.whole(n, shapes[n]) for n in names})
         aligned, stats, record["rebasin"] = _after_rebasin(
