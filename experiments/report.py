@@ -28,6 +28,7 @@ from aggregate import (
     table1_rows,
 )
 from claims import borrow_references, claims_section, default_section, floors_section
+from verdict_table import verdicts_section
 
 INTRO = """# Results
 
@@ -60,6 +61,10 @@ same grid and shots; *no-harm z=2* asks for two standard errors, *1-SE* and *min
 earlier rules. The controls replace part of GradFix's update: the same votes on a random task
 vector with τ_A's per-tensor mean and spread, a sign step `ŝ · mean|τ_A|` on every voted
 coordinate, and τ_A's magnitudes shuffled within each tensor under GradFix's signs."""
+
+CONTROLS_INTRO = """GradFix's rows beside the three controls of the same votes, α on validation (grid read
+from the rows' `validation_by_alpha`), on the models the check reads; the claims section reads
+them as *GradFix carries A's knowledge*."""
 
 
 def table1_section(result: dict[str, Any], title: str | None = None) -> str:
@@ -312,6 +317,11 @@ def main() -> None:
         parts += ["## A default that never harms: the floors", "", FLOORS_INTRO, ""]
         parts += [table1_section(r, f"{r['scenario']}: {r['experiment']}") + "\n" for r in floors]
         parts += [floors_section(floors), ""]
+    controls = load(raw, "controls-")
+    if controls:
+        parts += ["## What GradFix carries: the controls", "", CONTROLS_INTRO, ""]
+        parts += [table1_section(r, f"{r['scenario']}: {r['experiment']}") + "\n" for r in controls]
+    parts += ["## gradfix check: verdict vs experiments", "", verdicts_section(raw), ""]
     parts += [
         "## How transport degrades as B drifts from A",
         "",
