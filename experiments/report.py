@@ -320,7 +320,8 @@ def main() -> None:
     controls = load(raw, "controls-")
     if controls:
         parts += ["## What GradFix carries: the controls", "", CONTROLS_INTRO, ""]
-        parts += [table1_section(r, f"{r['scenario']}: {r['experiment']}") + "\n" for r in controls]
+        for r in controls:
+            parts += [table1_section(r, f"{r['scenario']}: {r['experiment']}"), "", r.get("note", ""), ""]
     parts += ["## gradfix check: verdict vs experiments", "", verdicts_section(raw), ""]
     parts += [
         "## How transport degrades as B drifts from A",
