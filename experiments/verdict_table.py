@@ -193,6 +193,9 @@ def _notes(raw: Path, checks: Sequence[dict[str, Any]], left_out: dict[str, list
     for source in dict.fromkeys(c["source"] for c in checks):
         names = ", ".join(dict.fromkeys(c["scenario"] for c in checks if c["source"] == source))
         notes.append(f"- {names}: {source}.")
+    for scenario in dict.fromkeys(c["scenario"] for c in checks):
+        seeds = sorted({c["seed"] for c in checks if c["scenario"] == scenario})
+        notes.append(f"- {scenario}: seeds {', '.join(map(str, seeds))} checked.")
     same = [c["same_shots_as_experiments"] for c in checks if c.get("same_shots_as_experiments") is not None]
     if same:
         notes.append(
