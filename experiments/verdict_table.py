@@ -11,8 +11,9 @@ A recommendation **matches** the experiments when:
 - ``naive`` (verdict ``transfers``): naive addition closes at least half of the gap
   (:data:`TRANSFERS_SHARE`);
 - ``transfusion`` (verdict ``permutation``): TransFusion closes more of the gap than naive addition;
-- ``fine-tune B`` (verdict ``nothing-transfers``): naive addition and GradFix both close less than
-  a tenth of the gap (:data:`NOTHING_SHARE`);
+- ``fine-tune B`` (verdict ``nothing-transfers``): naive addition closes less than a tenth of the
+  gap (:data:`NOTHING_SHARE`), and GradFix too, or no more than the best control of the same k
+  and seed (within :data:`CONTROL_MARGIN`: its gain is B's own sign step, not A's knowledge);
 - ``adaptive`` (verdict ``weak``, or ``transfers`` where the whole of τ_A points uphill): the
   better of naive addition and GradFix closes at least a tenth of the gap (something carries over
   for the adaptive choice to take).
@@ -30,12 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from aggregate import gap, load, md_table
+from controls import CONTROLS
 
 TRANSFERS_SHARE = 0.5
 """``naive`` is right when naive addition closes at least this share of the gap."""
 NOTHING_SHARE = 0.10
 """``fine-tune B`` is right when naive addition and GradFix both close less than this share;
 ``adaptive`` when the better of them closes at least this much."""
+CONTROL_MARGIN = 0.05
+"""GradFix within this share of the gap of the best control carries nothing of A's."""
 DRIFT_TOLERANCE = 1e-4
 """Relative difference of drift under which a result was measured on the check's models."""
 RESULT_PREFIXES = ("table1-", "controls-", "floors-")
@@ -87,12 +91,16 @@ def share(results: Sequence[dict[str, Any]], task: str, method: str, **match: An
 
 
 def shares(results: Sequence[dict[str, Any]], task: str, k: int, seed: int) -> dict[str, float | None]:
-    """Naive, GradFix (this k and seed, else the mean over seeds at k) and TransFusion gap shares."""
+    """Naive, GradFix (this k and seed, else the mean over seeds at k), TransFusion and the best
+    control (this k and seed) gap shares."""
     gradfix = share(results, task, "GradFix", k=k, seed=seed)
+    controls = [share(results, task, f"control: {name}", k=k, seed=seed) for name in CONTROLS]
+    measured = [c for c in controls if c is not None]
     return {
         "naive": share(results, task, "naive"),
         "GradFix": gradfix if gradfix is not None else share(results, task, "GradFix", k=k),
         "TransFusion": share(results, task, "TransFusion"),
+        "control": max(measured) if measured else None,
     }
 
 
@@ -107,7 +115,9 @@ def matches(recommended: str, s: dict[str, float | None]) -> bool | None:
         return None if transfusion is None else transfusion > naive
     better = max(naive, gradfix) if gradfix is not None else naive
     if recommended == "fine-tune B":
-        return better < NOTHING_SHARE
+        control = s.get("control")
+        sign_step = gradfix is not None and control is not None and gradfix <= control + CONTROL_MARGIN
+        return naive < NOTHING_SHARE and (better < NOTHING_SHARE or sign_step)
     if recommended == "adaptive":
         return better >= NOTHING_SHARE
     return None
@@ -176,7 +186,9 @@ def verdicts_section(raw: Path) -> str:
         f"show (α on validation, share of the zero-shot → fine-tuned-B gap). A recommendation matches "
         f"when: **naive** — naive addition closes ≥ {100 * TRANSFERS_SHARE:.0f} % of the gap; "
         "**transfusion** — TransFusion closes more than naive addition; **fine-tune B** — naive "
-        f"addition and GradFix both close < {100 * NOTHING_SHARE:.0f} %; **adaptive** — the better of "
+        f"addition closes < {100 * NOTHING_SHARE:.0f} %, and GradFix too or no more than the best "
+        f"control of the same k and seed (+{100 * CONTROL_MARGIN:.0f} points: B's own sign step); "
+        "**adaptive** — the better of "
         f"them closes ≥ {100 * NOTHING_SHARE:.0f} %. Each check draws its own k shots per class with "
         "the seed (seeds 0-2); the GradFix share is that k and seed's.",
         "",

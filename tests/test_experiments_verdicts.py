@@ -13,8 +13,10 @@ from verdict_table import matches, verdicts_section
 from verdicts import built_folders, strip
 
 
-def _shares(naive: float, gradfix: float | None = None, transfusion: float | None = None) -> dict:
-    return {"naive": naive, "GradFix": gradfix, "TransFusion": transfusion}
+def _shares(
+    naive: float, gradfix: float | None = None, transfusion: float | None = None, control: float | None = None
+) -> dict:
+    return {"naive": naive, "GradFix": gradfix, "TransFusion": transfusion, "control": control}
 
 
 def test_each_recommendation_is_judged_by_its_own_rule() -> None:
@@ -24,6 +26,10 @@ def test_each_recommendation_is_judged_by_its_own_rule() -> None:
     )
     assert matches("transfusion", _shares(0.2, 0.3)) is None  # TransFusion not measured: not judged
     assert matches("fine-tune B", _shares(0.05, 0.09)) and not matches("fine-tune B", _shares(0.05, 0.12))
+    # GradFix's gain no larger than a control's (B's own sign step): nothing of A carried over
+    assert matches("fine-tune B", _shares(0.05, 0.20, control=0.18))
+    assert not matches("fine-tune B", _shares(0.05, 0.30, control=0.18))
+    assert not matches("fine-tune B", _shares(0.15, 0.16, control=0.18))
     assert matches("adaptive", _shares(0.02, 0.12)) and not matches("adaptive", _shares(0.02, 0.05))
     assert matches("unknown", _shares(0.9)) is None
 
