@@ -210,3 +210,22 @@ def test_a_tiny_transport_votes_on_cuda_in_bfloat16(models, tmp_path) -> None:
     assert record["data"]["device"].startswith("cuda:") and record["data"]["dtype"] == "bfloat16"
     assert record["descent"]["total_inner"] <= 0
     assert _dtypes(tmp_path / "gpu") == _dtypes(models["B"])
+
+
+def test_the_adaptive_choice_and_a_merge_vote_in_bfloat16(models, tmp_path) -> None:
+    argv = transport_args(
+        models, tmp_path / "adaptive", "--json", options=["--shots", "4", "--dtype", "bfloat16"]
+    )
+    assert main(argv) == 0  # the default method: votes, the check and the choice on the bf16 model
+    record = json.loads((tmp_path / "adaptive" / "gradfix.json").read_text())
+    assert record["method"] == "adaptive" and record["choice"]["scores"]
+    assert record["data"]["dtype"] == "bfloat16"
+    argv = [
+        "merge", "--source-base", str(models["A"]), "--source-finetuned", str(models["A-ft"]),
+        "--target-base", str(models["B"]), "--data", str(models["few"]), "--shots", "4",
+        "--pipeline", "mask-then-merge", "--exclude", "pooler.*", "--dtype", "bfloat16",
+        "--out", str(tmp_path / "merged"), "--no-progress", "--json",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    merged = json.loads((tmp_path / "merged" / "gradfix.json").read_text())
+    assert (merged["tasks"][0]["data"]["device"], merged["tasks"][0]["data"]["dtype"]) == ("cpu", "bfloat16")
