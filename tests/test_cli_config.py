@@ -46,6 +46,8 @@ VOTING: dict[str, tuple[Values, Values]] = {
     "engine": _choices(["auto", "hooks", "vmap", "loop"], ["jit"]),
     "batch_size": POSITIVE,
     "max_length": POSITIVE,
+    "device": (["cpu", "cuda", "cuda:1", "auto", "CUDA"], ["gpu", "cuda:x", "mps", ""]),
+    "dtype": _choices(["auto", "float32", "bfloat16", "float16"], ["bf16", "float64", "Float32"]),
 }
 MASKING: dict[str, tuple[Values, Values]] = {
     "include": MANY_STRINGS,

@@ -25,6 +25,9 @@ Elect = Literal["mass", "count"]
 TrimScope = Literal["tensor", "model"]
 Shots = int | Literal["all"]
 Alpha = float | Literal["auto"]
+VoteDtype = Literal["auto", "float32", "bfloat16", "float16"]
+"""The dtype the target is loaded and votes in; ``auto``: float32 on the CPU, the checkpoint's own
+dtype on a GPU (see :mod:`gradfix.recipes.placement`)."""
 OutFormat = Literal["full", "adapter"]
 """What a transport writes: the full weights of the target, or a PEFT LoRA adapter for it."""
 
@@ -49,7 +52,9 @@ sentence-transformers ``max_seq_length``) give one."""
 
 @dataclass
 class VoteSettings:
-    """How the target votes: recipe, data, shots and estimator."""
+    """How the target votes: recipe, data, shots and estimator, and where: ``device`` and ``dtype``
+    (the target is loaded there for the votes, the check, the descent report and the choice; what
+    a job writes is computed from the checkpoints as before)."""
 
     recipe: str = DEFAULT_RECIPE
     data: str | None = None
@@ -61,6 +66,8 @@ class VoteSettings:
     batch_size: int = 8
     max_length: int | None = None  # None: the model folder's max_seq_length, else DEFAULT_MAX_LENGTH
     progress: bool = True
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto" (CUDA when available, else the CPU)
+    dtype: VoteDtype = "auto"
 
 
 @dataclass

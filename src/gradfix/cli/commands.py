@@ -41,6 +41,8 @@ def _votes(args: argparse.Namespace, data: str | None) -> Any:
         batch_size=args.batch_size,
         max_length=args.max_length,
         progress=args.progress,
+        device=args.device,
+        dtype=args.dtype,
     )
 
 

@@ -18,6 +18,7 @@ from gradfix.cli.schema import (
     ALPHA_GRID,
     BOOL,
     DENSITY,
+    DEVICE,
     FLOAT,
     NON_NEGATIVE,
     POSITIVE_INT,
@@ -97,6 +98,7 @@ def _voting(names: dict[str, tuple[str, ...]], skip: tuple[str, ...] = ()) -> di
         "shots": SHOTS,
         "batch_size": POSITIVE_INT,
         "max_length": optional(POSITIVE_INT),
+        "device": DEVICE,
     }
     return _from_settings(VoteSettings, kinds, skip)
 

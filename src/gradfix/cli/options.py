@@ -136,6 +136,22 @@ def add_voting(p: argparse.ArgumentParser, command: str) -> None:
     add_option(g, command, "engine", "per-sample gradient engine")
     add_option(g, command, "batch_size", "samples per forward pass", metavar="INT")
     add_option(g, command, "max_length", MAX_LENGTH_HELP, metavar="INT")
+    add_option(
+        g,
+        command,
+        "device",
+        "where B is loaded to vote (votes, check, descent report, choice): cpu, cuda, cuda:N, or auto "
+        "(CUDA when available, else cpu)",
+        metavar="DEVICE",
+    )
+    add_option(
+        g,
+        command,
+        "dtype",
+        "dtype of B for the votes: auto is float32 on cpu and the checkpoint's own dtype on a GPU; "
+        "bfloat16/float16 vote with float32 accumulation (close to float32's votes, not equal; on "
+        "cpu they save memory, not time). The written weights do not depend on it",
+    )
     g.add_argument(
         "--no-progress", dest="progress", action="store_false", default=None, help="hide the progress bar"
     )

@@ -70,6 +70,11 @@ def _word_or(word: str, convert: Any) -> Any:
     return read
 
 
+def _to_lower(value: Any) -> Any:
+    """A string stripped and in lower case (``CUDA:0`` → ``cuda:0``); anything else as it is."""
+    return value.strip().lower() if isinstance(value, str) else value
+
+
 def _to_list(value: Any) -> Any:
     """A single value as a one-element list; a list as it is."""
     return value if isinstance(value, (list, tuple)) else [value]
@@ -140,6 +145,10 @@ STR = Kind(str, "a string")
 STR_LIST = listed(STR, "a string or a list of strings")
 FLOAT_LIST = listed(FLOAT, "finite numbers")
 SIZE = Kind(Size, "a size such as 2GiB, 500MB or a number of bytes")
+DEVICE = Kind(
+    Annotated[str, BeforeValidator(_to_lower), Field(pattern=r"^(cpu|cuda|cuda:\d+|auto)$")],
+    "cpu, cuda, cuda:N or auto",
+)
 SHOTS = Kind(
     Annotated[PositiveInt | Literal["all"], BeforeValidator(_word_or("all", _to_int))],
     "a positive integer or 'all'",

@@ -39,6 +39,7 @@ from gradfix.methods.adaptive import ChoicePlan, choice_grid
 from gradfix.methods.autotune import Choice, choose_on_shots, choose_on_validation, swapped_weights
 from gradfix.methods.registry import Method
 from gradfix.recipes import get_recipe
+from gradfix.recipes.base import place_batch
 from gradfix.settings import MaskSettings, VoteSettings
 from gradfix.votes import SignVotes
 
@@ -166,7 +167,7 @@ def choose(
             local,
             list(shots),
             [ex.label for ex in shots],
-            recipe.collate,
+            lambda examples: place_batch(recipe.collate(examples), model),
             recipe.loss,
             plan.thresholds,
             plan.alphas,

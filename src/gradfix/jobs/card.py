@@ -186,7 +186,7 @@ def _votes_lines(record: Mapping[str, Any], data: Mapping[str, Any] | None) -> l
         lines.append(
             f"- votes of B on {data.get('num_samples')} examples ({drawn}) of `{_name(data)}` "
             f"({data.get('num_examples')} examples; labels {labels}); recipe `{record.get('recipe')}`, "
-            f"estimator `{record.get('estimator')}`"
+            f"estimator `{record.get('estimator')}`{_placement(data)}"
         )
     votes_in = record.get("votes_in") or []
     if votes_in:
@@ -195,6 +195,13 @@ def _votes_lines(record: Mapping[str, Any], data: Mapping[str, Any] | None) -> l
     if not lines and record.get("command") != "merge":
         lines.append("- no votes: the mask needs none")
     return lines
+
+
+def _placement(data: Mapping[str, Any]) -> str:
+    """``, on `cpu` in float32``: where B's votes were computed (older records do not say)."""
+    if not data.get("device"):
+        return ""
+    return f", on `{data['device']}` in {data.get('dtype')}"
 
 
 def _tensor_lines(record: Mapping[str, Any]) -> list[str]:

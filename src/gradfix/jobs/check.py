@@ -59,9 +59,11 @@ from gradfix.jobs.common import (
     load_target,
     open_task_vector,
     rename_votes,
+    voting_placement,
 )
 from gradfix.jobs.inputs import check_checkpoints, input_record
 from gradfix.ops.signs import count_dtype
+from gradfix.recipes.base import place_batch
 from gradfix.settings import CheckSettings, VoteSettings
 from gradfix.task_vector import TaskVector, float_names
 from gradfix.votes import SignVotes, estimate_signs
@@ -132,6 +134,7 @@ def check_transport(
             "num_examples": len(drawn.examples),
             "num_samples": shots.votes.num_samples,
             "drawn_lines": [ex.line for ex in drawn.drawn],
+            **voting_placement(target_base, votes).record(),
         }
         record["unvoted"] = [n for n in voted if n not in shots.touched]
         shapes = rt.shapes()
@@ -259,7 +262,7 @@ def _vote_per_sample(
     hits: Counter[str] = Counter()
     rows: list[Tensor] = []
     for example in tqdm(drawn.drawn, unit="shot", desc="votes", disable=not votes.progress, leave=False):
-        batch = recipe.collate([example])
+        batch = place_batch(recipe.collate([example]), model)
         one = estimate_signs(model, [batch], recipe.loss, "majority", engine="loop", progress=False)
         one = rename_votes(one, mapping)
         rows.append(_gather(one.grad_sum, coordinates))

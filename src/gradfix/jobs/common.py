@@ -43,6 +43,8 @@ from gradfix.jobs.inputs import (
 )
 from gradfix.masking import TauRows
 from gradfix.recipes import get_recipe, load_recipe
+from gradfix.recipes.base import place_batch
+from gradfix.recipes.placement import Placement, resolve_placement
 from gradfix.settings import DEFAULT_SHARD_BYTES, MaskSettings, VoteSettings
 from gradfix.task_vector import float_names
 from gradfix.votes import SignVotes, estimate_signs
@@ -64,6 +66,7 @@ __all__ = [
     "save_votes",
     "scan_task_vector",
     "vote_on_target",
+    "voting_placement",
 ]
 
 
@@ -138,7 +141,15 @@ def draw_shots(target: str | Path, settings: VoteSettings) -> Shots:
             "example(s); lower --shots or add examples"
         )
     drawn = sample_shots(examples, shots_setting, settings.seed, labels, source=settings.data)
+    voting_placement(target, settings)  # a device or dtype this machine lacks fails here too
     return Shots(str(settings.data), examples, labels, drawn)
+
+
+def voting_placement(target: str | Path, settings: VoteSettings) -> Placement:
+    """Where and in which dtype ``target`` votes (``settings.device``, ``settings.dtype``): a
+    :class:`ConfigError` for a device or dtype this machine cannot run
+    (:func:`gradfix.recipes.placement.resolve_placement`)."""
+    return resolve_placement(settings.device, settings.dtype, target)
 
 
 def load_target(
@@ -150,12 +161,19 @@ def load_target(
 ) -> tuple[nn.Module, Any, dict[str, str]]:
     """Load the target with its recipe for ``labels``; only the parameters named in ``voted`` train.
 
+    The model is loaded on ``settings.device`` in ``settings.dtype`` (:func:`voting_placement`).
     Returns the model, the recipe and ``{model parameter name: checkpoint name}``. The loaded
     parameters must be finite (one error names every tensor with NaN or Inf).
     """
+    placement = voting_placement(target, settings)
     try:
         model, recipe = load_recipe(
-            settings.recipe, target, labels, template=settings.template, max_length=settings.max_length
+            settings.recipe,
+            target,
+            labels,
+            template=settings.template,
+            max_length=settings.max_length,
+            placement=placement,
         )
     except Exception:
         raise_if_nonfinite(target)  # NaN or Inf weights make recipes fail in many ways
@@ -184,12 +202,15 @@ def vote_on_target(
     the tensors its task vectors change. ``gradient`` is :func:`~gradfix.votes.estimate_signs`'s
     (``"none"``: counts only). The loaded parameters must be finite. The returned info holds the
     labels, the number of examples, the number of votes, the data file lines of the examples
-    drawn (in voting order), and how many tensors and parameters voted (``voted_tensors``,
-    ``voted_parameters``) with which gradient setting (``gradient``).
+    drawn (in voting order), how many tensors and parameters voted (``voted_tensors``,
+    ``voted_parameters``) with which gradient setting (``gradient``), and the ``device`` and
+    ``dtype`` the votes were computed in.
     """
     shots = shots if shots is not None else draw_shots(target, settings)
     model, recipe, mapping = load_target(target, settings, shots.labels, checkpoint_names, voted)
-    batches = [recipe.collate(chunk) for chunk in batched(shots.drawn, settings.batch_size)]
+    batches = [
+        place_batch(recipe.collate(chunk), model) for chunk in batched(shots.drawn, settings.batch_size)
+    ]
     # under torchrun each process votes on every world_size-th batch (the same batches as one
     # process would form, so each sample's gradient is computed identically) and the counts add up
     rank, size = world()
@@ -218,6 +239,7 @@ def vote_on_target(
         "voted_tensors": len(votes.names()),
         "voted_parameters": sum(math.prod(s) for s in votes.shapes().values()),
         "gradient": "sum" if votes.grad_sum else "none",
+        **voting_placement(target, settings).record(),
     }
     return rename_votes(votes, mapping), model, recipe, info
 

@@ -24,6 +24,7 @@ from gradfix.masking import TauRows, VoteReference
 from gradfix.masking.apply import masked_rows
 from gradfix.ops.masks import Mask, MaskOptions, get_mask
 from gradfix.ops.reductions import ordered_dot
+from gradfix.recipes.base import place_batch
 from gradfix.settings import VoteSettings
 from gradfix.votes.distributed import world
 from gradfix.votes.estimate import Gradient
@@ -85,7 +86,10 @@ def descent_inner(
             inner[name] += ordered_dot(part, rows.update)
 
     recipe, settings = pending.recipe, pending.settings
-    batches = [recipe.collate(chunk) for chunk in batched(pending.shots.drawn, settings.batch_size)]
+    batches = [
+        place_batch(recipe.collate(c), pending.model)
+        for c in batched(pending.shots.drawn, settings.batch_size)
+    ]
     samples = summed_gradients(pending.model, batches, recipe.loss, consume)
     return {n: v / max(samples, 1) for n, v in inner.items()}
 

@@ -28,5 +28,6 @@ def ordered_sum(x: Tensor) -> float:
 
 
 def ordered_dot(a: Tensor, b: Tensor) -> float:
-    """``⟨a, b⟩`` in float64, the same bits at any thread count."""
-    return ordered_sum(a.to(torch.float64) * b.to(torch.float64))
+    """``⟨a, b⟩`` in float64, the same bits at any thread count (on ``a``'s device when ``b`` is
+    elsewhere: a gradient on a GPU against an update read on the CPU)."""
+    return ordered_sum(a.to(torch.float64) * b.to(device=a.device, dtype=torch.float64))

@@ -14,6 +14,7 @@ from torch import nn
 
 from gradfix.recipes.base import Recipe, per_sample_cross_entropy
 from gradfix.recipes.module import ModuleRecipe
+from gradfix.recipes.placement import Placement, resolve_placement
 from gradfix.recipes.registry import (
     DEFAULT_LOGIT_SCALE,
     RECIPES,
@@ -44,6 +45,7 @@ __all__ = [
     "CausalLMRecipe",
     "ClipZeroShotRecipe",
     "ModuleRecipe",
+    "Placement",
     "Recipe",
     "RecipeBuilder",
     "RecipeFamily",
@@ -55,11 +57,12 @@ __all__ = [
     "mean_pool",
     "per_sample_cross_entropy",
     "register_recipe",
+    "resolve_placement",
 ]
 
 RecipeBuilder = Callable[..., tuple[nn.Module, Recipe]]
 """``builder(model_dir, labels, *, template, head_from, max_length, logit_scale,
-attn_implementation) -> (model, recipe)``: what :meth:`RecipeFamily.build` is."""
+attn_implementation, placement) -> (model, recipe)``: what :meth:`RecipeFamily.build` is."""
 
 
 def load_recipe(
@@ -72,8 +75,12 @@ def load_recipe(
     max_length: int | None = None,
     logit_scale: float | None = None,
     attn_implementation: str | None = "eager",
+    placement: Placement | None = None,
 ) -> tuple[nn.Module, Recipe]:
-    """Load a model folder offline (float32, eval mode) and build the recipe ``name`` for it.
+    """Load a model folder offline (eval mode) and build the recipe ``name`` for it.
+
+    The model is loaded in float32 on the CPU unless ``placement`` names another device and dtype
+    (:func:`gradfix.recipes.placement.resolve_placement`).
 
     For ``"text-zero-shot"`` the head comes from ``head_from``: a saved head file, or a model
     folder (its ``zero_shot_head.safetensors`` if it has one, else its own prompt embeddings).
@@ -87,5 +94,5 @@ def load_recipe(
     the library's default, e.g. SDPA). ``max_length`` ``None`` takes the model folder's token limit
     (a sentence-transformers ``max_seq_length``), else :data:`~gradfix.settings.DEFAULT_MAX_LENGTH`.
     """
-    options = BuildOptions(template, head_from, max_length, logit_scale, attn_implementation)
+    options = BuildOptions(template, head_from, max_length, logit_scale, attn_implementation, placement)
     return get_recipe(name).build(model_dir, labels, options)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from gradfix.errors import CheckpointError, ConfigError, DataError
 from gradfix.recipes import _hf_checks
+from gradfix.recipes.placement import Placement
 
 _ENCODER_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -33,11 +34,18 @@ _UNUSED_BY_CLASS = {"AutoModel": ("pooler.",)}
 
 
 def load_pretrained(
-    auto_class_name: str, model_dir: str | Path, attn_implementation: str | None = "eager"
+    auto_class_name: str,
+    model_dir: str | Path,
+    attn_implementation: str | None = "eager",
+    placement: Placement | None = None,
 ) -> tuple[nn.Module, Any]:
-    """Load ``(model, tokenizer)`` offline from a folder, in float32 and eval mode.
+    """Load ``(model, tokenizer)`` offline from a folder, in eval mode, in float32 on the CPU unless
+    ``placement`` names another device and dtype (:mod:`gradfix.recipes.placement`).
 
-    ``attn_implementation`` is passed to ``from_pretrained`` (``None``: the library's default).
+    In float32 every floating parameter is float32; in bfloat16 or float16 ``from_pretrained``
+    loads the weights in that dtype (modules a model class keeps in float32 stay so) on the CPU,
+    and the model is then moved to the device. ``attn_implementation`` is passed to
+    ``from_pretrained`` (``None``: the library's default).
     Eager attention has ``vmap`` batching rules, so per-sample gradients run batched. Before
     anything is loaded, ``config.json`` is checked against the weights' headers and the folder
     must hold tokenizer files; after loading, a tensor the weights lack or hold in another shape
@@ -51,8 +59,9 @@ def load_pretrained(
     _hf_checks.check_config_against_weights(folder)
     _hf_checks.check_tokenizer_files(folder)
     auto_class = getattr(transformers, auto_class_name)
+    dtype = placement.dtype if placement is not None else torch.float32
     kwargs: dict[str, Any] = {
-        "dtype": torch.float32,
+        "dtype": dtype,
         "local_files_only": True,
         "output_loading_info": True,
         "ignore_mismatched_sizes": True,  # reported by check_loading_info, not as a long table
@@ -72,7 +81,10 @@ def load_pretrained(
             reason = " ".join(str(exc).split())[:300]
             raise CheckpointError(f"{folder}: cannot load the tokenizer: {reason}") from exc
     _hf_checks.check_tokenizer_size(folder, model, tokenizer)
-    model.float()
+    if dtype == torch.float32:
+        model.float()
+    if placement is not None and placement.device.type != "cpu":
+        model.to(placement.device)
     model.eval()
     return model, tokenizer
 

@@ -41,6 +41,22 @@ def batch_to(batch: Mapping[str, Tensor], device: torch.device | str) -> Batch:
     return {key: value.to(device) for key, value in batch.items()}
 
 
+def place_batch(batch: Mapping[str, Tensor], model: nn.Module) -> Batch:
+    """``batch`` where ``model`` computes: every tensor on the device of its first floating
+    parameter, floating tensors (pixels) in that parameter's dtype. The same tensors for a float32
+    model on the CPU; a model spread over devices gets its inputs on its first one."""
+    for param in model.parameters():
+        if param.is_floating_point():
+            device, dtype = param.device, param.dtype
+            break
+    else:
+        return dict(batch)
+    return {
+        key: value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+        for key, value in batch.items()
+    }
+
+
 class Recipe(ABC):
     """Turns ``(model, batch)`` into per-sample losses ``[B]`` and class logits ``[B, C]``.
 
@@ -73,18 +89,17 @@ class Recipe(ABC):
     def accuracy(self, model: nn.Module, examples: Sequence[Example], batch_size: int = 32) -> float:
         """Fraction of ``examples`` whose arg-max logit is the true class (eval mode, no grad).
 
-        The model's train/eval mode is restored afterwards. Batches are moved to the device of the
-        model's parameters.
+        The model's train/eval mode is restored afterwards. Batches are moved to the device (and
+        floating inputs to the dtype) of the model's parameters (:func:`place_batch`).
         """
         if len(examples) == 0:
             raise DataError("accuracy needs at least one example, got none")
         was_training = model.training
         model.eval()
-        device = model_device(model)
         correct = 0
         try:
             for chunk in batched(examples, batch_size):
-                batch = batch_to(self.collate(chunk), device)
+                batch = place_batch(self.collate(chunk), model)
                 predicted = self.logits(model, batch).argmax(dim=-1)
                 correct += int((predicted == batch["labels"]).sum())
         finally:

@@ -144,5 +144,7 @@ class CausalLM(RecipeFamily):
     ) -> tuple[nn.Module, Recipe]:
         """Load the language model and its tokenizer (``labels`` are not used)."""
         reject_zero_shot_options(self.name, options)
-        model, tokenizer = _hf.load_pretrained("AutoModelForCausalLM", model_dir, options.attn_implementation)
+        model, tokenizer = _hf.load_pretrained(
+            "AutoModelForCausalLM", model_dir, options.attn_implementation, options.placement
+        )
         return model, CausalLMRecipe(model, tokenizer, options.token_limit())

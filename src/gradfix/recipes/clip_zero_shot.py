@@ -26,6 +26,7 @@ from gradfix.data import Example, load_examples
 from gradfix.errors import CheckpointError, ConfigError, DataError
 from gradfix.recipes import _hf
 from gradfix.recipes.base import Batch, Recipe
+from gradfix.recipes.placement import Placement
 from gradfix.recipes.registry import DEFAULT_LOGIT_SCALE, BuildOptions, RecipeFamily, register_recipe
 from gradfix.recipes.text_zero_shot import (
     TextZeroShot,
@@ -241,7 +242,7 @@ class ClipZeroShot(RecipeFamily):
     ) -> tuple[nn.Module, Recipe]:
         """Load the CLIP model, its tokenizer and image processor; build the recipe with its head."""
         folder = Path(model_dir)
-        model, tokenizer = _load_clip(folder, options.attn_implementation)
+        model, tokenizer = _load_clip(folder, options.attn_implementation, options.placement)
         processor = load_image_processor(folder)
         source = _head_source(folder, options.head_from)
         template, scale, head = options.template, options.logit_scale, None
@@ -280,9 +281,12 @@ class ClipZeroShot(RecipeFamily):
         return TextZeroShot().known_labels(target, head_from)
 
 
-def _load_clip(folder: Path, attn_implementation: str | None) -> tuple[nn.Module, Any]:
-    """``CLIPModel`` and its tokenizer from ``folder`` (offline, float32, eval)."""
-    return _hf.load_pretrained("CLIPModel", folder, attn_implementation)
+def _load_clip(
+    folder: Path, attn_implementation: str | None, placement: Placement | None = None
+) -> tuple[nn.Module, Any]:
+    """``CLIPModel`` and its tokenizer from ``folder`` (offline, eval; float32 on the CPU unless
+    ``placement`` says otherwise)."""
+    return _hf.load_pretrained("CLIPModel", folder, attn_implementation, placement)
 
 
 def _head_rows(source: Path, saved: list[str], rows: Tensor, labels: Sequence[str]) -> Tensor:

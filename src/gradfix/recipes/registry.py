@@ -22,6 +22,7 @@ from torch import nn
 from gradfix.data import Example, load_examples
 from gradfix.errors import ConfigError
 from gradfix.recipes.base import Recipe
+from gradfix.recipes.placement import Placement
 from gradfix.registry import Registry
 from gradfix.settings import DEFAULT_MAX_LENGTH
 
@@ -35,13 +36,15 @@ class BuildOptions:
     limit (``None``: the model folder's, else :data:`~gradfix.settings.DEFAULT_MAX_LENGTH`; see
     :meth:`token_limit`), and the attention implementation passed to ``from_pretrained``
     (``"eager"`` lets ``torch.func.vmap`` batch per-sample gradients; ``None`` keeps the library's
-    default)."""
+    default), and where the model is loaded (``placement``: its device and dtype; ``None``: float32
+    on the CPU; a zero-shot head computed from another folder is always so)."""
 
     template: str | None = None
     head_from: str | Path | None = None
     max_length: int | None = None
     logit_scale: float | None = None
     attn_implementation: str | None = "eager"
+    placement: Placement | None = None
 
     def token_limit(self, folder_limit: int | None = None) -> int:
         """The effective token limit: ``max_length`` if given, else ``folder_limit`` (what the model
@@ -72,7 +75,8 @@ class RecipeFamily(ABC):
     def build(
         self, model_dir: str | Path, labels: Sequence[str], options: BuildOptions
     ) -> tuple[nn.Module, Recipe]:
-        """Load ``model_dir`` offline (float32, eval mode) and build ``(model, recipe)`` for it."""
+        """Load ``model_dir`` offline (eval mode; float32 on the CPU unless ``options.placement``
+        says otherwise) and build ``(model, recipe)`` for it."""
 
     def read_examples(self, path: str | Path) -> list[Example]:
         """The examples of data file ``path`` in this family's format (default: ``{"text", "label"}``

@@ -209,7 +209,7 @@ class Seq2Seq(RecipeFamily):
         """Load the encoder–decoder and its tokenizer; ``template`` and ``head_from`` are refused."""
         reject_zero_shot_options(self.name, options)
         model, tokenizer = _hf.load_pretrained(
-            "AutoModelForSeq2SeqLM", model_dir, options.attn_implementation
+            "AutoModelForSeq2SeqLM", model_dir, options.attn_implementation, options.placement
         )
         try:
             recipe = Seq2SeqRecipe(model, tokenizer, labels, options.token_limit())

@@ -77,7 +77,7 @@ class SequenceClassification(RecipeFamily):
         """Load the classifier and its tokenizer; ``template`` and ``head_from`` are refused."""
         reject_zero_shot_options(self.name, options)
         model, tokenizer = _hf.load_pretrained(
-            "AutoModelForSequenceClassification", model_dir, options.attn_implementation
+            "AutoModelForSequenceClassification", model_dir, options.attn_implementation, options.placement
         )
         return model, SequenceClassificationRecipe(model, tokenizer, labels, options.token_limit())
 

@@ -262,7 +262,7 @@ class TextZeroShot(RecipeFamily):
         logit_scale, attn_implementation = options.logit_scale, options.attn_implementation
         folder = Path(model_dir)
         sentence = read_sentence_config(folder)
-        model, tokenizer = _hf.load_pretrained("AutoModel", folder, attn_implementation)
+        model, tokenizer = _hf.load_pretrained("AutoModel", folder, attn_implementation, options.placement)
         source = _head_source(folder, head_from)
         if source is not None and source.is_file():
             recipe = TextZeroShotRecipe.from_head_file(
