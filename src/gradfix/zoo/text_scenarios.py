@@ -44,9 +44,9 @@ TEXT_TASKS: dict[str, TextTask] = {
 }
 
 DRIFT_LEVELS = ("short", "long", "far")
-FAR_STEPS = 300
-FAR_LR = 5e-4
-"""The far release: masked-LM continued pre-training, a learning rate five times the others'."""
+FAR_STEPS = 200
+FAR_LR = 1e-3
+"""The far release: masked-LM continued pre-training, a learning rate ten times the others'."""
 OBJECTIVES = ("contrastive", "masked-lm")
 """How a release is pre-trained further: :func:`continue_pretraining` or :func:`continue_pretraining_mlm`."""
 _METHODS = {
