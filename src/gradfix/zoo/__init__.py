@@ -5,6 +5,8 @@ Scenarios (``gradfix zoo list``):
 - ``text-release-short`` / ``text-release-long``: A = all-MiniLM-L6-v2 (real), B = a later
   release of it built by short / long continued pre-training on Python's docstrings; three BBC
   News tasks (headline topic, sentence topic, headline-or-sentence).
+- ``text-release-far``: B = A after masked-LM continued pre-training with a larger learning rate
+  (another objective than A's; a head created for it): the far end of the drift axis.
 - ``text-release-permuted``: the short release's B with every layer's attention heads and FFN
   units permuted (the same function, coordinates not aligned with A's); the same tasks.
 - ``vision-independent``: two small CNNs pre-trained here from different seeds on different
@@ -75,6 +77,7 @@ def _vision_widths() -> Scenario:
 SCENARIOS: dict[str, Callable[[], Scenario]] = {
     "text-release-short": _text("text-release-short", "short"),
     "text-release-long": _text("text-release-long", "long"),
+    "text-release-far": _text("text-release-far", "far"),
     "text-release-permuted": _permuted,
     "vision-independent": _vision,
     "vision-widths": _vision_widths,

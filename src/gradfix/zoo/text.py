@@ -165,7 +165,7 @@ def continue_pretraining(
         return F.cross_entropy(logits, torch.arange(len(chunk)))
 
     record = train(model, params, step_loss, settings, desc=desc, progress=progress)
-    record["relative_change"] = _relative_change(model, reference)
+    record["relative_change"] = relative_change(model, reference)
     save_encoder(model, base, out)
     return record
 
@@ -180,7 +180,7 @@ def random_span(text: str, rng: random.Random, min_fraction: float = 0.5) -> str
     return " ".join(words[start : start + length])
 
 
-def _relative_change(model: nn.Module, reference: dict[str, torch.Tensor]) -> float:
+def relative_change(model: nn.Module, reference: dict[str, torch.Tensor]) -> float:
     """``‖θ − θ_ref‖ / ‖θ_ref‖`` over the parameters that were trained."""
     diff = ref_norm = 0.0
     for name, param in model.named_parameters():

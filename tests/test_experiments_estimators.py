@@ -1,0 +1,115 @@
+"""The sign estimators beyond the majority vote (experiments/estimators.py), on a tiny linear task."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+
+from envs import TaskEnv
+from estimators import (
+    ESTIMATORS,
+    estimator_updates,
+    self_labelled_votes,
+    unlabelled_pool,
+    weighted_signs,
+    wrong_probability,
+)
+
+from gradfix import TaskVector, mask_task_vector
+from gradfix.data import Example
+
+LABELS = ["a", "b", "c"]
+
+
+class LinearEnv(TaskEnv):
+    """Three classes, a linear model over 6 features; each example's text is its row index."""
+
+    def __init__(self, n: int = 30, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.scenario, self.task, self.labels = "tiny", "t", list(LABELS)
+        self.features_ = torch.randn(n, 6, generator=g)
+        self.train = [Example(str(i), LABELS[i % 3]) for i in range(n)]
+        self.train_labels = [ex.label for ex in self.train]
+        self.model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        torch.manual_seed(seed)
+        self.tau_a = TaskVector({n: torch.randn_like(p) * 0.1 for n, p in self.model.named_parameters()})
+        self.tau_b = TaskVector({n: torch.randn_like(p) * 0.1 for n, p in self.model.named_parameters()})
+        self.theta = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+
+    def collate(self, indices: Any) -> dict[str, Tensor]:
+        rows = [int(self.train[i].text) for i in indices]
+        labels = torch.tensor([LABELS.index(self.train[i].label) for i in indices])
+        return {"inputs": self.features_[rows], "labels": labels}
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        return nn.functional.cross_entropy(model(batch["inputs"]), batch["labels"], reduction="none")
+
+    def logits(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.model(batch["inputs"])
+
+
+def test_equal_weights_give_the_majority_vote() -> None:
+    env = LinearEnv()
+    shots = env.shots(3, seed=0)
+    majority = env.votes(shots).sign()
+    weighted = weighted_signs(env, shots, [1.0] * len(shots))
+    for name, signs in majority.items():
+        assert torch.equal(weighted[name], signs), name
+
+
+def test_a_zero_weight_takes_an_example_out_of_the_vote() -> None:
+    env = LinearEnv()
+    shots = env.shots(2, seed=1)
+    weights = [1.0] * len(shots)
+    weights[0] = 0.0
+    without = env.votes(shots[1:]).sign()
+    weighted = weighted_signs(env, shots, weights)
+    assert all(torch.equal(weighted[n], s) for n, s in without.items())
+
+
+def test_wrong_probability_is_one_minus_the_probability_of_the_label() -> None:
+    env = LinearEnv()
+    shots = env.shots(2, seed=0)
+    wrong = wrong_probability(env, shots)
+    batch = env.collate(shots)
+    probs = torch.softmax(env.model(batch["inputs"]).double(), dim=-1)
+    expected = 1 - probs[torch.arange(len(shots)), batch["labels"]]
+    assert torch.allclose(torch.tensor(wrong, dtype=torch.float64), expected)
+
+
+def test_unlabelled_pool_is_disjoint_from_the_shots_and_balanced() -> None:
+    env = LinearEnv()
+    shots = env.shots(2, seed=0)
+    pool = unlabelled_pool(env, shots, per_class=3, seed=0)
+    assert not set(pool) & set(shots) and len(pool) == 9
+    assert sorted(env.train_labels[i] for i in pool) == sorted(LABELS * 3)
+
+
+def test_self_labelled_votes_restore_the_true_labels() -> None:
+    env = LinearEnv()
+    shots = env.shots(1, seed=0)
+    pool = unlabelled_pool(env, shots, per_class=4, seed=0)
+    before = list(env.train)
+    gradfix = mask_task_vector(env.tau_a, env.votes(shots), "agreement")
+    votes = self_labelled_votes(env, shots, gradfix, pool)
+    assert env.train == before
+    assert votes.num_samples == len(shots) + len(pool)
+
+
+def test_every_estimator_gives_an_update_of_tau_a_shape() -> None:
+    env = LinearEnv()
+    shots = env.shots(2, seed=0)
+    updates = estimator_updates(env, shots, env.votes(shots), seed=0, per_class=2)
+    assert list(updates) == list(ESTIMATORS)
+    for update in updates.values():
+        assert {n: t.shape for n, t in update.items()} == {n: t.shape for n, t in env.tau_a.items()}
+        # every kept coordinate is τ_A's own value, possibly scaled (confidence weights in [0, 1])
+        for name, value in update.items():
+            kept = value != 0
+            assert bool((torch.sign(value[kept]) == torch.sign(env.tau_a[name][kept])).all())
