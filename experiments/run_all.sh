@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every experiment of docs/results.md, then the page itself. Three lanes run side by side, one
+# Every experiment of docs/results.md, then the page itself. Four lanes run side by side, one
 # torch thread each (the machine has 2 cores; the vision lane is short); each lane's steps run in
 # order. Scenarios are built on first use (see docs/scenarios.md); raw results go to
 # docs/results/raw/, figures to docs/results/.
@@ -33,6 +33,13 @@ lane_long() {
   $ST multitask --scenario text-release-long
 }
 
+lane_far() {
+  $T1 --scenario text-release-far --tasks headlines --ks 1 2 5
+  $PY experiments/estimators.py --threads 1 --out $OUT --scenario text-release-far --tasks headlines
+  $AC --scenario text-release-far --tasks headlines --rules no-harm --references none \
+    --name floors-text-release-far-headlines
+}
+
 lane_vision() {
   $T1 --scenario vision-independent --ks 1 2 5 10 20
   $AC --scenario vision-independent
@@ -47,8 +54,11 @@ lane_long > logs/results-long.log 2>&1 &
 long=$!
 lane_vision > logs/results-vision.log 2>&1 &
 vision=$!
+lane_far > logs/results-far.log 2>&1 &
+far=$!
 wait $short
 wait $long
 wait $vision
+wait $far
 $PY experiments/costs.py --out "$OUT" --threads 2
 $PY experiments/report.py --raw "$OUT" --out docs/results.md
