@@ -28,6 +28,7 @@ from aggregate import (
     table1_rows,
 )
 from claims import borrow_references, claims_section, default_section, floors_section
+from estimator_table import estimators_section
 from verdict_table import verdicts_section
 
 INTRO = """# Results
@@ -323,6 +324,7 @@ def main() -> None:
         for r in controls:
             parts += [table1_section(r, f"{r['scenario']}: {r['experiment']}"), "", r.get("note", ""), ""]
     parts += ["## gradfix check: verdict vs experiments", "", verdicts_section(raw), ""]
+    parts += ["## Sign estimators beyond the majority vote", "", estimators_section(raw), ""]
     parts += [
         "## How transport degrades as B drifts from A",
         "",

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -113,3 +114,41 @@ def test_every_estimator_gives_an_update_of_tau_a_shape() -> None:
         for name, value in update.items():
             kept = value != 0
             assert bool((torch.sign(value[kept]) == torch.sign(env.tau_a[name][kept])).all())
+
+
+def test_the_page_reads_each_estimator_against_the_naive_to_oracle_margin(tmp_path: Path) -> None:
+    import json
+
+    from estimator_table import estimators_section, margin_share
+
+    assert margin_share(0.5, 0.3, 0.7) == pytest.approx(0.5) and margin_share(0.5, 0.3, 0.3) is None
+    rows = [
+        {"task": "t", "method": "zero-shot B", "test": 0.2},
+        {"task": "t", "method": "fine-tuned B", "test": 0.8},
+        {"task": "t", "method": "naive", "test": 0.3},
+        {"task": "t", "method": "oracle mask", "test": 0.7},
+        {"task": "t", "method": "GradFix", "k": 1, "seed": 0, "test": 0.25},
+        {"task": "t", "method": "GradFix", "k": 1, "seed": 1, "test": 0.35},
+        {"task": "t", "method": "estimator: mean gradient", "k": 1, "seed": 0, "test": 0.5},
+    ]
+    result = {
+        "scenario": "s",
+        "tasks": ["t"],
+        "ks": [1],
+        "seeds": [0, 1],
+        "drift": 0.1,
+        "rows": rows,
+        "command": "python experiments/estimators.py --scenario s",
+    }
+    floors = {
+        "scenario": "s",
+        "tasks": ["t"],
+        "rows": [{"task": "t", "method": "adaptive (shots, no-harm)", "k": 1, "seed": 0, "test": 0.4}],
+    }
+    (tmp_path / "estimators-s.json").write_text(json.dumps(result), encoding="utf-8")
+    (tmp_path / "floors-s-t.json").write_text(json.dumps(floors), encoding="utf-8")
+    page = estimators_section(tmp_path)
+    # GradFix: mean 0.30 = naive → 0 % of the margin; mean gradient 0.5 → 50 %; default 0.4 → 25 %
+    assert "| GradFix | 1 | 30.0 | 17 % | 0 % |" in page
+    assert "| mean gradient | 1 | 50.0 | 50 % | 50 % |" in page
+    assert "| adaptive (shots, no-harm) | 1 | 40.0 | 33 % | 25 % |" in page

@@ -1,0 +1,93 @@
+"""The results page's section on sign estimators beyond the majority vote (raw ``estimators-*.json``).
+
+Each row is one estimator at one k, mean test accuracy over the seeds with α on validation, as a
+share of the zero-shot → fine-tuned-B gap and as a share of the **margin** between naive addition
+and the oracle mask (``(x − naive) / (oracle − naive)``: what a better sign estimate takes of the
+room the oracle shows). The shots-only default of the same scenario (``floors-<scenario>-*``,
+rule ``no-harm``) is set beside them: the aim is that it takes at least half of that margin.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from aggregate import gap, load, md_table
+
+DEFAULT_ROW = "adaptive (shots, no-harm)"
+"""The CLI default's row name in the floors runs."""
+
+
+def _mean(rows: Sequence[dict[str, Any]], method: str, k: int | None = None) -> float | None:
+    values = [r["test"] for r in rows if r["method"] == method and r.get("k") == k and "test" in r]
+    return statistics.fmean(values) if values else None
+
+
+def margin_share(value: float, naive: float, oracle: float) -> float | None:
+    """``(value − naive) / (oracle − naive)``; None when the oracle is no better than naive."""
+    return (value - naive) / (oracle - naive) if oracle > naive else None
+
+
+def _pct(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.0f} %"
+
+
+def estimator_rows(result: dict[str, Any], defaults: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """Table rows of one estimators run (one task): every method at every k, then the default."""
+    rows = result["rows"]
+    zero, top = _mean(rows, "zero-shot B"), _mean(rows, "fine-tuned B")
+    naive, oracle = _mean(rows, "naive"), _mean(rows, "oracle mask")
+    if zero is None or top is None or naive is None or oracle is None:
+        return []
+    methods = ["GradFix", *sorted({r["method"] for r in rows if r["method"].startswith("estimator: ")})]
+    default_rows = [r for d in defaults for r in d["rows"] if r.get("task") in result["tasks"]]
+    if default_rows:
+        methods.append(DEFAULT_ROW)
+    out = []
+    for method in methods:
+        source = default_rows if method == DEFAULT_ROW else rows
+        for k in result["ks"]:
+            value = _mean(source, method, k)
+            if value is None:
+                continue
+            shown = method.removeprefix("estimator: ")
+            out.append(
+                [
+                    shown,
+                    str(k),
+                    f"{100 * value:.1f}",
+                    _pct(gap(value, zero, top)),
+                    _pct(margin_share(value, naive, oracle)),
+                ]
+            )
+    return out
+
+
+def estimators_section(raw: Path) -> str:
+    """The section: one table per estimators run, with its references and command."""
+    parts = []
+    for result in load(raw, "estimators-"):
+        defaults = load(raw, f"floors-{result['scenario']}-")
+        rows = result["rows"]
+        ref = {m: _mean(rows, m) for m in ("zero-shot B", "fine-tuned B", "naive", "oracle mask")}
+        if None in ref.values():
+            continue
+        parts += [
+            f"**{result['scenario']}** ({', '.join(result['tasks'])}; drift {100 * result['drift']:.2f} %; "
+            f"seeds {', '.join(map(str, result['seeds']))}): zero-shot B {100 * ref['zero-shot B']:.1f}, "
+            f"fine-tuned B {100 * ref['fine-tuned B']:.1f}, naive {100 * ref['naive']:.1f}, oracle mask "
+            f"{100 * ref['oracle mask']:.1f} (test, α on validation).",
+            "",
+            md_table(
+                ["estimator", "k", "test", "gap closed", "of the naive → oracle margin"],
+                estimator_rows(result, defaults),
+            ),
+            "",
+            f"`{result['command']}`",
+            "",
+        ]
+    if not parts:
+        return "No estimators run yet (`python experiments/estimators.py --scenario ...`)."
+    return "\n".join(parts)
