@@ -74,9 +74,9 @@ def test_the_vote_figures(built, monkeypatch: pytest.MonkeyPatch, force_tiles: b
     timing = bench.time_votes(paths["B"], data, args, torch.device("cpu"))
     projections = 2 * len(bench.PROJECTIONS)
     assert timing["samples"] == 4 and timing["voting_params"] > 0
-    # int16 counters while voting, counts only (as the transport keeps): 2 bytes per voting
-    # parameter; int8 counts returned for 4 samples
-    assert timing["state_bytes"] == timing["voting_params"] * 2 and timing["count_dtype"] == "torch.int8"
+    # int8 counters while voting (4 samples, known before the vote), counts only (as the
+    # transport keeps): 1 byte per voting parameter, returned as they are
+    assert timing["state_bytes"] == timing["voting_params"] and timing["count_dtype"] == "torch.int8"
     assert timing["returned_bytes"] == timing["voting_params"]
     assert timing["batched"] > 0 and timing["votes"] > 0 and timing["ratio"] > 0
     assert timing["paths"].endswith("(calls per linear weight and batch)")
