@@ -77,14 +77,14 @@ class _Sampler:
 
     def __init__(self) -> None:
         self.frames: list[list[int]] = []
+        self.stopped = threading.Event()
         threading.Thread(target=self._loop, daemon=True).start()
 
     def _loop(self) -> None:
-        while True:
+        while not self.stopped.wait(0.001):
             rss = _status("VmRSS")
             for frame in list(self.frames):
                 frame[0] = max(frame[0], rss)
-            time.sleep(0.001)
 
     def timed(self, label: str, fn: Callable[..., Any], out: list[Phase]) -> Callable[..., Any]:
         """``fn`` that appends its phase to ``out`` when it returns (or raises)."""
@@ -104,22 +104,33 @@ class _Sampler:
         return wrapper
 
 
-def _report(phases: list[Phase]) -> None:
+def _report(phases: list[Phase], sampled: int) -> None:
     for p in phases:
         print(f"RSS_PHASE {p.start} {p.peak} {p.end} {p.label}", file=sys.stderr)
-    print(f"RSS_PEAK {_status('VmHWM')}", file=sys.stderr)
+    # the kernel updates VmHWM lazily (when memory is unmapped): a sample may read a little more
+    print(f"RSS_PEAK {max(_status('VmHWM'), sampled)}", file=sys.stderr)
 
 
 def _command(argv: list[str]) -> int:
+    """``gradfix ARGV`` with its phases timed (the job's functions are restored afterwards)."""
     sampler, phases = _Sampler(), []  # type: ignore[var-annotated]
+    whole = [0]
+    sampler.frames.append(whole)
+    saved = []
     for module_name, name, label in PHASES:
         module = importlib.import_module(module_name)
         if hasattr(module, name):  # a renamed function is left out of the table, not an error
+            saved.append((module, name, getattr(module, name)))
             setattr(module, name, sampler.timed(label, getattr(module, name), phases))
     from gradfix.cli.main import main
 
-    code = main(argv)
-    _report(phases)
+    try:
+        code = main(argv)
+    finally:
+        sampler.stopped.set()
+        for module, name, original in saved:
+            setattr(module, name, original)
+    _report(phases, whole[0])
     return code
 
 
@@ -149,7 +160,9 @@ def _activations(model_dir: str, data: str, batch: int, all_tensors: bool) -> in
         peak = _status("VmHWM")
     else:
         phases: list[Phase] = []
-        _Sampler().timed("pass", summed_gradients, phases)(model, batches, recipe.loss, lambda n, g: None)
+        sampler = _Sampler()
+        sampler.timed("pass", summed_gradients, phases)(model, batches, recipe.loss, lambda n, g: None)
+        sampler.stopped.set()
         peak = phases[-1].peak
     print(f"RSS_PHASE {loaded} {loaded} {loaded} loaded", file=sys.stderr)
     print(f"RSS_PHASE {loaded} {peak} {_status('VmRSS')} pass", file=sys.stderr)
@@ -164,8 +177,13 @@ def run(args: list[str]) -> Measured:
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return parse(done.stderr, wall)
+
+
+def parse(printed: str, wall: float = 0.0) -> Measured:
+    """The phases and the peak in what a measurement printed on stderr."""
     phases, peak = [], 0
-    for line in done.stderr.splitlines():
+    for line in printed.splitlines():
         if line.startswith("RSS_PHASE "):
             _, start, peak_rss, end, label = line.split(maxsplit=4)
             phases.append(Phase(label, int(start), int(peak_rss), int(end)))
