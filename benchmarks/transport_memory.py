@@ -9,7 +9,7 @@ Part 2, real: the whole ``gradfix transport`` on all-MiniLM-L6-v2 (source fine-t
 made by adding seeded noise to it), voting on 2 BBC sentences per class: the published
 algorithm (``--method gradfix``) and the default (``--method adaptive --alpha auto``).
 Reported against the fp32 model size, after subtracting the RSS of a process that only imports
-torch, transformers and gradfix. The vote holds its counts only (int16 while voting, int8 after);
+torch, transformers and gradfix. The vote holds its counts only (int8 below 128 samples);
 a run with ``--votes-out`` keeps the float32 gradient sums as well (they are saved), for comparison.
 
 Part 3, state: the vote's own memory per voting parameter on MiniLM (the running sums the vote

@@ -74,11 +74,43 @@ def test_the_vote_figures(built, monkeypatch: pytest.MonkeyPatch, force_tiles: b
     timing = bench.time_votes(paths["B"], data, args, torch.device("cpu"))
     projections = 2 * len(bench.PROJECTIONS)
     assert timing["samples"] == 4 and timing["voting_params"] > 0
-    # int16 counters while voting, counts only (as the transport keeps): 2 bytes per voting
-    # parameter; int8 counts returned for 4 samples
-    assert timing["state_bytes"] == timing["voting_params"] * 2 and timing["count_dtype"] == "torch.int8"
+    # int8 counters while voting (4 samples, known before the vote), counts only (as the
+    # transport keeps): 1 byte per voting parameter, returned as they are
+    assert timing["state_bytes"] == timing["voting_params"] and timing["count_dtype"] == "torch.int8"
     assert timing["returned_bytes"] == timing["voting_params"]
     assert timing["batched"] > 0 and timing["votes"] > 0 and timing["ratio"] > 0
     assert timing["paths"].endswith("(calls per linear weight and batch)")
     counted = sum(int(part.split()[-1]) for part in timing["paths"].split(" (")[0].split(", "))
     assert counted == projections * 2  # every projection, in each of the two batches, by one path
+
+
+def _rss_phases() -> ModuleType:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import rss_phases
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return rss_phases
+
+
+def test_the_transport_phases_and_the_activations_are_measured(built, tmp_path: Path, capfd) -> None:
+    """In this process (the benchmark runs them in fresh ones): the same functions, printed the same."""
+    bench, paths, data, _ = built
+    rss = _rss_phases()
+    out = tmp_path / "out"
+    capfd.readouterr()
+    assert rss._command(bench.transport_args(paths, data, 4, out, all_tensors=False)) == 0
+    measured = rss.parse(capfd.readouterr().err)
+    assert (out / "gradfix.json").is_file()
+    labels = [p.label for p in measured.phases]
+    assert labels == [label for _, _, label in rss.PHASES]  # each phase once, in the job's order
+    assert all(0 < p.start <= p.peak <= measured.peak and p.end <= p.peak for p in measured.phases)
+    import gradfix.jobs.common
+
+    assert not hasattr(gradfix.jobs.common.estimate_signs, "__wrapped__")  # restored
+    assert rss._activations(str(paths["B"]), str(data), 4, all_tensors=False) == 0
+    loaded, passed = rss.parse(capfd.readouterr().err).phases
+    assert (loaded.label, passed.label) == ("loaded", "pass")
+    assert 0 < loaded.start < passed.peak  # one batched pass holds its activations above the model
+    lines = rss.phase_lines(measured.phases, 2**20, "MiB")
+    assert len(lines) == len(labels) and lines[0].startswith("scan τ_A") and lines[0].endswith("MiB")

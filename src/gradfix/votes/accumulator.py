@@ -1,10 +1,12 @@
 """Running vote sums while voting: the per-sample engines' sink (:class:`Accumulator`).
 
-Per voting parameter the accumulator keeps an ``int16`` vote counter (2 bytes; widened to
-``int32`` only past 32 767 samples) and, when asked for, a float32 gradient sum (4 bytes more).
-The vote itself needs only the counter: without gradient sums the C kernel's sum goes to a
-scratch buffer shared by every tensor (:class:`_Scratch`: as large as the largest voted tensor
-that the kernel counts, in float32), never read.
+Per voting parameter the accumulator keeps a vote counter and, when asked for, a float32 gradient
+sum (4 bytes more). A vote count never exceeds the number of samples voted, so when that number is
+known before the vote (a list of batches: the transport's shots) the counter is the smallest
+integer type that holds it, ``int8`` below 128 samples (1 byte per voting parameter while voting,
+and the result is that counter, with no conversion); otherwise ``int16``, widened to ``int32``
+only past 32 767 samples. The vote itself needs only the counter: without gradient sums the C
+kernel forms each sum in registers and writes it nowhere, and the other paths do not form it.
 """
 
 from __future__ import annotations
@@ -22,32 +24,34 @@ from gradfix.votes import native, tiles
 class Accumulator:
     """Running vote sums and, if ``with_sums``, gradient sums (float32; float64 for float64 parameters).
 
-    Vote sums are kept in int16 while voting, widened to int32 when the number of samples could
-    exceed int16's range, and returned in the smallest integer dtype that holds them.
+    Vote sums are counted in :func:`counter_dtype` of ``samples`` (the number of samples the vote
+    will add, when known: ``int8`` below 128), widened when more samples come than that type holds
+    (:meth:`widen_for`), and returned in the smallest integer dtype that holds them.
     """
 
-    def __init__(self, params: Mapping[str, Tensor], with_counts: bool, with_sums: bool = True):
+    def __init__(
+        self,
+        params: Mapping[str, Tensor],
+        with_counts: bool,
+        with_sums: bool = True,
+        samples: int | None = None,
+    ):
         shapes = {n: (p.shape, sum_dtype(p), p.device) for n, p in params.items()}
         self.grad_sum = _Zeros(shapes if with_sums else {})
+        dtype = counter_dtype(samples)
         self.counts = _Zeros(
-            {n: (p.shape, torch.int16, p.device) for n, p in params.items()} if with_counts else {}
+            {n: (p.shape, dtype, p.device) for n, p in params.items()} if with_counts else {}
         )
         self.with_sums = with_sums
-        self.scratch = _Scratch()
         self.hits = dict.fromkeys(params, 0)
         self.n = 0
-
-    def _sum_into(self, name: str, numel: int, like: Tensor) -> Tensor:
-        """Where the C kernel adds this tensor's gradient sum: the kept sum, or scratch memory."""
-        if self.with_sums:
-            return self.grad_sum[name].view(-1)
-        return self.scratch.take(numel, like.dtype, like.device)
 
     def add_per_sample(self, name: str, grads: Tensor) -> None:
         """Add the per-sample gradients of one tensor, shape ``[b, *shape]`` (one pass in C if it can)."""
         flat = grads.detach().reshape(grads.shape[0], -1)
         counts = self.counts[name]
-        hits = native.add_votes(flat, self._sum_into(name, flat.shape[1], flat), counts.view(-1))
+        sums = self.grad_sum[name].view(-1) if self.with_sums else None
+        hits = native.add_votes(flat, sums, counts.view(-1))
         if hits is None:
             signs = torch.sign(flat)
             if self.with_sums:
@@ -64,17 +68,11 @@ class Accumulator:
         (:func:`gradfix.votes.tiles.add_linear_votes`); otherwise with the C kernel, when it runs.
         """
         x, grad_out, counts = x.detach(), grad_out.detach(), self.counts[name]
+        sums = self.grad_sum[name] if self.with_sums else None
         if tiles.wanted(x.device, x.dtype):
-            hits: int | None = tiles.add_linear_votes(
-                x, grad_out, counts, self.grad_sum[name] if self.with_sums else None
-            )
+            hits: int | None = tiles.add_linear_votes(x, grad_out, counts, sums)
         else:
-            sums = (
-                self.grad_sum[name]
-                if self.with_sums
-                else self.scratch.take(counts.numel(), x.dtype, x.device)
-            )
-            hits = native.add_linear_votes(x, grad_out, sums.view(counts.shape), counts)
+            hits = native.add_linear_votes(x, grad_out, sums, counts)
         if hits is None:
             return False
         self.hits[name] += hits
@@ -92,9 +90,13 @@ class Accumulator:
         self.hits[name] += int(torch.unique(samples[grads.flatten(1).ne(0).any(dim=1)]).numel())
 
     def widen_for(self, incoming: int) -> None:
-        """Before a batch: switch the counters to int32 if ``n`` plus its samples could overflow int16."""
-        if self.counts.shapes and self.n + incoming > torch.iinfo(torch.int16).max:
-            self.counts.cast(torch.int32)
+        """Before a batch: widen the counters if ``n`` plus its samples could overflow their type
+        (to int16 at least, then int32: a vote whose size was not known, or was exceeded)."""
+        if not self.counts.shapes:
+            return
+        dtype = self.counts.dtype()
+        if self.n + incoming > torch.iinfo(dtype).max:
+            self.counts.cast(counter_dtype(max(self.n + incoming, torch.iinfo(torch.int8).max + 1)))
 
     def reset(self, name: str) -> None:
         """Forget everything added for ``name`` (its votes are recomputed)."""
@@ -129,20 +131,6 @@ class Accumulator:
         return counts, grad_sum
 
 
-class _Scratch:
-    """One flat buffer, reused by every tensor, for sums the C kernel forms but nobody keeps."""
-
-    def __init__(self) -> None:
-        self.buffer: Tensor | None = None
-
-    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """A flat tensor of ``numel`` values (their content is meaningless)."""
-        buf = self.buffer
-        if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < numel:
-            self.buffer = buf = torch.zeros(numel, dtype=dtype, device=device)
-        return buf[:numel]
-
-
 class _Zeros(dict):
     """``{name: tensor of zeros}``, each made when first asked for.
 
@@ -163,11 +151,25 @@ class _Zeros(dict):
         """Every tensor, in the order of the names given (made now if never asked for)."""
         return {name: self[name] for name in self.shapes}
 
+    def dtype(self) -> torch.dtype:
+        """The dtype of the tensors (all share one); int16 when there are none."""
+        return next((dtype for _, dtype, _ in self.shapes.values()), torch.int16)
+
     def cast(self, dtype: torch.dtype) -> None:
         """Switch every tensor, made or to be made, to ``dtype``."""
         self.shapes = {name: (shape, dtype, device) for name, (shape, _, device) in self.shapes.items()}
         for name, tensor in self.items():
             self[name] = tensor.to(dtype)
+
+
+def counter_dtype(samples: int | None) -> torch.dtype:
+    """The counters' dtype for a vote over ``samples`` samples: the smallest integer type that
+    holds that many (``int8`` below 128, so 1 byte per voting parameter), at most ``int32`` (the C
+    kernel's widest); ``int16`` when the number is not known (widened as samples come)."""
+    if samples is None:
+        return torch.int16
+    dtype = count_dtype(samples)
+    return dtype if dtype in (torch.int8, torch.int16) else torch.int32
 
 
 def sum_dtype(p: Tensor) -> torch.dtype:

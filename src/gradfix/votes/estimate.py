@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -220,10 +220,15 @@ def estimate_signs(
     ``gradient`` says what the majority vote keeps besides its counts: ``"sum"`` (the default,
     as before) keeps ``Σ_j g^(j)`` in float32, 4 bytes per voting parameter, for the mean
     gradient (:meth:`SignVotes.mean_gradient`: the descent report, the ``magnitude`` and
-    ``tensorwise`` masks, the ``mean`` estimator read later); ``"none"`` keeps only the int16
-    counters while voting (returned in int8 below 128 samples), and the mean gradient, when
-    needed, comes from one summed backward (:func:`gradfix.votes.summed.summed_gradients`,
-    exact for the mean gradient). The ``mean`` estimator always keeps its sums (they are its votes).
+    ``tensorwise`` masks, the ``mean`` estimator read later); ``"none"`` keeps only the vote
+    counters, and the mean gradient, when needed, comes from one summed backward
+    (:func:`gradfix.votes.summed.summed_gradients`, exact for the mean gradient). The ``mean``
+    estimator always keeps its sums (they are its votes).
+
+    The counters are as narrow as the number of samples allows when ``batches`` is a sequence (a
+    list: its samples are counted before the vote): ``int8`` below 128 samples, 1 byte per voting
+    parameter while voting; for another iterable, ``int16`` (``int32`` past 32 767 samples). A
+    vote count never exceeds the number of samples, so the votes are the same either way.
     """
     if estimator not in ESTIMATORS:
         raise ConfigError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
@@ -234,7 +239,9 @@ def estimate_signs(
     if not params:
         raise GradfixError("the model has no parameter with requires_grad=True to vote on")
     majority = estimator == "majority"
-    acc = Accumulator(params, with_counts=majority, with_sums=not majority or gradient == "sum")
+    # batches given as a list: the number of samples is known, so is the narrowest counter
+    known = sum(batch_size(b) for b in batches) if isinstance(batches, Sequence) else None
+    acc = Accumulator(params, majority, with_sums=not majority or gradient == "sum", samples=known)
     runner = _Runner(model, params, loss_fn, acc, engine, chunk_size)
     was_training = model.training
     model.eval()

@@ -51,7 +51,11 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("vote_counts.c")
 _VALUES = {torch.float32: ("f32", ctypes.c_float), torch.float64: ("f64", ctypes.c_double)}
-_COUNTS = {torch.int16: ("i16", ctypes.c_int16), torch.int32: ("i32", ctypes.c_int32)}
+_COUNTS = {
+    torch.int8: ("i8", ctypes.c_int8),
+    torch.int16: ("i16", ctypes.c_int16),
+    torch.int32: ("i32", ctypes.c_int32),
+}
 _FLAG_SETS = (  # -fopenmp-simd: the vector loops' pragmas, no OpenMP runtime
     ["-O3", "-march=native", "-fopenmp-simd"],
     ["-O3", "-fopenmp-simd"],
@@ -259,24 +263,26 @@ def available() -> bool:
     return enabled() and _library() is not None
 
 
-def add_votes(grads: Tensor, grad_sum: Tensor, counts: Tensor) -> int | None:
+def add_votes(grads: Tensor, grad_sum: Tensor | None, counts: Tensor) -> int | None:
     """Add one chunk of per-sample gradients to running vote sums, in one pass.
 
     ``grad_sum += Σ_b g_b`` and ``counts −= Σ_b sign(g_b)`` (so that ``counts`` holds
     ``Σ_b sign(−g_b)``, the anti-gradient votes of Eq. 9). ``grads`` is ``[samples, n]``,
     ``grad_sum`` and ``counts`` are ``[n]``: contiguous CPU tensors, ``grads`` and ``grad_sum``
-    of one dtype (float32 or float64), ``counts`` int16 or int32 (the caller makes sure it cannot
-    overflow). Returns how many of the samples have a non-zero gradient, or None (changing
-    nothing) when the kernel cannot take these tensors or is not available: the caller then does
-    the same with PyTorch operations.
+    of one dtype (float32 or float64), ``counts`` int8, int16 or int32 (the caller makes sure it
+    cannot overflow: ``|counts|`` never exceeds the samples voted). ``grad_sum`` may be None (a
+    vote that keeps its counts only: the sums are formed in registers and not written). Returns
+    how many of the samples have a non-zero gradient, or None (changing nothing) when the kernel
+    cannot take these tensors or is not available: the caller then does the same with PyTorch
+    operations.
     """
+    sums = [] if grad_sum is None else [grad_sum]
     if (
         grads.dtype not in _VALUES
         or counts.dtype not in _COUNTS
-        or grad_sum.dtype != grads.dtype
+        or any(t.dtype != grads.dtype or t.numel() != counts.numel() for t in sums)
         or grads.dim() != 2
-        or not _usable(grads, grad_sum, counts)
-        or grad_sum.numel() != grads.shape[1]
+        or not _usable(grads, *sums, counts)
         or counts.numel() != grads.shape[1]
     ):
         return None
@@ -297,29 +303,29 @@ def add_votes(grads: Tensor, grad_sum: Tensor, counts: Tensor) -> int | None:
     return _hits(done, nonzero)
 
 
-def add_linear_votes(x: Tensor, grad_out: Tensor, grad_sum: Tensor, counts: Tensor) -> int | None:
+def add_linear_votes(x: Tensor, grad_out: Tensor, grad_sum: Tensor | None, counts: Tensor) -> int | None:
     """Add the votes of a linear weight's per-sample gradients ``G_b = δ_bᵀ x_b``, never storing them.
 
     ``x`` is the layer's input ``[samples, tokens, in]`` and ``grad_out`` the gradient of its
-    output ``[samples, tokens, out]``; ``grad_sum`` and ``counts`` are ``[out, in]``. Adds
-    ``Σ_b G_b`` to ``grad_sum`` and subtracts ``Σ_b sign(G_b)`` from ``counts``; each ``G_b`` is
-    formed a register tile at a time and counted there (the products never reach memory, which
-    is what keeps the vote close to the cost of a batched backward). Same dtypes, return value
-    and None as :func:`add_votes`.
+    output ``[samples, tokens, out]``; ``grad_sum`` (or None: counts only) and ``counts`` are
+    ``[out, in]``. Adds ``Σ_b G_b`` to ``grad_sum`` and subtracts ``Σ_b sign(G_b)`` from
+    ``counts``; each ``G_b`` is formed a register tile at a time and counted there (the products
+    never reach memory, which is what keeps the vote close to the cost of a batched backward).
+    Same dtypes, return value and None as :func:`add_votes`.
     """
+    sums = [] if grad_sum is None else [grad_sum]
     if (
         x.dim() != 3
         or grad_out.dim() != 3
         or x.shape[:2] != grad_out.shape[:2]
         or x.dtype not in _VALUES
         or grad_out.dtype != x.dtype
-        or grad_sum.dtype != x.dtype
         or counts.dtype not in _COUNTS
-        or grad_sum.shape != (grad_out.shape[2], x.shape[2])
-        or counts.shape != grad_sum.shape
+        or counts.shape != (grad_out.shape[2], x.shape[2])
+        or any(t.dtype != x.dtype or t.shape != counts.shape for t in sums)
         or x.device.type != "cpu"
         or grad_out.device.type != "cpu"
-        or not _usable(grad_sum, counts)
+        or not _usable(*sums, counts)
     ):
         return None
     lib = _library()
@@ -362,7 +368,10 @@ def _usable(*tensors: Tensor) -> bool:
     return enabled() and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
-def _ptr(t: Tensor, ctype: type) -> Any:
+def _ptr(t: Tensor | None, ctype: type) -> Any:
+    """A C pointer to ``t``'s data (NULL for None)."""
+    if t is None:
+        return ctypes.POINTER(ctype)()
     return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctype))
 
 

@@ -5,7 +5,9 @@
  *   counts[j]   -= sum_b sign(g_b[j])        (the votes of the anti-gradient, sign(-g))
  *
  * for the coordinates of a range [begin, end) of work units, sets nonzero[b] = 1 for every sample
- * b with some g_b[j] != 0 among them, and returns 0 (-1 when out of memory).
+ * b with some g_b[j] != 0 among them, and returns 0 (-1 when out of memory).  grad_sum may be NULL
+ * (a vote that keeps its counts only): the sums are then not written anywhere.  Counters are int8,
+ * int16 or int32; the caller picks one that holds the number of samples voted (|counts| <= n).
  *
  * gradfix_vote_*: the per-sample gradients are given, row-major [samples, n].  A unit is a block
  * of BLOCK columns (gradfix_vote_units); a block is visited sample by sample with its running sums
@@ -46,7 +48,7 @@ int64_t gradfix_vote_units(int64_t n) { return (n + BLOCK - 1) / BLOCK; }
       T sum[BLOCK];                                                                             \
       int32_t vote[BLOCK];                                                                      \
       for (int64_t j = 0; j < width; ++j) {                                                     \
-        sum[j] = grad_sum[j0 + j];                                                              \
+        sum[j] = grad_sum ? grad_sum[j0 + j] : 0;                                               \
         vote[j] = 0;                                                                            \
       }                                                                                         \
       for (int64_t b = 0; b < samples; ++b) {                                                   \
@@ -60,16 +62,17 @@ int64_t gradfix_vote_units(int64_t n) { return (n + BLOCK - 1) / BLOCK; }
         }                                                                                       \
         if (any) mark(nonzero, b);                                                              \
       }                                                                                         \
-      for (int64_t j = 0; j < width; ++j) {                                                     \
-        grad_sum[j0 + j] = sum[j];                                                              \
-        counts[j0 + j] = (C)(counts[j0 + j] - vote[j]);                                         \
-      }                                                                                         \
+      if (grad_sum)                                                                             \
+        for (int64_t j = 0; j < width; ++j) grad_sum[j0 + j] = sum[j];                          \
+      for (int64_t j = 0; j < width; ++j) counts[j0 + j] = (C)(counts[j0 + j] - vote[j]);      \
     }                                                                                           \
     return 0;                                                                                   \
   }
 
+VOTE(gradfix_vote_f32_i8, float, int8_t)
 VOTE(gradfix_vote_f32_i16, float, int16_t)
 VOTE(gradfix_vote_f32_i32, float, int32_t)
+VOTE(gradfix_vote_f64_i8, double, int8_t)
 VOTE(gradfix_vote_f64_i16, double, int16_t)
 VOTE(gradfix_vote_f64_i32, double, int32_t)
 
@@ -118,7 +121,7 @@ VOTE(gradfix_vote_f64_i32, double, int32_t)
         int32_t vt[R][W];                                                                       \
         for (int r = 0; r < R; ++r)                                                             \
           for (int w = 0; w < W; ++w) {                                                         \
-            gs[r][w] = r < rows && w < cols ? grad_sum[(o0 + r) * in + i0 + w] : 0;             \
+            gs[r][w] = grad_sum && r < rows && w < cols ? grad_sum[(o0 + r) * in + i0 + w] : 0; \
             vt[r][w] = 0;                                                                       \
           }                                                                                     \
         for (int64_t b = 0; b < samples; ++b) {                                                 \
@@ -161,7 +164,7 @@ VOTE(gradfix_vote_f64_i32, double, int32_t)
         for (int64_t r = 0; r < rows; ++r)                                                      \
           for (int64_t w = 0; w < cols; ++w) {                                                  \
             int64_t j = (o0 + r) * in + i0 + w;                                                 \
-            grad_sum[j] = gs[r][w];                                                             \
+            if (grad_sum) grad_sum[j] = gs[r][w];                                               \
             counts[j] = (C)(counts[j] - vt[r][w]);                                              \
           }                                                                                     \
       }                                                                                         \
@@ -170,7 +173,9 @@ VOTE(gradfix_vote_f64_i32, double, int32_t)
     return 0;                                                                                   \
   }
 
+LINEAR(gradfix_linear_f32_i8, float, int8_t, R32, W32)
 LINEAR(gradfix_linear_f32_i16, float, int16_t, R32, W32)
 LINEAR(gradfix_linear_f32_i32, float, int32_t, R32, W32)
+LINEAR(gradfix_linear_f64_i8, double, int8_t, R64, W64)
 LINEAR(gradfix_linear_f64_i16, double, int16_t, R64, W64)
 LINEAR(gradfix_linear_f64_i32, double, int32_t, R64, W64)
