@@ -33,6 +33,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from autochoice import task_rows
 from envs import TaskEnv, make_env, relative_drift
 from records import Recorder, scenario_view, setup
 
@@ -127,19 +128,7 @@ def estimator_updates(
 def run_task(env: TaskEnv, rec: Recorder, args: argparse.Namespace) -> None:
     """Baselines, then GradFix and every estimator at each k and seed."""
     row: Callable[..., None] = lambda **kw: rec.add(scenario=env.scenario, task=env.task, **kw)  # noqa: E731
-    row(
-        method="zero-shot B",
-        validation=env.accuracy(None, 0, "validation"),
-        test=env.accuracy(None, 0, "test"),
-    )
-    row(
-        method="fine-tuned B",
-        alpha=1.0,
-        validation=env.accuracy(env.tau_b, 1, "validation"),
-        test=env.accuracy(env.tau_b, 1, "test"),
-    )
-    row(method="naive", **env.sweep(env.tau_a))
-    row(method="oracle mask", **env.sweep(mask_task_vector(env.tau_a, env.tau_b, "agreement")))
+    task_rows(env, row, references="all")  # zero-shot B, fine-tuned B, naive, the oracle mask
     for k in args.ks:
         for seed in args.seeds:
             start = time.perf_counter()

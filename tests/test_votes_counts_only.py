@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from brute_force import brute_force_votes
 from torch import nn
 
 from gradfix import ConfigError, SignVotes, estimate_signs
@@ -30,17 +31,7 @@ def _loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _brute_force(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> tuple[dict, dict]:
-    counts = {n: torch.zeros(p.shape, dtype=torch.int64) for n, p in model.named_parameters()}
-    grad_sum = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-    for batch in batches:
-        for i in range(batch["y"].shape[0]):
-            model.zero_grad()
-            _loss(model, {k: v[i : i + 1] for k, v in batch.items()}).sum().backward()
-            for n, p in model.named_parameters():
-                counts[n] += torch.sign(-p.grad).long()
-                grad_sum[n] += p.grad
-    model.zero_grad()
-    return counts, grad_sum
+    return brute_force_votes(model, batches, _loss)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from brute_force import brute_force_votes
 from torch import nn
 
 from gradfix import estimate_signs
@@ -44,15 +45,7 @@ def _loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _brute_force(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    counts = {n: torch.zeros(p.shape, dtype=torch.int64) for n, p in model.named_parameters()}
-    for batch in batches:
-        for i in range(batch["y"].shape[0]):
-            model.zero_grad()
-            _loss(model, {k: v[i : i + 1] for k, v in batch.items()}).sum().backward()
-            for n, p in model.named_parameters():
-                counts[n] += torch.sign(-p.grad).long()
-    model.zero_grad()
-    return counts
+    return brute_force_votes(model, batches, _loss)[0]
 
 
 class _Watch:

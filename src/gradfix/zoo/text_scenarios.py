@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -173,30 +174,18 @@ def _build_release(config: TextConfig, level: str) -> Any:
     def build(out: Path, deps: Mapping[str, Path], progress: bool) -> dict[str, Any]:
         texts = docstrings.docstring_paragraphs(config.unlabelled)
         if _objective(config, level) == "masked-lm":
-            with quiet_hf():
-                record = continue_pretraining_mlm(
-                    deps["base"],
-                    out,
-                    texts,
-                    config.pretrain[level],
-                    max_length=config.mlm_max_length,
-                    progress=progress,
-                    desc=f"pre-training B-{level} (masked LM)",
-                )
-            record.update(texts=len(texts), corpus_sha256=docstrings.corpus_digest(texts))
-            return record
-        with quiet_hf():
-            record = continue_pretraining(
-                deps["base"],
-                out,
-                texts,
-                config.pretrain[level],
+            train: Any = partial(continue_pretraining_mlm, max_length=config.mlm_max_length)
+            desc = f"pre-training B-{level} (masked LM)"
+        else:
+            train = partial(
+                continue_pretraining,
                 max_length=config.pretrain_max_length,
                 temperature=config.temperature,
                 min_fraction=config.crop_min_fraction,
-                progress=progress,
-                desc=f"pre-training B-{level}",
             )
+            desc = f"pre-training B-{level}"
+        with quiet_hf():
+            record = train(deps["base"], out, texts, config.pretrain[level], progress=progress, desc=desc)
         record.update(texts=len(texts), corpus_sha256=docstrings.corpus_digest(texts))
         return record
 
