@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gradfix.errors import ConfigError
 from gradfix.recipes._hf import tokenize
 from gradfix.zoo.text import load_encoder, relative_change, save_encoder
 from gradfix.zoo.training import TrainSettings, seeded_batches, train
@@ -92,7 +93,12 @@ def continue_pretraining_mlm(
         param.requires_grad_(trainable)
         if trainable:
             params.append(param)
-    embeddings = model.get_input_embeddings()
+    embeddings = getattr(model, "get_input_embeddings")()  # noqa: B009 (a method mypy cannot see on nn.Module)
+    if not isinstance(embeddings, nn.Embedding):
+        raise ConfigError(
+            f"{base}: the masked-LM head needs word embeddings (nn.Embedding), "
+            f"got {type(embeddings).__name__}"
+        )
     torch.manual_seed(settings.seed)
     head = MaskedLMHead(embeddings, eps=float(getattr(model.config, "layer_norm_eps", 1e-12)))
     head.train()
