@@ -102,28 +102,38 @@ def _load(
         raise ConfigError(f"{label} {folder}: {exc}") from None
 
 
+Batch = Mapping[str, Tensor]
+
+
+def _same_tokens(batch_a: Batch, batch_b: Batch) -> bool:
+    """Whether two tokenisations have the same token ids' shape and the same attention mask."""
+    mask_a, mask_b = batch_a.get("attention_mask"), batch_b.get("attention_mask")
+    ids_a, ids_b = batch_a.get("input_ids"), batch_b.get("input_ids")
+    if ids_a is not None and ids_b is not None and ids_a.shape != ids_b.shape:
+        return False
+    if mask_a is None or mask_b is None:
+        return mask_a is None and mask_b is None
+    return mask_a.shape == mask_b.shape and bool((mask_a.cpu() == mask_b.cpu()).all())
+
+
 def _paired_batches(
     drawn: Shots, batch_size: int, a: tuple[nn.Module, Any], b: tuple[nn.Module, Any]
-) -> tuple[list[tuple[Mapping[str, Tensor], Mapping[str, Tensor]]], int]:
+) -> tuple[list[tuple[Batch, Batch]], int]:
     """Each chunk of shots as ``(A's batch, B's batch)``, and the number of tokens in all.
 
     A :class:`ConfigError` when the two tokenisations differ (other lengths or padding)."""
-    pairs, tokens = [], 0
+    pairs: list[tuple[Batch, Batch]] = []
+    tokens = 0
     for chunk in batched(drawn.drawn, batch_size):
         batch_a, batch_b = (place_batch(recipe.collate(chunk), model) for model, recipe in (a, b))
-        mask_a, mask_b = batch_a.get("attention_mask"), batch_b.get("attention_mask")
-        ids_a, ids_b = batch_a.get("input_ids"), batch_b.get("input_ids")
-        same = (mask_a is None) == (mask_b is None) and (
-            mask_a is None or (mask_a.shape == mask_b.shape and bool((mask_a.cpu() == mask_b.cpu()).all()))
-        )
-        same = same and (ids_a is None or ids_b is None or ids_a.shape == ids_b.shape)
-        if not same:
+        if not _same_tokens(batch_a, batch_b):
             raise ConfigError(
                 f"{drawn.data}: source and target base tokenise the examples of lines "
                 f"{chunk[0].line}-{chunk[-1].line} differently; Theseus pairs their activations token by "
                 "token, so both need the same tokenizer"
             )
-        tokens += int(mask_a.sum()) if mask_a is not None else (ids_a.numel() if ids_a is not None else 0)
+        mask, ids = batch_a.get("attention_mask"), batch_a.get("input_ids")
+        tokens += int(mask.sum()) if mask is not None else (ids.numel() if ids is not None else 0)
         pairs.append((batch_a, batch_b))
     return pairs, tokens
 

@@ -349,6 +349,7 @@ def _transport_aligned(
     tau_a = read(source_base, source_finetuned, masking.include, masking.exclude)
     check_task_vector_nonzero(tau_a, source_base, source_finetuned)
     record = _start_record(source_base, source_finetuned, target_base, options)
+    alignment: dict[str, Any] | None
     if from_data and drawn is not None:
         tau, alignment = align_on_shots(method, tau_a, (source_base, target_base), votes, drawn)
     else:
