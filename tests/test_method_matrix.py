@@ -48,8 +48,21 @@ def test_gradfix_with_every_mask_writes_the_library_result(models, tmp_path, mas
 def test_aligned_methods_write_the_library_result(models, tmp_path, method, mask) -> None:  # noqa: F811
     out = tmp_path / f"{method}-{mask}"
     assert main(_transport_args(models, out, "--method", method, "--mask", mask)) == 0
-    tau, _, _, _, votes = _library_inputs(models)
-    aligned = get_method(method).align(tau, models["A"], models["B"])
+    tau, model_b, recipe, drawn, votes = _library_inputs(models)
+    if getattr(get_method(method), "uses_activations", False):  # --data given: from activations
+        from gradfix.data import batched
+        from gradfix.methods.theseus import theseus_from_models
+        from gradfix.recipes import load_recipe
+
+        model_a, _ = load_recipe("text-zero-shot", models["A"], recipe.labels)
+        batches = [recipe.collate(chunk) for chunk in batched(drawn, 8)]  # one tokenizer for both
+
+        def forward(model, batch):
+            return model(**{k: v for k, v in batch.items() if k != "labels"})
+
+        aligned = theseus_from_models(tau, model_a, model_b, batches, forward_fn=forward)
+    else:
+        aligned = get_method(method).align(tau, models["A"], models["B"])
     expected = mask_task_vector(aligned, votes, mask).apply_to(load_state_dict(models["B"]), ALPHA)
     _assert_written(out, expected)
 

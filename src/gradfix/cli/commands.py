@@ -71,6 +71,12 @@ def _print_transport(record: dict[str, Any], out: str) -> None:
         f"transported {len(record['kept_fraction'])} tensors with method={record['method']} "
         f"mask={record['mask']} alpha={alpha:g} from {record['num_samples']} examples"
     )
+    theseus = record.get("theseus")
+    if theseus:
+        source = "the two bases' weights (data-free)"
+        if theseus["from"] == "activations":
+            source = f"A's and B's activations on {theseus['examples']} examples ({theseus['tokens']} tokens)"
+        print(f"Theseus maps from {source}")
     choice = record.get("choice")
     if choice:
         t = "naive" if choice["threshold"] > 1 else f"{choice['threshold']:g}"

@@ -242,7 +242,13 @@ def add_transport_parser(sub: Any, handler: Handler) -> None:
     add_option(t, "transport", "source_finetuned", "A fine-tuned on the task")
     add_option(t, "transport", "target_base", "the new base model B (same architecture)")
     add_option(t, "transport", "revision", REVISION_HELP, metavar="REV")
-    add_option(t, "transport", "data", "labelled examples for the target's votes (.jsonl or .csv)")
+    add_option(
+        t,
+        "transport",
+        "data",
+        "labelled examples for the target's votes (.jsonl or .csv); with --method theseus also the "
+        "shots on which A's and B's activations give the maps",
+    )
     add_option(t, "transport", "votes_in", "add votes saved by --votes-out", action="append", metavar="FILE")
     add_option(
         t, "transport", "votes_out", "save the votes (safetensors) to resume or combine", metavar="FILE"

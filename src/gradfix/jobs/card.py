@@ -146,11 +146,31 @@ def _transport_method(record: Mapping[str, Any]) -> str:
     method, mask = str(record.get("method")), str(record.get("mask"))
     lines = ["## Method", ""]
     lines.append(f"- method `{method}`{_described(METHODS, method)}")
+    lines += _alignment_lines(record.get(method))
     lines.append(f"- mask `{mask}`{_described(MASKS, mask)}{_threshold(record)}")
     lines.append(f"- α = {_num(record.get('alpha'))}")
     lines += _votes_lines(record, record.get("data"))
     lines += _tensor_lines(record)
     return "\n".join(lines)
+
+
+def _alignment_lines(alignment: Any) -> list[str]:
+    """Where an aligned method's maps came from: the activations on examples, or the weights."""
+    if not isinstance(alignment, Mapping):
+        return []
+    if alignment.get("from") != "activations":
+        return ["- maps from the two bases' weights (data-free)"]
+    data = alignment.get("data") or {}
+    centring = "on" if alignment.get("center") else "off"
+    line = (
+        f"- maps from the activations of A and B on {alignment.get('examples')} examples "
+        f"({alignment.get('tokens')} tokens) of `{_name(data)}`; centring {centring}, whitening "
+        f"p = {_num(alignment.get('whiten'))}"
+    )
+    short = alignment.get("underdetermined") or {}
+    if short:
+        line += f"; {len(short)} space(s) had fewer independent directions than their width"
+    return [line]
 
 
 def _merge_method(record: Mapping[str, Any]) -> str:

@@ -22,6 +22,7 @@ from gradfix.io.adapters import is_adapter_folder
 from gradfix.io.hub import parse_hub_id, resolve_models
 from gradfix.jobs.adapter_output import AdapterOutput, check_out_format, prepare_adapter, write_adapter
 from gradfix.jobs.adaptive import check_evidence, choice_record, choose, plan_choice
+from gradfix.jobs.aligned_activations import align_on_shots, check_same_family
 from gradfix.jobs.check_votes import aligned_verdict, state_verdict
 from gradfix.jobs.common import (
     Shots,
@@ -46,8 +47,9 @@ from gradfix.jobs.inputs import (
 from gradfix.jobs.output import MaskedUpdate, WholeUpdate, finish_output, write_model
 from gradfix.jobs.replay import pin_hub_inputs, transport_options
 from gradfix.masking import TauRows, VoteReference, mask_task_vector, uncovered_tensors, unvoted_error
-from gradfix.methods import Method, fixed_alpha, resolve_method
+from gradfix.methods import fixed_alpha, resolve_method
 from gradfix.methods.adaptive import ChoicePlan, gate_mask
+from gradfix.methods.aligned import AlignedMethod
 from gradfix.ops.masks import MaskOptions, get_mask
 from gradfix.settings import DEFAULT_SHARD_BYTES, MaskSettings, VoteSettings
 from gradfix.task_vector import TaskVector
@@ -132,7 +134,7 @@ def transport_checkpoints(
     )
     as_adapter = check_out_format(out_format, adapter_rank, chosen.name, chosen.aligns)
     choosing = plan_choice(chosen, masking, votes, target_base)
-    if chosen.aligns:
+    if isinstance(chosen, AlignedMethod):
         return _transport_aligned(
             chosen,
             source_base,
@@ -318,7 +320,7 @@ def _write(
 
 
 def _transport_aligned(
-    method: Method,
+    method: AlignedMethod,
     source_base: str | Path,
     source_finetuned: str | Path,
     target_base: str | Path,
@@ -329,24 +331,38 @@ def _transport_aligned(
     shard_bytes: int,
     options: dict[str, Any],
 ) -> dict[str, Any]:
-    """TransFusion or Theseus: align ``τ_A`` to the target, mask it (votes taken on the target), write."""
-    data = votes.data if get_mask(str(masking.mask)).needs_reference else None
+    """TransFusion or Theseus: align ``τ_A`` to the target, mask it (votes taken on the target), write.
+
+    Theseus with ``votes.data`` maps from A's and B's activations on the drawn shots
+    (:func:`gradfix.jobs.aligned_activations.align_on_shots`), else from the weights; the record
+    says which under the method's name."""
+    needs_votes = get_mask(str(masking.mask)).needs_reference
+    from_data = bool(votes.data) and method.uses_activations
+    data = votes.data if needs_votes or from_data else None
     inputs = [Path(source_base), Path(source_finetuned), Path(target_base), *([Path(data)] if data else [])]
     check_outputs(out, inputs, overwrite)
+    check_same_family(method.name, source_base, target_base)
     drawn = draw_shots(target_base, votes) if data else None
-    if get_mask(str(masking.mask)).needs_reference and not data:
+    if needs_votes and not data:
         raise ConfigError(f"the {masking.mask!r} mask needs votes: give --data (or use --mask none)")
     read = TaskVector.from_adapter if is_adapter_folder(source_finetuned) else TaskVector.from_checkpoints
     tau_a = read(source_base, source_finetuned, masking.include, masking.exclude)
     check_task_vector_nonzero(tau_a, source_base, source_finetuned)
-    tau = method.align(tau_a, source_base, target_base, seed=votes.seed)
     record = _start_record(source_base, source_finetuned, target_base, options)
+    alignment: dict[str, Any] | None
+    if from_data and drawn is not None:
+        tau, alignment = align_on_shots(method, tau_a, (source_base, target_base), votes, drawn)
+    else:
+        tau = method.align(tau_a, source_base, target_base, seed=votes.seed)
+        alignment = method.weights_record()
+    if alignment is not None:
+        record[method.name] = alignment
     reference, recipe = None, None
     with open_checkpoint(target_base) as rt:
         target_names = rt.names()
-    if data:
+    if needs_votes:
         reference, _, recipe, info = vote_on_target(target_base, votes, target_names, list(tau), drawn)
-        record["data"] = {**data_record(data), **info}
+        record["data"] = {**data_record(str(data)), **info}
         if world()[0] != 0:
             return {**record, "written_by_another_process": True}
         record["check"] = aligned_verdict(tau, reference, method.name, votes.seed)
