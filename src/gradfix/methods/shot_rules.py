@@ -109,12 +109,12 @@ def no_harm(
     earlier on a tie). A candidate with ``α = 0`` is B itself (``d ≡ 0``) and never qualifies, so
     ``None`` means "return B unchanged".
     """
-    qualified = []
+    bounds = {}
     for key in allowed:
         gain = improvement(losses[key], base, folds)
         if gain.worst_fold > 0 and gain.bound(margin) > 0:
-            qualified.append(key)
-    return best_bound(losses, base, folds, qualified, margin) if qualified else None
+            bounds[key] = gain.bound(margin)
+    return _highest(bounds) if bounds else None
 
 
 def best_bound(
@@ -125,8 +125,13 @@ def best_bound(
     margin: float = DEFAULT_MARGIN,
 ) -> Candidate:
     """The allowed candidate with the largest ``d̄(c) − z · SE(c)`` (the earlier on a tie)."""
-    bounds = {key: improvement(losses[key], base, folds).bound(margin) for key in allowed}
-    return max(allowed, key=lambda key: (bounds[key], -allowed.index(key)))
+    return _highest({key: improvement(losses[key], base, folds).bound(margin) for key in allowed})
+
+
+def _highest(bounds: Mapping[Candidate, float]) -> Candidate:
+    """The key of the largest bound, the earlier (in the mapping's order) on a tie."""
+    order = list(bounds)
+    return max(order, key=lambda key: (bounds[key], -order.index(key)))
 
 
 __all__ = [
