@@ -321,6 +321,7 @@ def test_default_method_is_adaptive_and_writes_the_gate_for_the_recorded_choice(
     from gradfix.methods.autotune import (
         DEFAULT_ALPHAS,
         DEFAULT_THRESHOLDS,
+        GROWN_ALPHAS,
         candidate_key,
         choose_on_shots,
         gated,
@@ -333,7 +334,8 @@ def test_default_method_is_adaptive_and_writes_the_gate_for_the_recorded_choice(
     record = json.loads((out / "gradfix.json").read_text())
     choice = record["choice"]
     assert record["method"] == "adaptive" and choice["source"] == "2-fold shots, no-harm rule"
-    assert len(choice["scores"]) == len(DEFAULT_THRESHOLDS) * len(DEFAULT_ALPHAS)
+    scored = len(DEFAULT_ALPHAS) + len(GROWN_ALPHAS)  # the larger steps are scored on the shots too
+    assert len(choice["scores"]) == len(DEFAULT_THRESHOLDS) * scored
     assert record["threshold"] == choice["threshold"] and record["alpha"] == choice["alpha"]
     chosen_key = candidate_key(choice["threshold"], choice["alpha"])
     assert choice["score"] == choice["scores"][chosen_key] <= max(choice["scores"].values())
