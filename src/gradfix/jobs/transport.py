@@ -14,20 +14,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from gradfix.data import label_set, parse_shots
-from gradfix.diagnostics import descent_report
+from gradfix.data import label_set
 from gradfix.errors import ConfigError
 from gradfix.io import CheckpointReader, atomic_output_dir, open_checkpoint
-from gradfix.io.adapters import is_adapter_folder
 from gradfix.io.hub import parse_hub_id, resolve_models
 from gradfix.jobs.adapter_output import AdapterOutput, check_out_format, prepare_adapter, write_adapter
 from gradfix.jobs.adaptive import check_evidence, choice_record, choose, plan_choice
-from gradfix.jobs.aligned_activations import align_on_shots, check_same_family
-from gradfix.jobs.check_votes import aligned_verdict, state_verdict
+from gradfix.jobs.check_votes import state_verdict
 from gradfix.jobs.common import (
     Shots,
     align_names,
-    base_record,
     draw_shots,
     load_target,
     open_task_vector,
@@ -37,22 +33,22 @@ from gradfix.jobs.common import (
 from gradfix.jobs.descent import PendingDescent, descent_inner, vote_gradient, with_inner
 from gradfix.jobs.inputs import (
     check_outputs,
-    check_task_vector_nonzero,
     check_votes_files,
     data_record,
     input_record,
     load_votes,
     validate_votes_files,
 )
-from gradfix.jobs.output import MaskedUpdate, WholeUpdate, finish_output, write_model
+from gradfix.jobs.output import MaskedUpdate, finish_output, write_model
 from gradfix.jobs.replay import pin_hub_inputs, transport_options
-from gradfix.masking import TauRows, VoteReference, mask_task_vector, uncovered_tensors, unvoted_error
+from gradfix.jobs.transport_aligned import transport_aligned
+from gradfix.jobs.transport_record import settings_record, start_record
+from gradfix.masking import TauRows, VoteReference, uncovered_tensors, unvoted_error
 from gradfix.methods import fixed_alpha, resolve_method
 from gradfix.methods.adaptive import ChoicePlan, gate_mask
 from gradfix.methods.aligned import AlignedMethod
 from gradfix.ops.masks import MaskOptions, get_mask
 from gradfix.settings import DEFAULT_SHARD_BYTES, MaskSettings, VoteSettings
-from gradfix.task_vector import TaskVector
 from gradfix.votes import SignVotes
 from gradfix.votes.distributed import world
 from gradfix.votes.estimate import Gradient
@@ -135,7 +131,7 @@ def transport_checkpoints(
     as_adapter = check_out_format(out_format, adapter_rank, chosen.name, chosen.aligns)
     choosing = plan_choice(chosen, masking, votes, target_base)
     if isinstance(chosen, AlignedMethod):
-        return _transport_aligned(
+        return transport_aligned(
             chosen,
             source_base,
             source_finetuned,
@@ -166,7 +162,7 @@ def transport_checkpoints(
             stack, (source_base, source_finetuned, target_base), rb, rt, masking.include, masking.exclude
         )
         adapter = prepare_adapter(b_name, rt, sorted(nonzero), adapter_rank or 0) if as_adapter else None
-        record = _start_record(source_base, source_finetuned, target_base, options)
+        record = start_record(source_base, source_finetuned, target_base, options)
         held = None
         if needs_votes:
             gradient = vote_gradient(str(masking.mask), bool(files_in or votes_out))
@@ -176,7 +172,7 @@ def transport_checkpoints(
             )
             if world()[0] != 0:  # under torchrun only the first process writes
                 return {**record, "written_by_another_process": True}
-        record.update(_settings_record(chosen.name, votes, masking, bool(data)))
+        record.update(settings_record(chosen.name, votes, masking, bool(data)))
         record.update(out_format=out_format, adapter_rank=adapter_rank)
         record["num_samples"] = held.reference.num_samples if held is not None else 0
         try:
@@ -317,107 +313,3 @@ def _write(
         report = with_inner(update.report(), inner)
         record.update(kept_fraction=update.kept_fraction(), descent=report.to_dict() if report else None)
         finish_output(tmp, rt.path, record, held.recipe if held is not None else None, adapter is None)
-
-
-def _transport_aligned(
-    method: AlignedMethod,
-    source_base: str | Path,
-    source_finetuned: str | Path,
-    target_base: str | Path,
-    out: Path,
-    votes: VoteSettings,
-    masking: MaskSettings,
-    overwrite: bool,
-    shard_bytes: int,
-    options: dict[str, Any],
-) -> dict[str, Any]:
-    """TransFusion or Theseus: align ``τ_A`` to the target, mask it (votes taken on the target), write.
-
-    Theseus with ``votes.data`` maps from A's and B's activations on the drawn shots
-    (:func:`gradfix.jobs.aligned_activations.align_on_shots`), else from the weights; the record
-    says which under the method's name."""
-    needs_votes = get_mask(str(masking.mask)).needs_reference
-    from_data = bool(votes.data) and method.uses_activations
-    data = votes.data if needs_votes or from_data else None
-    inputs = [Path(source_base), Path(source_finetuned), Path(target_base), *([Path(data)] if data else [])]
-    check_outputs(out, inputs, overwrite)
-    check_same_family(method.name, source_base, target_base)
-    drawn = draw_shots(target_base, votes) if data else None
-    if needs_votes and not data:
-        raise ConfigError(f"the {masking.mask!r} mask needs votes: give --data (or use --mask none)")
-    read = TaskVector.from_adapter if is_adapter_folder(source_finetuned) else TaskVector.from_checkpoints
-    tau_a = read(source_base, source_finetuned, masking.include, masking.exclude)
-    check_task_vector_nonzero(tau_a, source_base, source_finetuned)
-    record = _start_record(source_base, source_finetuned, target_base, options)
-    alignment: dict[str, Any] | None
-    if from_data and drawn is not None:
-        tau, alignment = align_on_shots(method, tau_a, (source_base, target_base), votes, drawn)
-    else:
-        tau = method.align(tau_a, source_base, target_base, seed=votes.seed)
-        alignment = method.weights_record()
-    if alignment is not None:
-        record[method.name] = alignment
-    reference, recipe = None, None
-    with open_checkpoint(target_base) as rt:
-        target_names = rt.names()
-    if needs_votes:
-        reference, _, recipe, info = vote_on_target(target_base, votes, target_names, list(tau), drawn)
-        record["data"] = {**data_record(str(data)), **info}
-        if world()[0] != 0:
-            return {**record, "written_by_another_process": True}
-        record["check"] = aligned_verdict(tau, reference, method.name, votes.seed)
-    alpha = fixed_alpha(masking.alpha)
-    masked = mask_task_vector(
-        tau,
-        reference,
-        str(masking.mask),
-        gamma=masking.gamma,
-        seed=votes.seed,
-        unvoted=masking.unvoted,
-        threshold=float(masking.threshold or 0.0),
-    )
-    report = descent_report(reference if reference is not None else {}, masked, tau, alpha)
-    record.update(_settings_record(method.name, votes, masking, bool(data)))
-    record.update(
-        num_samples=reference.num_samples if reference is not None else 0,
-        kept_fraction={t.name: t.kept_fraction for t in report.tensors},
-        descent=report.to_dict() if reference is not None else None,
-    )
-    with atomic_output_dir(out, overwrite=overwrite) as tmp, open_checkpoint(target_base) as rt:
-        record["files"] = write_model(tmp, rt, WholeUpdate(masked), alpha, shard_bytes)
-        finish_output(tmp, target_base, record, recipe)
-    return record
-
-
-def _start_record(
-    source_base: str | Path, source_finetuned: str | Path, target_base: str | Path, options: dict[str, Any]
-) -> dict[str, Any]:
-    """``gradfix.json``'s header, the job's options (to replay it) and the sha256 of the three checkpoints."""
-    record = base_record("transport")
-    record["options"] = options
-    record["inputs"] = {
-        "source_base": input_record(source_base),
-        "source_finetuned": input_record(source_finetuned),
-        "target_base": input_record(target_base, model_files=True),
-    }
-    return record
-
-
-def _settings_record(method: str, votes: VoteSettings, masking: MaskSettings, voted: bool) -> dict[str, Any]:
-    """The settings of a transport as ``gradfix.json`` records them."""
-    return {
-        "method": method,
-        "recipe": votes.recipe,
-        "shots": parse_shots(votes.shots) if voted else votes.shots,
-        "seed": votes.seed,
-        "estimator": votes.estimator,
-        "engine": votes.engine,
-        "template": votes.template,
-        "mask": masking.mask,
-        "alpha": masking.alpha,
-        "include": masking.include,
-        "exclude": masking.exclude,
-        "unvoted": masking.unvoted,
-        "gamma": masking.gamma,
-        "threshold": masking.threshold,
-    }
