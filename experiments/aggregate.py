@@ -126,3 +126,16 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def grid_note(result: dict[str, Any]) -> str | None:
+    """A note when ``result`` ran before the α grid grew past 2 and some of its rows chose 2."""
+    rows = [r for r in result["rows"] if isinstance(r.get("validation_by_alpha"), dict)]
+    grown = any(float(a) > 2 for r in rows for a in r["validation_by_alpha"])
+    at_top = sum(r.get("alpha") == 2.0 for r in result["rows"])
+    if grown or not at_top:
+        return None
+    return (
+        f"α grid up to 2 here (run before the grid grew past 2 when 2 wins): {at_top} row(s) chose "
+        "α = 2, where a larger step might do better."
+    )

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from aggregate import gap, load, md_table
+from aggregate import gap, grid_note, load, md_table
 
 DEFAULT_ROW = "adaptive (shots, no-harm)"
 """The CLI default's row name in the floors runs."""
@@ -85,6 +85,7 @@ def estimators_section(raw: Path) -> str:
                 estimator_rows(result, defaults),
             ),
             "",
+            *([note, ""] if (note := grid_note(result)) else []),
             f"`{result['command']}`",
             "",
         ]
