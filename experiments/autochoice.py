@@ -33,7 +33,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from controls import control_vectors
-from envs import ALPHAS, GATE_GRID, TaskEnv, make_env, relative_drift
+from envs import ALPHAS, GATE_GRID, TaskEnv, best_on_validation, make_env, relative_drift
 from records import scenario_view, setup
 
 from gradfix import mask_task_vector
@@ -67,8 +67,7 @@ class Accuracies:
 
     def best_on_validation(self) -> tuple[float, float]:
         """The candidate with the best validation accuracy (the earlier in grid order on a tie)."""
-        keys = [(t, a) for t in GATE_GRID for a in ALPHAS]
-        return max(keys, key=lambda k: (self(k[0], k[1], "validation"), -keys.index(k)))
+        return best_on_validation(lambda t, a: self(t, a, "validation"), GATE_GRID)
 
 
 def shot_rows(

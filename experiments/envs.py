@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,9 +24,11 @@ from gradfix.data import batched, load_examples
 from gradfix.methods.autotune import (
     DEFAULT_ALPHAS,
     DEFAULT_THRESHOLDS,
+    GROWN_ALPHAS,
     Choice,
     FoldScores,
     score_on_shots,
+    top_wins,
 )
 from gradfix.recipes import load_recipe
 from gradfix.zoo import vision as zv
@@ -34,11 +36,26 @@ from gradfix.zoo import vision as zv
 ALPHAS = DEFAULT_ALPHAS
 """The α grid of every sweep: the CLI's default (0 is the target unchanged, small steps 0.02 … 0.2,
 then 0.5 … 2 as in the reference code's sweep). Raw files made before it used 0, 0.25, 0.5, 1, 1.5,
-2 (their rows' ``validation_by_alpha`` keys say which)."""
+2, and those made before the grid grew (:data:`GROWN_ALPHAS`, tried when 2 wins) stop at 2 (their
+rows' ``validation_by_alpha`` keys say which)."""
 GATE_GRID = DEFAULT_THRESHOLDS
 """Gate thresholds of the adaptive choice: GradFix (0), two gates, naive addition."""
 TEXT_VALIDATION_CAP = 250
 """Validation examples per text task used to choose α (the first of a fixed shuffle)."""
+
+
+def best_on_validation(
+    validation: Callable[[float, float], float], thresholds: Sequence[float]
+) -> tuple[float, float]:
+    """The candidate ``(t, α)`` of the best ``validation(t, α)``, the earlier in grid order on a
+    tie; when the largest α of :data:`ALPHAS` wins, over :data:`GROWN_ALPHAS` too (as
+    :func:`gradfix.methods.autotune.choose_on_validation`)."""
+    keys = [(t, a) for t in thresholds for a in ALPHAS]
+    best = max(keys, key=lambda k: (validation(*k), -keys.index(k)))
+    if top_wins(best[1], ALPHAS):
+        keys = [(t, a) for t in thresholds for a in (*ALPHAS, *GROWN_ALPHAS)]
+        best = max(keys, key=lambda k: (validation(*k), -keys.index(k)))
+    return best
 
 
 def draw_per_class(labels: Sequence[Any], k: int, seed: int) -> list[int]:
@@ -129,10 +146,15 @@ class TaskEnv:
         return correct / total
 
     def sweep(self, update: Mapping[str, Tensor], alphas: Sequence[float] = ALPHAS) -> dict[str, Any]:
-        """α chosen on validation (smallest on ties), then test accuracy at that α."""
+        """α chosen on validation (smallest on ties), then test accuracy at that α. When the
+        grid's largest α wins, the larger steps :data:`GROWN_ALPHAS` are tried too (as the
+        library's choice does)."""
         start = time.perf_counter()
         val = {a: self.accuracy(update, a, "validation") for a in alphas}
         alpha = max(alphas, key=lambda a: (val[a], -a))
+        if alphas == ALPHAS and top_wins(alpha, alphas):
+            val.update({a: self.accuracy(update, a, "validation") for a in GROWN_ALPHAS})
+            alpha = max(val, key=lambda a: (val[a], -a))
         return {
             "alpha": alpha,
             "validation": val[alpha],

@@ -27,7 +27,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from controls import control_vectors
-from envs import ALPHAS, GATE_GRID, TaskEnv, make_env, relative_drift
+from envs import GATE_GRID, TaskEnv, best_on_validation, make_env, relative_drift
 from records import Recorder, scenario_view, setup
 
 from gradfix import TaskVector, mask_task_vector, random_task_vector
@@ -77,12 +77,14 @@ class Candidates:
 
     def add(self, t: float, update: Mapping[str, Tensor]) -> None:
         self.updates[t] = update
-        for a in ALPHAS:
-            self.val[(t, a)] = self.env.accuracy(update, a, "validation")
+
+    def validation(self, t: float, alpha: float) -> float:
+        if (t, alpha) not in self.val:
+            self.val[(t, alpha)] = self.env.accuracy(self.updates[t], alpha, "validation")
+        return self.val[(t, alpha)]
 
     def best(self, thresholds: Sequence[float]) -> tuple[float, float]:
-        keys = [(t, a) for t in thresholds for a in ALPHAS]
-        return max(keys, key=lambda k: (self.val[k], -keys.index(k)))
+        return best_on_validation(self.validation, thresholds)
 
     def test_of(self, key: tuple[float, float]) -> float:
         if key not in self.test:
@@ -186,16 +188,16 @@ def gate_rows(
     chosen = (choice.threshold, choice.alpha)
     if chosen[0] not in cands.updates:
         cands.add(chosen[0], gated(env.tau_a, votes, chosen[0]))
-    best_val = max(cands.val[(t, a)] for t in grid for a in ALPHAS)
+    best_val = cands.validation(*cands.best(grid))
     row(
         method="adaptive (shots, min loss)",
         k=k,
         seed=seed,
         threshold=chosen[0],
         alpha=chosen[1],
-        validation=cands.val[chosen],
+        validation=cands.validation(*chosen),
         test=cands.test_of(chosen),
-        validation_regret=best_val - cands.val[chosen],
+        validation_regret=best_val - cands.validation(*chosen),
         choice={candidate_key(*chosen): choice.score},
         seconds=round(time.perf_counter() - start, 2),
     )

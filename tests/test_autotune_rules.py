@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from gradfix.methods.adaptive import choice_grid
 from gradfix.methods.autotune import (
     DEFAULT_ALPHAS,
+    GROWN_ALPHAS,
     NAIVE,
     FoldScores,
     choose_on_shots,
@@ -169,9 +170,11 @@ def test_the_default_grid_has_small_steps_and_a_finer_grid_costs_no_more_votes()
             return nn.functional.cross_entropy(m(batch["x"]), batch["y"], reduction="none")
 
         scores = score_on_shots(model, tau, shots, [y for _, y in shots], collate, loss, (0.0, NAIVE), grid)
-        assert len(scores.losses) == 2 * len(grid) and len(scores.base) == 2
+        scored = len(grid) + (len(GROWN_ALPHAS) if grid == DEFAULT_ALPHAS else 0)  # the larger steps too
+        assert len(scores.losses) == 2 * scored and len(scores.base) == 2
         return calls["grad"], calls["eval"]
 
     coarse, fine = counted((0.0, 0.5, 1.0)), counted(DEFAULT_ALPHAS)
     assert coarse[0] == fine[0] > 0  # the votes: the same per fold whatever the grid
-    assert coarse[1] == 2 * (1 + 2 * 3) and fine[1] == 2 * (1 + 2 * len(DEFAULT_ALPHAS))  # one pass each
+    scored = len(DEFAULT_ALPHAS) + len(GROWN_ALPHAS)
+    assert coarse[1] == 2 * (1 + 2 * 3) and fine[1] == 2 * (1 + 2 * scored)  # one pass each

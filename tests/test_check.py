@@ -258,12 +258,16 @@ def test_a_permutation_wins_over_a_small_clear_agreement() -> None:
     lines up), far above after re-basin. Re-basin is tried (not strong) and the verdict is the
     permutation; a strong direct agreement needs no re-basin, and an equal one after it is no
     permutation."""
-    small = _agreement(0.5066, se=0.0008, chance=0.5002, sd=0.0004)  # the permuted MiniLM release
+    permuted = _agreement(0.5066, se=0.0008, chance=0.5002, sd=0.0004)  # the permuted MiniLM release
+    assert not permuted.clear and permuted.z > 3  # many sds above chance, under 1 point
+    small = _agreement(0.5130, se=0.0008, chance=0.5002, sd=0.0004)
     assert small.clear and not small.strong
     after = _agreement(0.540, se=0.004, chance=0.5002, sd=0.0004)
-    verdict = decide(CheckStatistics(small, -0.1, aligned=after))
-    assert (verdict.verdict, verdict.recommended_method) == ("permutation", "transfusion")
+    for direct in (permuted, small):
+        verdict = decide(CheckStatistics(direct, -0.1, aligned=after))
+        assert (verdict.verdict, verdict.recommended_method) == ("permutation", "transfusion")
     assert decide(CheckStatistics(small, -0.1)).verdict == "transfers"  # re-basin not tried
+    assert decide(CheckStatistics(permuted, -0.1)).verdict == "weak"
     strong = _agreement(0.540, se=0.004, chance=0.5002, sd=0.0004)
     assert strong.strong
     same = decide(

@@ -18,7 +18,7 @@ from typing import Any
 
 from gradfix.cli.config import flag_of
 from gradfix.cli.fields import Option, command_options
-from gradfix.methods.autotune import DEFAULT_ALPHAS, DEFAULT_THRESHOLDS
+from gradfix.methods.autotune import DEFAULT_ALPHAS, DEFAULT_THRESHOLDS, GROWN_ALPHAS
 from gradfix.settings import DEFAULT_MAX_LENGTH, DEFAULT_METHOD, DEFAULT_THRESHOLD
 
 Handler = Callable[[argparse.Namespace], Any]
@@ -267,7 +267,8 @@ def add_transport_parser(sub: Any, handler: Handler) -> None:
         metavar="T",
     )
     add_option(c, "transport", "alphas",
-         f"α values to try with --alpha auto (default {listed(DEFAULT_ALPHAS)}; 0 keeps B unchanged)",
+         f"α values to try with --alpha auto (default {listed(DEFAULT_ALPHAS)}, and "
+         f"{listed(GROWN_ALPHAS)} when {max(DEFAULT_ALPHAS):g} wins; 0 keeps B unchanged)",
          metavar="A")  # fmt: skip
     add_option(
         c,

@@ -156,7 +156,9 @@ def choose(
             with swapped_weights(model, update, alpha):
                 return recipe.accuracy(model, examples, batch_size=settings.batch_size)
 
-        choice = choose_on_validation(local, local_votes, score, plan.thresholds, plan.alphas, unvoted)
+        choice = choose_on_validation(
+            local, local_votes, score, plan.thresholds, plan.alphas, unvoted, plan.grown
+        )
     else:
         assert shots is not None
         # a tensor that one fold's shots leave without gradient is a gap of that fold, not of the
@@ -176,6 +178,7 @@ def choose(
             unvoted=fold_unvoted,
             engine=settings.engine,
             correct=correct_predictions(recipe),
+            grown=plan.grown,
         )
     if not math.isfinite(choice.score):
         raise GradfixError(

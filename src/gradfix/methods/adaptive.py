@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gradfix.errors import ConfigError
-from gradfix.methods.autotune import DEFAULT_ALPHAS, DEFAULT_THRESHOLDS, NAIVE, gate_mask
+from gradfix.methods.autotune import DEFAULT_ALPHAS, DEFAULT_THRESHOLDS, GROWN_ALPHAS, NAIVE, gate_mask
 from gradfix.methods.registry import AUTO, Method, fixed_alpha, is_auto, register_method
 from gradfix.settings import MaskSettings
 
@@ -52,6 +52,9 @@ class ChoicePlan:
 
     thresholds: list[float]
     alphas: list[float]
+    grown: tuple[float, ...] = ()
+    """Larger α tried when the grid's largest wins (the default grid's :data:`GROWN_ALPHAS`; none
+    for a grid the user gave)."""
     validation: str | None = None
     examples: list[Any] | None = None
 
@@ -127,7 +130,8 @@ def choice_grid(method: Method, masking: MaskSettings) -> ChoicePlan | None:
         raise ConfigError("--thresholds needs at least one value")
     if not alphas:
         raise ConfigError("--alphas needs at least one value")
-    return ChoicePlan(list(dict.fromkeys(thresholds)), list(dict.fromkeys(alphas)))
+    grown = GROWN_ALPHAS if auto and masking.alphas is None else ()
+    return ChoicePlan(list(dict.fromkeys(thresholds)), list(dict.fromkeys(alphas)), grown)
 
 
 __all__ = ["Adaptive", "ChoicePlan", "choice_grid", "gate_mask", "grid_value"]

@@ -14,15 +14,16 @@ Two sources of evidence, as a user has them:
 A candidate's threshold ``t`` is the vote-margin gate's (:func:`gradfix.ops.masks.vote_margin_gate`):
 ``t = 0`` is GradFix's agreement mask and ``t > 1`` (:data:`NAIVE`) is naive addition.
 Ties go to the earlier candidate, so order candidates from the most to the least conservative.
+When the default α grid's largest value (2) wins, both choices also try the larger steps
+:data:`~gradfix.methods.candidates.GROWN_ALPHAS` (3 … 8): far from A the useful step can be larger.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,59 +31,25 @@ from torch import Tensor, nn
 
 from gradfix.errors import ConfigError
 from gradfix.masking import mask_task_vector
-from gradfix.methods.shot_rules import (
-    DEFAULT_MARGIN,
-    DEFAULT_RULE,
-    RULES,
-    Candidate,
-    best_bound,
-    lowest,
-    no_harm,
-    one_standard_error,
+from gradfix.methods.candidates import (
+    DEFAULT_ALPHAS,
+    DEFAULT_THRESHOLDS,
+    GROWN_ALPHAS,
+    NAIVE,
+    Choice,
+    candidate_key,
+    check_grid,
+    larger_steps,
+    top_wins,
 )
+from gradfix.methods.fold_scores import FoldScores
+from gradfix.methods.shot_rules import DEFAULT_MARGIN, DEFAULT_RULE, RULES
 from gradfix.settings import Engine
 from gradfix.task_vector import TaskVector, apply_tensor
 from gradfix.votes import SignVotes, estimate_signs
 
-NAIVE = 2.0
-"""A gate threshold above 1: no coordinate is ever dropped (naive addition ``θ_B + α τ_A``)."""
-
-DEFAULT_ALPHAS: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 1.5, 2.0)
-"""α grid: 0 keeps the target unchanged; 0.02 … 0.2 are small steps (a ratio of 2 to 2.5 between
-neighbours: where B and A share no coordinates the useful α is a small step along B's own
-descent signs), 0.5 … 2 the full-size transports (α = 1 is τ_A as fine-tuned, up to 2 as in the
-paper's sweep). Every candidate costs one forward pass over the held-out shots per fold."""
-DEFAULT_THRESHOLDS: tuple[float, ...] = (0.0, 0.2, 0.4, NAIVE)
-
 Score = Callable[[TaskVector, float], float]
 """``score(update, α)``: higher is better (e.g. accuracy of ``θ_B + α · update`` on validation)."""
-
-
-@dataclass(frozen=True)
-class Choice:
-    """The chosen ``(threshold, α)``, its score, and every candidate's score (for the record)."""
-
-    threshold: float
-    alpha: float
-    score: float
-    scores: dict[str, float] = field(default_factory=dict)
-    source: str = "validation"
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready record."""
-        return {
-            "threshold": self.threshold,
-            "alpha": self.alpha,
-            "score": self.score,
-            "source": self.source,
-            "scores": dict(self.scores),
-        }
-
-
-def candidate_key(threshold: float, alpha: float) -> str:
-    """The record key of one candidate, e.g. ``"t=0.2,a=1"`` (``t=naive`` above 1)."""
-    t = "naive" if threshold > 1 else f"{threshold:g}"
-    return f"t={t},a={alpha:g}"
 
 
 def gate_mask(threshold: float) -> str:
@@ -109,19 +76,36 @@ def choose_on_validation(
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     unvoted: str = "error",
+    grown: Sequence[float] | None = None,
 ) -> Choice:
-    """The candidate ``(t, α)`` with the highest ``score(m_t ⊙ τ_A, α)`` (earlier wins ties)."""
-    _check_grid(thresholds, alphas)
+    """The candidate ``(t, α)`` with the highest ``score(m_t ⊙ τ_A, α)`` (earlier wins ties).
+
+    When the best α is the grid's largest, every threshold is also scored at the larger steps
+    ``grown`` (those above the grid; by default :data:`GROWN_ALPHAS` for the default grid and
+    none for another, see :func:`larger_steps`) and the best of all is kept.
+    """
+    check_grid(thresholds, alphas)
     scores: dict[str, float] = {}
-    best: tuple[float, float, float] | None = None
-    for t in thresholds:
-        update = gated(tau, votes, t, unvoted)
-        for alpha in alphas:
-            value = float(score(update, alpha))
-            scores[candidate_key(t, alpha)] = value
-            if best is None or value > best[0]:
-                best = (value, t, alpha)
-    assert best is not None
+
+    def best_of(grid: Sequence[float]) -> tuple[float, float, float]:
+        best: tuple[float, float, float] | None = None
+        for t in thresholds:  # one masked update alive at a time (memory of a large model)
+            missing = [a for a in grid if candidate_key(t, a) not in scores]
+            if missing:
+                update = gated(tau, votes, t, unvoted)
+                for alpha in missing:
+                    scores[candidate_key(t, alpha)] = float(score(update, alpha))
+            for alpha in grid:
+                key = candidate_key(t, alpha)
+                if best is None or scores[key] > best[0]:
+                    best = (scores[key], t, alpha)
+        assert best is not None
+        return best
+
+    best = best_of(alphas)
+    larger = larger_steps(alphas, grown)
+    if larger and top_wins(best[2], alphas):
+        best = best_of([*alphas, *larger])
     return Choice(best[1], best[2], best[0], scores, "validation")
 
 
@@ -218,6 +202,7 @@ def score_on_shots(
     unvoted: str = "error",
     engine: Engine = "auto",
     correct: Callable[[nn.Module, Any], Tensor] | None = None,
+    grown: Sequence[float] | None = None,
 ) -> FoldScores:
     """The held-out evidence of every candidate ``(t, α)``, by ``folds``-fold cross-validation.
 
@@ -227,12 +212,15 @@ def score_on_shots(
     adds only a forward pass over the held-out shots, so a finer α grid stays cheap.
     ``correct(model, batch)`` (optional, 1/0 per sample) adds the held-out hits for the accuracy
     guard. The model's weights are unchanged afterwards; only parameters with ``requires_grad`` vote.
+    The larger steps ``grown`` (:func:`larger_steps`) are scored too; a rule considers them only
+    when the grid's largest α wins (:meth:`FoldScores.choose`).
     """
-    _check_grid(thresholds, alphas)
+    check_grid(thresholds, alphas)
+    scored = [*alphas, *larger_steps(alphas, grown)]
     if len(shots) != len(labels):
         raise ConfigError(f"{len(shots)} shots but {len(labels)} labels")
     theta = {n: p.detach().clone() for n, p in model.named_parameters() if n in tau}
-    scores = FoldScores()
+    scores = FoldScores(grid=tuple(alphas))
     needs_votes = any(t <= 1 for t in thresholds)
     for index, held in enumerate(shot_folds(labels, folds, seed)):
         held_set = set(held)
@@ -251,7 +239,7 @@ def score_on_shots(
         for t in thresholds:
             update = gated(tau, votes, t, unvoted) if (votes is not None or t > 1) else TaskVector(dict(tau))
             scores.norms.setdefault(t, []).append(_norm(update))
-            for alpha in alphas:
+            for alpha in scored:
                 scores.losses.setdefault((t, alpha), []).append(
                     evaluate(model, theta, update, alpha, batch, loss_fn)
                 )
@@ -278,6 +266,7 @@ def choose_on_shots(
     rule: str = DEFAULT_RULE,
     correct: Callable[[nn.Module, Any], Tensor] | None = None,
     margin: float = DEFAULT_MARGIN,
+    grown: Sequence[float] | None = None,
 ) -> Choice:
     """Choose ``(t, α)`` from the shots alone: :func:`score_on_shots`, then ``rule``.
 
@@ -297,79 +286,51 @@ def choose_on_shots(
     below B's own is never chosen (B itself always qualifies).
 
     The model's weights are unchanged afterwards. ``score`` in the result is ``−L`` of the chosen
-    candidate (higher is better, as for validation).
+    candidate (higher is better, as for validation). When the grid's largest α wins, the rule
+    chooses again among the grid and the larger steps ``grown``.
     """
     if rule not in RULES:
         raise ConfigError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
     scores = score_on_shots(
-        model, tau, shots, labels, collate, loss_fn, thresholds, alphas, folds, seed, unvoted, engine, correct
+        model,
+        tau,
+        shots,
+        labels,
+        collate,
+        loss_fn,
+        thresholds,
+        alphas,
+        folds,
+        seed,
+        unvoted,
+        engine,
+        correct,
+        grown,
     )
     return scores.choose(rule, margin)
-
-
-@dataclass
-class FoldScores:
-    """Held-out per-sample losses (and hits) of every candidate ``(t, α)`` and of B, per fold."""
-
-    losses: dict[Candidate, list[Tensor]] = field(default_factory=dict)
-    hits: dict[Candidate, list[Tensor]] = field(default_factory=dict)
-    base: list[Tensor] = field(default_factory=list)
-    base_hits: list[Tensor] = field(default_factory=list)
-    fold: list[Tensor] = field(default_factory=list)
-    norms: dict[float, list[float]] = field(default_factory=dict)
-
-    def allowed(self) -> list[Candidate]:
-        """The candidates at least as accurate as B on the held-out shots (all without hits)."""
-        if not self.hits:
-            return list(self.losses)
-        accuracy = {key: float(torch.cat(parts).mean()) for key, parts in self.hits.items()}
-        floor = float(torch.cat(self.base_hits).mean())
-        allowed = [key for key in self.losses if accuracy[key] >= floor - 1e-12]
-        # α = 0 not in the grid and every candidate below B: the least harmful
-        return allowed or [max(accuracy, key=lambda k: accuracy[k])]
-
-    def choose(self, rule: str = DEFAULT_RULE, margin: float = DEFAULT_MARGIN) -> Choice:
-        """The candidate of ``rule`` (see :func:`choose_on_shots`) as a :class:`Choice`."""
-        if rule not in RULES:
-            raise ConfigError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
-        per_sample = {key: torch.cat(parts) for key, parts in self.losses.items()}
-        base, folds = torch.cat(self.base), torch.cat(self.fold)
-        allowed = self.allowed()
-        chosen: Candidate | None
-        if rule == "min":
-            chosen = lowest(per_sample, allowed)
-        elif rule == "one-se":
-            chosen = one_standard_error(per_sample, allowed, self._size)
-        else:
-            chosen = no_harm(per_sample, base, folds, allowed, margin)
-        mean = {key: -_finite_mean(v) for key, v in per_sample.items()}
-        scores = {candidate_key(t, a): v for (t, a), v in mean.items()}
-        source = f"{len(self.base)}-fold shots, {rule} rule"
-        if chosen is None:  # B unchanged where the grid allows it, else the best lower bound
-            kept = [key for key in self.losses if key[1] == 0]
-            chosen = kept[0] if kept else best_bound(per_sample, base, folds, allowed, margin)
-        return Choice(chosen[0], chosen[1], mean[chosen], scores, source)
-
-    def _size(self, key: Candidate) -> float:
-        norms = self.norms[key[0]]
-        return abs(key[1]) * sum(norms) / len(norms)
-
-
-def _finite_mean(values: Tensor) -> float:
-    return float(values.mean()) if bool(torch.isfinite(values).all()) else math.inf
 
 
 def _norm(update: Mapping[str, Tensor]) -> float:
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in update.values()))
 
 
-def _check_grid(thresholds: Iterable[float], alphas: Iterable[float]) -> None:
-    thresholds, alphas = list(thresholds), list(alphas)
-    if not thresholds or not alphas:
-        raise ConfigError("the candidate grid needs at least one threshold and one α")
-    bad = [t for t in thresholds if not math.isfinite(t) or t < 0]
-    if bad:
-        raise ConfigError(f"gate thresholds must be finite and ≥ 0, got {bad}")
-    bad = [a for a in alphas if not math.isfinite(a)]
-    if bad:
-        raise ConfigError(f"α values must be finite, got {bad}")
+__all__ = [
+    "DEFAULT_ALPHAS",
+    "DEFAULT_THRESHOLDS",
+    "GROWN_ALPHAS",
+    "NAIVE",
+    "Choice",
+    "FoldScores",
+    "candidate_key",
+    "choose_on_shots",
+    "choose_on_validation",
+    "evaluate",
+    "gate_mask",
+    "gated",
+    "larger_steps",
+    "mean_loss",
+    "score_on_shots",
+    "shot_folds",
+    "swapped_weights",
+    "top_wins",
+]
