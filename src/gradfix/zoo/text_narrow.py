@@ -120,10 +120,11 @@ def unit_variances(
     finally:
         for handle in handles:
             handle.remove()
-    out = {}
+    out: dict[str, Tensor] = {}
     for space, group in sites.items():
         count = sum(float(moments[s][0]) for s in group)
-        out[space] = sum(moments[s][2] - moments[s][1].pow(2) / moments[s][0] for s in group) / count
+        centred = [moments[s][2] - moments[s][1].pow(2) / moments[s][0] for s in group]
+        out[space] = torch.stack(centred).sum(0) / count
     return out
 
 
