@@ -88,8 +88,8 @@ def test_selection_keeps_the_units_and_whole_heads_of_largest_variance(tiny_a: P
 
 def test_narrow_init_is_a_restriction_of_a_and_deterministic(tiny_a: Path) -> None:
     model_a, tokenizer = load_encoder(tiny_a)
-    model_b, record = narrow_init(model_a, tokenizer, TEXTS, SHAPE, max_length=16)
-    again, _ = narrow_init(model_a, tokenizer, TEXTS, SHAPE, max_length=16)
+    model_b, record, residual_map = narrow_init(model_a, tokenizer, TEXTS, SHAPE, max_length=16)
+    again, _, _ = narrow_init(model_a, tokenizer, TEXTS, SHAPE, max_length=16)
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
     assert all(torch.equal(t, again.state_dict()[n]) for n, t in sd_b.items())
     assert sd_b["embeddings.word_embeddings.weight"].shape == (
@@ -101,6 +101,7 @@ def test_narrow_init_is_a_restriction_of_a_and_deterministic(tiny_a: Path) -> No
     ffn = top_units(variances["layer.0.ffn"], 32)
     w_a = sd_a["encoder.layer.0.intermediate.dense.weight"]
     assert torch.equal(sd_b["encoder.layer.0.intermediate.dense.weight"], w_a[ffn][:, residual])
+    assert residual_map.nonzero()[:, 0].tolist() == residual.tolist()
     assert len(record["kept_heads"]["layer.0"]) == 2 and 0 < record["kept_variance_share"]["residual"] < 1
     with pytest.raises(ConfigError, match="head size"):
         narrow_init(model_a, tokenizer, TEXTS, NarrowShape(hidden=12, heads=2, intermediate=32))
@@ -125,9 +126,15 @@ def test_narrow_model_loads_in_transformers_with_its_own_widths(tiny_a: Path, tm
 
 def test_distillation_lowers_the_distillation_loss(tiny_a: Path) -> None:
     model_a, tokenizer = load_encoder(tiny_a)
-    model_b, _ = narrow_init(model_a, tokenizer, TEXTS, SHAPE, max_length=16)
+    model_b, _, projection = narrow_init(model_a, tokenizer, TEXTS, SHAPE, max_length=16)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # start away from the target: the restriction of A is already close to it
+        for name, param in model_b.named_parameters():
+            if name.startswith("encoder.") and name.endswith("weight") and param.dim() == 2:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.5)
     word_embeddings = model_b.embeddings.word_embeddings.weight.detach().clone()
-    targets, _ = distillation_targets(model_a, tokenizer, TEXTS, 16, max_length=16)
+    targets, energy = distillation_targets(model_a, tokenizer, TEXTS, projection, max_length=16)
+    assert 0 < energy < 1
 
     def loss() -> float:
         model_b.eval()
@@ -139,7 +146,7 @@ def test_distillation_lowers_the_distillation_loss(tiny_a: Path) -> None:
 
     before = loss()
     settings = TrainSettings(steps=30, lr=3e-3, batch_size=len(TEXTS), weight_decay=0.0, seed=3)
-    record = distill(model_b, model_a, tokenizer, TEXTS, settings, max_length=16, progress=False)
+    record = distill(model_b, model_a, tokenizer, TEXTS, settings, projection, max_length=16, progress=False)
     assert loss() < 0.5 * before, (before, loss())
     assert record["relative_change"] > 0 and record["texts_drawn"] == len(TEXTS)
     assert torch.equal(model_b.embeddings.word_embeddings.weight, word_embeddings)  # frozen

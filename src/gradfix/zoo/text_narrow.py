@@ -19,11 +19,11 @@ How B is made (:func:`narrow_init`, then :func:`distill`), all on Python's docst
    about what they carry. B's weights are A's restricted to the kept units
    (``W_B = T_outᵀ W_A T_in`` with 0/1 selection maps, :func:`~gradfix.methods.theseus.apply_transforms`).
 2. **Distillation.** B is trained to reproduce A's mean-pooled sentence embeddings through a
-   fixed linear projection ``P`` (``384 × 256``, orthonormal columns): the top principal
-   directions (uncentred) of A's normalised embeddings of the training texts, so ``Pᵀ e_A`` keeps
-   as much of A's geometry as 256 dimensions can and cosines in B's space approximate A's. The
-   loss is ``1 − cos(e_B, Pᵀ e_A)`` (the zero-shot head reads cosines); every parameter but the
-   word embeddings and the pooler is trained (as for the other releases), with dropout.
+   fixed linear projection ``P`` (``384 × 256``): the residual stream's selection map, so the
+   target of a text is A's normalised embedding restricted to the kept dimensions (about 90 % of
+   its energy on the docstrings) and B starts close to it. The loss is ``1 − cos(e_B, Pᵀ e_A)``
+   (the zero-shot head reads cosines); every parameter but the word embeddings and the pooler is
+   trained (as for the other releases), with dropout.
 
 The data, A and A's fine-tunes are ``text-release-short``'s own cache entries; B's fine-tunes are
 B fine-tuned on each task like every other B (the upper bound).
@@ -73,11 +73,11 @@ class NarrowShape:
 
 
 NARROW = NarrowShape()
-VARIANCE_TEXTS = 512
+VARIANCE_TEXTS = 256
 """Docstring paragraphs on which A's unit variances are measured (the first ones of the corpus)."""
 MAX_LENGTH = 32
 """Tokens per docstring paragraph for the variances and the distillation."""
-DISTILL = TrainSettings(steps=240, lr=2e-4, batch_size=32, weight_decay=0.01, seed=3)
+DISTILL = TrainSettings(steps=50, lr=2e-4, batch_size=32, weight_decay=0.01, seed=3)
 """The published distillation (steps, learning rate, batch, seed)."""
 
 
@@ -181,11 +181,12 @@ def narrow_init(
     texts: Sequence[str],
     shape: NarrowShape = NARROW,
     max_length: int = MAX_LENGTH,
-) -> tuple[nn.Module, dict[str, Any]]:
+) -> tuple[nn.Module, dict[str, Any], Tensor]:
     """B of ``shape`` holding A's weights restricted to A's units of largest variance on ``texts``.
 
-    Returns B (same class and configuration as A but the widths) and what to record: the kept
-    heads per layer and the share of each space's variance the kept units hold.
+    Returns B (same class and configuration as A but the widths), what to record (the kept heads
+    per layer, the share of each space's variance the kept units hold) and the residual stream's
+    selection map ``[d_A, d_B]`` (the distillation's projection).
     """
     config = copy.deepcopy(cast(Any, model_a).config)
     head_size = config.hidden_size // config.num_attention_heads
@@ -211,7 +212,8 @@ def narrow_init(
         for g in maps
         if g.endswith(".qk")
     }
-    return model_b.eval(), {"kept_heads": heads, "kept_variance_share": kept_share}
+    record = {"kept_heads": heads, "kept_variance_share": kept_share}
+    return model_b.eval(), record, maps["residual"].float()
 
 
 def _embed_raw(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
@@ -231,34 +233,20 @@ def teacher_embeddings(
     return torch.cat(rows)
 
 
-def embedding_projection(embeddings: Tensor, width: int) -> tuple[Tensor, float]:
-    """``P [d_A, width]`` (orthonormal columns): the top right singular vectors of ``embeddings``.
-
-    Signs are fixed (each column's largest entry in absolute value is positive) so the map does not
-    depend on the SVD routine; with fewer embeddings than ``width`` the last columns are zero.
-    Returns ``P`` and the share of the embeddings' energy it keeps.
-    """
-    _, values, vh = torch.linalg.svd(embeddings.double(), full_matrices=False)
-    p = F.pad(vh[:width].T, (0, max(width - len(vh), 0)))
-    signs = torch.sign(p.gather(0, p.abs().argmax(0, keepdim=True))).clamp(min=0) * 2 - 1
-    energy = float(values[:width].pow(2).sum() / values.pow(2).sum())
-    return (p * signs).float(), energy
-
-
 def distillation_loss(student: Tensor, target: Tensor) -> Tensor:
     """``1 − cos(e_B, Pᵀ e_A)`` per text, averaged."""
     return (1.0 - F.cosine_similarity(student, target, dim=-1)).mean()
 
 
 def distillation_targets(
-    model_a: nn.Module, tokenizer: Any, texts: Sequence[str], width: int, max_length: int = MAX_LENGTH
+    model_a: nn.Module, tokenizer: Any, texts: Sequence[str], projection: Tensor, max_length: int = MAX_LENGTH
 ) -> tuple[Tensor, float]:
-    """``Pᵀ e_A`` for each text ``[N, width]`` and the share of energy ``P`` keeps
-    (:func:`teacher_embeddings`, :func:`embedding_projection` of those embeddings)."""
+    """``Pᵀ e_A`` for each text ``[N, d_B]`` (:func:`teacher_embeddings`) and the share of the
+    embeddings' energy ``P`` keeps."""
     with quiet_hf():
         embeddings = teacher_embeddings(model_a, tokenizer, texts, max_length)
-    projection, energy = embedding_projection(embeddings, width)
-    return embeddings @ projection, energy
+    targets = embeddings @ projection
+    return targets, float(targets.pow(2).sum() / embeddings.pow(2).sum())
 
 
 def distill(
@@ -267,21 +255,22 @@ def distill(
     tokenizer: Any,
     texts: Sequence[str],
     settings: TrainSettings,
+    projection: Tensor,
     max_length: int = MAX_LENGTH,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train ``model_b`` to reproduce ``model_a``'s embeddings of ``texts`` through a fixed ``P``.
+    """Train ``model_b`` to reproduce ``model_a``'s embeddings of ``texts`` through a fixed ``P``
+    (``projection``, ``[d_A, d_B]``).
 
-    The texts a run draws (seeded batches) are embedded by A once and ``P`` comes from them
-    (:func:`distillation_targets`). Word embeddings and pooler stay frozen. Returns the training
-    record with the loss on the first batch before training (eval mode), ``P``'s energy share and
-    B's relative change from its initialisation.
+    The texts a run draws (seeded batches) are embedded by A once (:func:`distillation_targets`).
+    Word embeddings and pooler stay frozen. Returns the training record with the loss on the
+    first batch before training (eval mode), ``P``'s energy share and B's relative change.
     """
     draws = seeded_batches(list(range(len(texts))), settings.batch_size, settings.seed)
     plan = [next(draws) for _ in range(settings.steps)]
     used = sorted({i for chunk in plan for i in chunk})
-    width = int(cast(Any, model_b).config.hidden_size)
-    projected, energy = distillation_targets(model_a, tokenizer, [texts[i] for i in used], width, max_length)
+    chosen = [texts[i] for i in used]
+    projected, energy = distillation_targets(model_a, tokenizer, chosen, projection, max_length)
     targets = dict(zip(used, projected, strict=True))
     params = []
     for name, param in model_b.named_parameters():
@@ -317,8 +306,8 @@ def write_narrow(
     """
     with quiet_hf():
         model_a, tokenizer = load_encoder(base)
-        model_b, record = narrow_init(model_a, tokenizer, texts[:VARIANCE_TEXTS], shape)
-    record.update(distill(model_b, model_a, tokenizer, texts, settings, progress=progress))
+        model_b, record, residual = narrow_init(model_a, tokenizer, texts[:VARIANCE_TEXTS], shape)
+    record.update(distill(model_b, model_a, tokenizer, texts, settings, residual, progress=progress))
     with quiet_hf():
         save_encoder(model_b, base, out)
     pooling = out / POOLING_CONFIG
@@ -352,8 +341,8 @@ def narrow_scenario(
         "method": (
             "initialised from A by keeping, per space of the BERT spec, the units (whole heads for "
             "attention) of largest activation variance on the first docstring paragraphs; then "
-            "distilled: 1 - cos(mean-pooled B, P^T mean-pooled normalised A), P the top principal "
-            "directions of A's embeddings of the drawn texts (fixed); word embeddings and pooler frozen"
+            "distilled: 1 - cos(mean-pooled B, P^T mean-pooled normalised A), P the residual stream's "
+            "selection map (fixed); word embeddings and pooler frozen"
         ),
         "shape": shape.to_dict(),
         "variance_texts": VARIANCE_TEXTS,
