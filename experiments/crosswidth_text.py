@@ -70,10 +70,11 @@ def _encoder_only(model: torch.nn.Module, batch: Any) -> Any:
 class Measure:
     """Rows of one task: every update measured on the environment, α on validation."""
 
-    def __init__(self, env: TextEnv, alphas: Sequence[float]):
-        self.env, self.alphas = env, tuple(alphas)
+    def __init__(self, env: TextEnv, alphas: Sequence[float], saved: Callable[[], None] = lambda: None):
+        self.env, self.alphas, self.saved = env, tuple(alphas), saved
         self.rows: list[dict[str, Any]] = []
         self.curves: list[dict[str, Any]] = []
+        self.cli: dict[str, Any] = {}
 
     def add(self, method: str, update: TaskVector | None, seconds: float | None, **fields: Any) -> dict:
         """Measure ``update`` (``None``: B itself; ``fields`` may fix ``alpha``) and keep its row."""
@@ -101,6 +102,7 @@ class Measure:
             f"{env.task:<10} {method:<36} {shown:<28} val {row['validation']:.3f} test {row['test']:.3f}",
             flush=True,
         )
+        self.saved()
         return row
 
 
@@ -116,12 +118,15 @@ def draw_texts(pool: int, n: int, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(pool), n))
 
 
-def run_task(view: Path, task: str, seeds: Sequence[int], alphas: Sequence[float]) -> tuple[Measure, dict]:
-    """Every row of ``task`` and what the CLI check needs (the seed-0 k = 5 shots, α and test)."""
+def run_task(
+    view: Path, task: str, seeds: Sequence[int], alphas: Sequence[float], measure_cli: bool, save: Callable
+) -> Measure:
+    """Every row of ``task`` (``save(measure)`` after each), the CLI check after the first seed."""
     env = TextEnv(view, task, scenario=SCENARIO)
     source = TextEnv(view, task, target="A", scenario=SCENARIO)
     model_a = source.model
     measure = Measure(env, alphas)
+    measure.saved = lambda: save(measure)
     measure.rows.append(Measure(source, alphas).add("fine-tuned A (source)", source.tau_a, None, alpha=1.0))
     measure.add("zero-shot B", None, None)
     measure.add("fine-tuned B", env.tau_b, None, alpha=1.0)
@@ -162,7 +167,11 @@ def run_task(view: Path, task: str, seeds: Sequence[int], alphas: Sequence[float
             indices = draw_texts(len(env.train), n, seed)
             tau, seconds = timed(lambda indices=indices: theseus(indices))
             measure.add(f"Theseus (activations, {n} texts)", tau, seconds, seed=seed, examples=n)
-    return measure, cli
+        if cli and measure_cli and not measure.cli:
+            measure.cli = cli_check(view, task, env, cli)
+            print(f"CLI check: library {measure.cli['library_test']:.4f}, CLI {measure.cli['cli_test']:.4f}")
+            save(measure)
+    return measure
 
 
 def gradfix_cli(*args: str) -> subprocess.CompletedProcess:
@@ -227,31 +236,29 @@ def main() -> None:
     scenario = get_scenario(SCENARIO)
     view = build_scenario(scenario, args.cache, tasks=args.tasks, progress=False)
     manifest = json.loads((view / "manifest.json").read_text(encoding="utf-8"))
-    rows: list[dict[str, Any]] = []
-    curves: list[dict[str, Any]] = []
-    cli: dict[str, Any] = {}
-    for task in args.tasks:
-        measure, check = run_task(view, task, args.seeds, args.alphas)
-        rows += measure.rows
-        curves += measure.curves
-        if check and not cli and not args.no_cli:
-            cli = cli_check(view, task, measure.env, check)
-            print(f"CLI check: library {cli['library_test']:.4f}, CLI {cli['cli_test']:.4f}", flush=True)
     out = Path(args.out) / f"crosswidth-{SCENARIO}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "experiment": "crosswidth",
-        "scenario": SCENARIO,
-        "caption": CAPTION,
-        "command": shlex.join(["python", *sys.argv]),
-        "alphas": list(args.alphas),
-        "B": manifest["entries"]["B"].get("details", {}),
-        "rows": rows,
-        "validation_by_alpha": curves,
-        "cli": cli,
-    }
-    out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"wrote {out} ({len(rows)} rows); wall time {time.perf_counter() - start:.0f} s")
+    done: list[Measure] = []
+
+    def save(current: Measure) -> None:  # after every row: an interrupted run keeps what it measured
+        measures = [*done, current]
+        record = {
+            "experiment": "crosswidth",
+            "scenario": SCENARIO,
+            "caption": CAPTION,
+            "command": shlex.join(["python", *sys.argv]),
+            "alphas": list(args.alphas),
+            "B": manifest["entries"]["B"].get("details", {}),
+            "rows": [row for m in measures for row in m.rows],
+            "validation_by_alpha": [curve for m in measures for curve in m.curves],
+            "cli": next((m.cli for m in measures if m.cli), {}),
+        }
+        out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    for task in args.tasks:
+        done.append(run_task(view, task, args.seeds, args.alphas, not args.no_cli and not done, save))
+    rows = sum(len(m.rows) for m in done)
+    print(f"wrote {out} ({rows} rows); wall time {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":
