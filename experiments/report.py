@@ -186,11 +186,14 @@ def simple_section(results: Sequence[dict[str, Any]], group: Sequence[str], note
 
 
 def crosswidth_section(results: Sequence[dict[str, Any]]) -> str:
-    """Transport across widths: methods × tasks (mean ± spread over seeds), α chosen on validation."""
+    """Transport across widths: methods × tasks (mean ± spread over seeds, and the share of the gap
+    between zero-shot and fine-tuned B it closes), α chosen on validation. A record's ``caption``
+    says what is carried onto what (default: the vision pair's)."""
     out = []
     for result in results:
         rows = [r for r in result["rows"] if "test" in r]
         tasks = list(dict.fromkeys(r["task"] for r in rows))
+        ends = {end: by_task(rows, end) for end in ("zero-shot B", "fine-tuned B")}
         body = []
         for name in method_order(rows):
             cells = by_task(rows, name)
@@ -199,20 +202,30 @@ def crosswidth_section(results: Sequence[dict[str, Any]]) -> str:
                 [
                     name,
                     *(cells[t].pct() if t in cells else "" for t in tasks),
+                    *(_gap(cells, ends, t) for t in tasks),
                     ", ".join(f"{a:g}" for a in alphas),
                 ]
             )
         settings = (
             f"centring {'on' if result.get('center') else 'off'}, whitening p = {result.get('whiten', 0)}"
         )
+        caption = result.get("caption", "a width-32 CNN's task vector onto a width-16 CNN")
         out += [
-            f"**{rows[0]['scenario']}**: a width-32 CNN's task vector onto a width-16 CNN (Theseus "
-            f"{settings}; α on validation from {result.get('alphas', '')})",
+            f"**{rows[0]['scenario']}**: {caption} (Theseus {settings}; α on validation from "
+            f"{result.get('alphas', '')})",
             "",
-            md_table(["method", *tasks, "α chosen"], body),
+            md_table(["method", *tasks, *(f"gap closed ({t})" for t in tasks), "α chosen"], body),
             "",
         ]
     return "\n".join(out)
+
+
+def _gap(cells: dict[str, Any], ends: dict[str, dict[str, Any]], task: str) -> str:
+    """``(test − zero-shot B) / (fine-tuned B − zero-shot B)`` of the mean, in percent."""
+    low, high = ends["zero-shot B"].get(task), ends["fine-tuned B"].get(task)
+    if task not in cells or low is None or high is None or high.mean == low.mean:
+        return ""
+    return f"{100 * (cells[task].mean - low.mean) / (high.mean - low.mean):.0f} %"
 
 
 def agreement_section(results: Sequence[dict[str, Any]], figures: Path) -> str:

@@ -12,6 +12,9 @@ Scenarios (``gradfix zoo list``):
   them an evaluation task: the analogue of an instruction-tuned release.
 - ``text-release-permuted``: the short release's B with every layer's attention heads and FFN
   units permuted (the same function, coordinates not aligned with A's); the same tasks.
+- ``text-narrow``: B = a narrower encoder (hidden 256, 8 heads, FFN 1024) initialised from A's
+  units of largest activation variance and distilled from A's sentence embeddings on the
+  docstrings: the cross-width text pair for Theseus.
 - ``vision-independent``: two small CNNs pre-trained here from different seeds on different
   halves of Fashion-MNIST; three image tasks (new Fashion-MNIST classes, MNIST, digits).
 - ``vision-widths``: the same A (width 32) and a B of width 16 pre-trained like the other B: the
@@ -65,6 +68,12 @@ def _permuted() -> Scenario:
     return permuted_scenario("text-release-permuted", "short")
 
 
+def _narrow() -> Scenario:
+    from gradfix.zoo.text_narrow import narrow_scenario
+
+    return narrow_scenario("text-narrow")
+
+
 def _vision() -> Scenario:
     from gradfix.zoo.vision import vision_scenario
 
@@ -83,6 +92,7 @@ SCENARIOS: dict[str, Callable[[], Scenario]] = {
     "text-release-far": _text("text-release-far", "far"),
     "text-release-instruct": _text("text-release-instruct", "instruct"),
     "text-release-permuted": _permuted,
+    "text-narrow": _narrow,
     "vision-independent": _vision,
     "vision-widths": _vision_widths,
 }
