@@ -48,9 +48,12 @@ share, since absolute accuracies are not comparable.
 What is real and what was built here (details in [scenarios.md](scenarios.md)):
 - **real**: all-MiniLM-L6-v2 (the text A), BBC News texts, Fashion-MNIST, MNIST digits, scikit-learn
   digits;
-- **built here**: every B (continued pre-training of MiniLM on Python docstrings, short and long;
-  two small CNNs pre-trained from different seeds on different halves of Fashion-MNIST; a narrower
-  CNN for the cross-width study), every task split, every fine-tune and every head.
+- **built here**: every B (MiniLM after continued pre-training on Python docstrings: short and
+  long contrastive, far masked-LM at a 10× learning rate; after supervised multitask training on
+  instruction-phrased docstring tasks (instruct); the short release with its units permuted; a
+  narrower MiniLM distilled from A; two small CNNs pre-trained from different seeds on different
+  halves of Fashion-MNIST; a narrower CNN for the cross-width study), every task split, every
+  fine-tune and every head.
 """
 
 
@@ -216,6 +219,7 @@ def crosswidth_section(results: Sequence[dict[str, Any]]) -> str:
             "",
             md_table(["method", *tasks, *(f"gap closed ({t})" for t in tasks), "α chosen"], body),
             "",
+            *([f"Status: {result['status']}.", ""] if result.get("status") else []),
         ]
     return "\n".join(out)
 
