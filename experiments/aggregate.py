@@ -128,12 +128,18 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def grid_grown(result: dict[str, Any]) -> bool:
+    """Whether ``result`` ran with the α grid that grows past 2 (a row tried or chose a larger α)."""
+    rows = result["rows"]
+    curves = [r["validation_by_alpha"] for r in rows if isinstance(r.get("validation_by_alpha"), dict)]
+    tried = (a for curve in curves for a in curve)
+    return any(float(a) > 2 for a in tried) or any(float(r.get("alpha") or 0) > 2 for r in rows)
+
+
 def grid_note(result: dict[str, Any]) -> str | None:
     """A note when ``result`` ran before the α grid grew past 2 and some of its rows chose 2."""
-    rows = [r for r in result["rows"] if isinstance(r.get("validation_by_alpha"), dict)]
-    grown = any(float(a) > 2 for r in rows for a in r["validation_by_alpha"])
     at_top = sum(r.get("alpha") == 2.0 for r in result["rows"])
-    if grown or not at_top:
+    if grid_grown(result) or not at_top:
         return None
     return (
         f"α grid up to 2 here (run before the grid grew past 2 when 2 wins): {at_top} row(s) chose "
