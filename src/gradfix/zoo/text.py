@@ -122,6 +122,18 @@ def _embed(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1)
 
 
+def release_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters a release trains: every one but the word embeddings and the pooler (frozen,
+    as in every release here); the others are set to require gradients, those two not."""
+    params = []
+    for name, param in model.named_parameters():
+        trainable = not (name.startswith("embeddings.word_embeddings") or name.startswith("pooler."))
+        param.requires_grad_(trainable)
+        if trainable:
+            params.append(param)
+    return params
+
+
 def continue_pretraining(
     base: str | Path,
     out: Path,
@@ -145,12 +157,7 @@ def continue_pretraining(
     """
     model, tokenizer = load_encoder(base)
     reference = {n: p.detach().clone() for n, p in model.named_parameters()}
-    params = []
-    for name, param in model.named_parameters():
-        trainable = not (name.startswith("embeddings.word_embeddings") or name.startswith("pooler."))
-        param.requires_grad_(trainable)
-        if trainable:
-            params.append(param)
+    params = release_parameters(model)
     batches = seeded_batches(list(texts), settings.batch_size, settings.seed)
     rng = random.Random(settings.seed)
 

@@ -41,6 +41,7 @@ from gradfix.zoo.text import (
     accuracy,
     load_encoder,
     relative_change,
+    release_parameters,
     save_encoder,
     zero_shot_recipe,
 )
@@ -319,12 +320,7 @@ def train_multitask(
     """
     model, tokenizer = load_encoder(base)
     reference = {n: p.detach().clone() for n, p in model.named_parameters()}
-    params = []
-    for name, param in model.named_parameters():
-        trainable = not (name.startswith("embeddings.word_embeddings") or name.startswith("pooler."))
-        param.requires_grad_(trainable)
-        if trainable:
-            params.append(param)
+    params = release_parameters(model)
     names = sorted(tasks)
     recipes, batches, validation = {}, {}, {}
     for i, name in enumerate(names):

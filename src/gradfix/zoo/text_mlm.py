@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from gradfix.errors import ConfigError
 from gradfix.recipes._hf import tokenize
-from gradfix.zoo.text import load_encoder, relative_change, save_encoder
+from gradfix.zoo.text import load_encoder, relative_change, release_parameters, save_encoder
 from gradfix.zoo.training import TrainSettings, seeded_batches, train
 
 MASK_FRACTION = 0.15
@@ -87,12 +87,7 @@ def continue_pretraining_mlm(
     """
     model, tokenizer = load_encoder(base)
     reference = {n: p.detach().clone() for n, p in model.named_parameters()}
-    params: list[nn.Parameter] = []
-    for name, param in model.named_parameters():
-        trainable = not (name.startswith("embeddings.word_embeddings") or name.startswith("pooler."))
-        param.requires_grad_(trainable)
-        if trainable:
-            params.append(param)
+    params = release_parameters(model)
     embeddings = getattr(model, "get_input_embeddings")()  # noqa: B009 (a method mypy cannot see on nn.Module)
     if not isinstance(embeddings, nn.Embedding):
         raise ConfigError(
