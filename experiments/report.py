@@ -14,7 +14,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import plots
 from aggregate import (
     average,
     by_task,
@@ -139,6 +138,8 @@ def skill_section(results: Sequence[dict[str, Any]]) -> str:
 
 def curves_section(results: Sequence[dict[str, Any]], figures: Path) -> str:
     """Mask strategies and estimators across α: the figure and the validation-chosen test accuracy."""
+    import plots  # matplotlib, only where a figure is drawn: the sections import without it
+
     out = []
     for result in results:
         name = plots.masks_figure(result, figures)
@@ -234,6 +235,8 @@ def _gap(cells: dict[str, Any], ends: dict[str, dict[str, Any]], task: str) -> s
 
 def agreement_section(results: Sequence[dict[str, Any]], figures: Path) -> str:
     """Per-layer sign agreement heatmaps and the overall shares."""
+    import plots
+
     out = []
     for result in results:
         name = plots.agreement_figure(result, figures)
@@ -320,6 +323,8 @@ def commands_section(raw: Path) -> str:
 
 
 def main() -> None:
+    import plots
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--raw", default="docs/results/raw")
     parser.add_argument("--out", default="docs/results.md")
