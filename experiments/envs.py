@@ -24,9 +24,9 @@ from gradfix.data import batched, load_examples
 from gradfix.methods.autotune import (
     DEFAULT_ALPHAS,
     DEFAULT_THRESHOLDS,
-    GROWN_ALPHAS,
     Choice,
     FoldScores,
+    larger_steps,
     score_on_shots,
     top_wins,
 )
@@ -36,8 +36,8 @@ from gradfix.zoo import vision as zv
 ALPHAS = DEFAULT_ALPHAS
 """The α grid of every sweep: the CLI's default (0 is the target unchanged, small steps 0.02 … 0.2,
 then 0.5 … 2 as in the reference code's sweep). Raw files made before it used 0, 0.25, 0.5, 1, 1.5,
-2, and those made before the grid grew (:data:`GROWN_ALPHAS`, tried when 2 wins) stop at 2 (their
-rows' ``validation_by_alpha`` keys say which)."""
+2, and those made before the grid grew (:data:`gradfix.methods.candidates.GROWN_ALPHAS`, tried
+when 2 wins) stop at 2 (their rows' ``validation_by_alpha`` keys say which)."""
 GATE_GRID = DEFAULT_THRESHOLDS
 """Gate thresholds of the adaptive choice: GradFix (0), two gates, naive addition."""
 TEXT_VALIDATION_CAP = 250
@@ -45,17 +45,23 @@ TEXT_VALIDATION_CAP = 250
 
 
 def best_on_validation(
-    validation: Callable[[float, float], float], thresholds: Sequence[float]
+    validation: Callable[[float, float], float],
+    thresholds: Sequence[float],
+    alphas: Sequence[float] = ALPHAS,
 ) -> tuple[float, float]:
     """The candidate ``(t, α)`` of the best ``validation(t, α)``, the earlier in grid order on a
-    tie; when the largest α of :data:`ALPHAS` wins, over :data:`GROWN_ALPHAS` too (as
-    :func:`gradfix.methods.autotune.choose_on_validation`)."""
-    keys = [(t, a) for t in thresholds for a in ALPHAS]
-    best = max(keys, key=lambda k: (validation(*k), -keys.index(k)))
-    if top_wins(best[1], ALPHAS):
-        keys = [(t, a) for t in thresholds for a in (*ALPHAS, *GROWN_ALPHAS)]
-        best = max(keys, key=lambda k: (validation(*k), -keys.index(k)))
-    return best
+    tie; when the grid's largest α wins, over the library's larger steps too
+    (:func:`gradfix.methods.autotune.larger_steps`, as its ``choose_on_validation`` does)."""
+
+    def best(grid: Sequence[float]) -> tuple[float, float]:
+        keys = [(t, a) for t in thresholds for a in grid]
+        return max(keys, key=lambda k: (validation(*k), -keys.index(k)))
+
+    chosen = best(alphas)
+    larger = larger_steps(alphas, None)
+    if larger and top_wins(chosen[1], alphas):
+        chosen = best([*alphas, *larger])
+    return chosen
 
 
 def draw_per_class(labels: Sequence[Any], k: int, seed: int) -> list[int]:
@@ -147,14 +153,16 @@ class TaskEnv:
 
     def sweep(self, update: Mapping[str, Tensor], alphas: Sequence[float] = ALPHAS) -> dict[str, Any]:
         """α chosen on validation (smallest on ties), then test accuracy at that α. When the
-        grid's largest α wins, the larger steps :data:`GROWN_ALPHAS` are tried too (as the
-        library's choice does)."""
+        grid's largest α wins, the larger steps are tried too (:func:`best_on_validation`)."""
         start = time.perf_counter()
-        val = {a: self.accuracy(update, a, "validation") for a in alphas}
-        alpha = max(alphas, key=lambda a: (val[a], -a))
-        if alphas == ALPHAS and top_wins(alpha, alphas):
-            val.update({a: self.accuracy(update, a, "validation") for a in GROWN_ALPHAS})
-            alpha = max(val, key=lambda a: (val[a], -a))
+        val: dict[float, float] = {}
+
+        def validation(t: float, a: float) -> float:
+            if a not in val:
+                val[a] = self.accuracy(update, a, "validation")
+            return val[a]
+
+        _, alpha = best_on_validation(validation, [0.0], alphas)
         return {
             "alpha": alpha,
             "validation": val[alpha],
