@@ -7,6 +7,7 @@ Every number on the page comes from the raw files; the commands that made them a
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from aggregate import (
     table1_rows,
 )
 from claims import borrow_references, claims_section, default_section, floors_section
+from cli_floors import cli_floors_section
 from estimator_table import estimators_section
 from verdict_table import verdicts_section
 
@@ -221,8 +223,33 @@ def crosswidth_section(results: Sequence[dict[str, Any]]) -> str:
             md_table(["method", *tasks, *(f"gap closed ({t})" for t in tasks), "α chosen"], body),
             "",
             *([f"Status: {result['status']}.", ""] if result.get("status") else []),
+            *_crosswidth_notes(result, rows),
         ]
     return "\n".join(out)
+
+
+def _crosswidth_notes(result: dict[str, Any], rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The cost of each Theseus row (mean seconds per draw) and the CLI check, when recorded."""
+    costs: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get("seconds") and "Theseus" in r["method"]:
+            costs.setdefault(label(r), []).append(float(r["seconds"]))
+    notes = []
+    if costs:
+        shown = "; ".join(f"{name} {sum(v) / len(v):.1f} s" for name, v in costs.items())
+        notes += [f"Cost per draw (mean wall time to build the transported τ, evaluation excluded): {shown}."]
+        notes.append("")
+    cli = result.get("cli")
+    if cli and "cli_test" in cli:
+        notes += [
+            f"From the CLI (seed {cli['seed']}, {cli['examples']} shots, α = {cli['alpha']:g}): "
+            f"`{re.sub(r'/tmp/[^ /]+/', '', cli['command'])}` then `gradfix eval`: "
+            f"test {100 * cli['cli_test']:.1f}, the library's "
+            f"{100 * cli['library_test']:.1f} on the same shots; the written weights differ from the "
+            f"library's by at most {cli['max_abs_weight_difference']:.4f}.",
+            "",
+        ]
+    return notes
 
 
 def _gap(cells: dict[str, Any], ends: dict[str, dict[str, Any]], task: str) -> str:
@@ -344,7 +371,7 @@ def main() -> None:
     if floors:
         parts += ["## A default that never harms: the floors", "", FLOORS_INTRO, ""]
         parts += [table1_section(r, f"{r['scenario']}: {r['experiment']}") + "\n" for r in floors]
-        parts += [floors_section(floors), ""]
+        parts += [floors_section(floors), "", cli_floors_section(raw, table1), ""]
     controls = load(raw, "controls-")
     if controls:
         parts += ["## What GradFix carries: the controls", "", CONTROLS_INTRO, ""]

@@ -1,0 +1,101 @@
+"""The floors of the default, measured through the installed command (``experiments/cli_default.sh``).
+
+``cli-default-<scenario>.txt`` holds one line per run of ``gradfix transport`` without
+``--validation`` (``k=2 seed=0 test_accuracy=0.8602 aligned_by=transfusion verdict=permutation
+t=2.0 alpha=2.0``); the references (zero-shot B, naive and GradFix with α on validation) come from
+the scenario's Table 1 run on the same shots. Unlike the library path of :mod:`autochoice`, the
+command follows ``gradfix check``'s verdict: on a permuted release it aligns ``τ_A`` by re-basin
+before it chooses t and α.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from aggregate import average, md_table, table1_rows
+
+NAIVE_THRESHOLD = 2.0
+"""The gate threshold the records write for naive addition (no coordinate dropped)."""
+
+
+def parse_runs(path: Path) -> tuple[str, list[dict[str, Any]]]:
+    """The command line and the runs of one ``cli-default-*.txt`` (``key=value`` fields per line)."""
+    command, runs = "", []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("command:"):
+            command = line.partition(":")[2].strip()
+        elif line.startswith("k="):
+            runs.append(dict(field.split("=", 1) for field in line.split()))
+    return command, runs
+
+
+def _mean(result: dict[str, Any], name: str) -> float | None:
+    s = average(table1_rows(result), name, list(result["tasks"]))
+    return s.mean if s else None
+
+
+def _shown(value: str | None) -> str:
+    """A record's value, ``none`` where it wrote nothing."""
+    return "none" if value in (None, "None") else value
+
+
+def _choice(run: dict[str, str]) -> str:
+    """``naive α=5``, ``gate t=0.4 α=1.5`` or ``B unchanged``."""
+    alpha = float(run["alpha"]) if run.get("alpha") not in (None, "None") else 0.0
+    if alpha == 0:
+        return "B unchanged"
+    t = float(run["t"]) if run.get("t") not in (None, "None") else 0.0
+    what = "naive" if t >= NAIVE_THRESHOLD else f"gate t={t:g}"
+    return f"{what} α={alpha:g}"
+
+
+def cli_floors_section(raw: Path, table1: Sequence[dict[str, Any]]) -> str:
+    """Per scenario and k: the command's test accuracy on each seed against the floors."""
+    by_scenario = {r["scenario"]: r for r in table1}
+    header = [
+        "scenario", "k", "default (CLI), per seed", "mean", "τ_A aligned by", "verdict", "choices",
+        "zero-shot B", "naive", "GradFix", "≥ zero-shot − 0.5", "≥ better − 1",
+    ]  # fmt: skip
+    table, commands = [], []
+    for path in sorted(raw.glob("cli-default-*.txt")):
+        scenario = path.stem.removeprefix("cli-default-")
+        command, runs = parse_runs(path)
+        reference = by_scenario.get(scenario)
+        if not runs or reference is None:
+            continue
+        commands.append(f"`{command} > docs/results/raw/{path.name}`")
+        zero, naive = _mean(reference, "zero-shot B"), _mean(reference, "naive")
+        for k in sorted({int(r["k"]) for r in runs}):
+            mine = [r for r in runs if int(r["k"]) == k]
+            accs = [float(r["test_accuracy"]) for r in mine]
+            mean, gradfix = statistics.fmean(accs), _mean(reference, f"GradFix k={k}")
+            better = max(v for v in (naive, gradfix) if v is not None) if naive is not None else None
+            table.append(
+                [
+                    scenario, str(k), " / ".join(f"{100 * a:.1f}" for a in accs), f"{100 * mean:.1f}",
+                    ", ".join(sorted({_shown(r.get("aligned_by")) for r in mine})),
+                    ", ".join(sorted({r.get("verdict", "None") for r in mine})),
+                    "; ".join(_choice(r) for r in mine),
+                    *(("n/a" if v is None else f"{100 * v:.1f}") for v in (zero, naive, gradfix)),
+                    "n/a" if zero is None else ("met" if mean >= zero - 0.005 else "**not met**"),
+                    "n/a" if better is None else ("met" if mean >= better - 0.01 else "**not met**"),
+                ]
+            )  # fmt: skip
+    if not table:
+        return ""
+    return "\n".join(
+        [
+            "**The default through the installed command.** `gradfix transport` without `--validation` "
+            "(the verdict of `gradfix check` first: on the permuted release τ_A is aligned by re-basin "
+            "before t and α are chosen), scored with `gradfix eval` on the test split; references from "
+            "the scenario's Table 1 run (α on validation, same shots). k = 1 is not run: the command "
+            "refuses to cross-validate one shot per class and asks for `--validation`.",
+            "",
+            md_table(header, table),
+            "",
+            *(f"- {c}" for c in commands),
+        ]
+    )
