@@ -42,14 +42,17 @@ def estimator_rows(result: dict[str, Any], defaults: Sequence[dict[str, Any]]) -
     if zero is None or top is None or naive is None or oracle is None:
         return []
     methods = ["GradFix", *sorted({r["method"] for r in rows if r["method"].startswith("estimator: ")})]
-    same_grid = [d for d in defaults if grid_grown(d) == grid_grown(result)]  # margins of one grid
-    default_rows = [r for d in same_grid for r in d["rows"] if r.get("task") in result["tasks"]]
+    if any(r["method"] == DEFAULT_ROW for r in rows):  # measured in this run: same build and grid
+        default_rows = rows
+    else:
+        same_grid = [d for d in defaults if grid_grown(d) == grid_grown(result)]  # margins of one grid
+        default_rows = [r for d in same_grid for r in d["rows"] if r.get("task") in result["tasks"]]
     if default_rows:
         methods.append(DEFAULT_ROW)
     out = []
     for method in methods:
         source = default_rows if method == DEFAULT_ROW else rows
-        for k in result["ks"]:
+        for k in [*result["ks"], *result.get("extra_ks", [])]:
             value = _mean(source, method, k)
             if value is None:
                 continue
@@ -95,6 +98,7 @@ def estimators_section(raw: Path) -> str:
                     "",
                 ]
                 if any(grid_grown(d) != grid_grown(result) for d in defaults)
+                and not any(r["method"] == DEFAULT_ROW for r in rows)
                 else []
             ),
             f"`{result['command']}`",

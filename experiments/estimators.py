@@ -10,7 +10,16 @@ measured with α chosen on validation, next to naive addition, the oracle mask a
   (labels dropped), labelled by the GradFix model of the shots (``θ_B + m ⊙ τ_A``, α = 1), vote;
 - ``confidence mask``: ``τ_A`` weighted by the share of agreeing votes (registered mask);
 - ``tensorwise certificate``: per tensor, ``τ_A`` whole where ``⟨−ḡ, τ_A⟩ > 0`` (a first-order
-  descent certificate), else the agreement mask (registered mask).
+  descent certificate), else the agreement mask (registered mask);
+- ``votes at the transported point``: the shots vote at ``θ_B + τ_A`` (naive addition, α = 1)
+  instead of at ``θ_B``: where τ_A has already moved B, which of its coordinates still point
+  downhill;
+- ``majority vote, many labelled shots`` (k = ``--many``, default 100 per class): GradFix's vote
+  with far more labelled examples than a user holds, a ceiling on what more shots can give the vote.
+
+Each draw also measures the shots-only default (``adaptive (shots, no-harm)``, as
+:mod:`autochoice` does it) on the same build and grid, so its share of the naive → oracle margin
+is read from this run alone.
 
 The shots are drawn by the same rule as Table 1's (``k`` per class, ``random.Random(seed)``).
 
@@ -33,11 +42,12 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from autochoice import task_rows
+from autochoice import shot_rows, task_rows
 from envs import TaskEnv, make_env, relative_drift
 from records import Recorder, scenario_view, setup
 
 from gradfix import SignVotes, TaskVector, mask_task_vector
+from gradfix.votes import estimate_signs
 
 ESTIMATORS = (
     "mean gradient",
@@ -45,7 +55,10 @@ ESTIMATORS = (
     "self-labelled votes",
     "confidence mask",
     "tensorwise certificate",
+    "votes at the transported point",
 )
+MANY = "majority vote, many labelled shots"
+"""Row name (after ``estimator: ``) of the vote with ``--many`` labelled shots per class."""
 """Row names of the estimators (the page prefixes them with ``estimator: ``)."""
 
 
@@ -122,7 +135,17 @@ def estimator_updates(
         ),
         ESTIMATORS[3]: mask_task_vector(env.tau_a, votes, "confidence"),
         ESTIMATORS[4]: mask_task_vector(env.tau_a, mean_votes, "tensorwise"),
+        ESTIMATORS[5]: mask_task_vector(env.tau_a, votes_at(env, shots, env.tau_a), "agreement"),
     }
+
+
+def votes_at(env: TaskEnv, shots: Sequence[int], update: TaskVector, alpha: float = 1.0) -> SignVotes:
+    """The shots' majority vote at ``θ_B + α · update`` (the model is back at ``θ_B`` afterwards)."""
+    with env.weights(update, alpha):
+        params = env.trainable()
+        for name, param in env.model.named_parameters():
+            param.requires_grad_(name in params)
+        return estimate_signs(env.model, [env.collate(shots)], env.loss, "majority", progress=False)
 
 
 def run_task(env: TaskEnv, rec: Recorder, args: argparse.Namespace) -> None:
@@ -132,14 +155,15 @@ def run_task(env: TaskEnv, rec: Recorder, args: argparse.Namespace) -> None:
     for k in args.ks:
         for seed in args.seeds:
             start = time.perf_counter()
+            shot_rows(env, row, k, seed, ["no-harm"], "lean")  # the default and GradFix
             shots = env.shots(k, seed)
             votes = env.votes(shots)
-            row(
-                method="GradFix", k=k, seed=seed, **env.sweep(mask_task_vector(env.tau_a, votes, "agreement"))
-            )
             for name, update in estimator_updates(env, shots, votes, seed, args.unlabelled).items():
                 row(method=f"estimator: {name}", k=k, seed=seed, **env.sweep(update))
             rec.log(f"{env.task}: k={k} seed={seed} in {time.perf_counter() - start:.0f} s")
+    for seed in args.seeds if args.many else ():
+        many = mask_task_vector(env.tau_a, env.votes(env.shots(args.many, seed)), "agreement")
+        row(method=f"estimator: {MANY}", k=args.many, seed=seed, **env.sweep(many))
 
 
 def main() -> None:
@@ -153,6 +177,9 @@ def main() -> None:
     parser.add_argument(
         "--unlabelled", type=int, default=10, help="unlabelled texts per class (self-labelled)"
     )
+    parser.add_argument(
+        "--many", type=int, default=100, help="labelled shots per class of the many-shot vote (0: skip)"
+    )
     parser.add_argument("--name", help="name of the results file (default estimators-<scenario>)")
     args, rec, scenario = setup(parser)
     args.view = scenario_view(scenario, args.cache, args.tasks)
@@ -165,6 +192,7 @@ def main() -> None:
         seeds=args.seeds,
         ks=args.ks,
         unlabelled_per_class=args.unlabelled,
+        extra_ks=[args.many] if args.many else [],
         drift=relative_drift(args.view, "encoder.*" if scenario.family == "text" else None),
     )
     for env in envs:

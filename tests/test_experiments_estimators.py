@@ -152,3 +152,64 @@ def test_the_page_reads_each_estimator_against_the_naive_to_oracle_margin(tmp_pa
     assert "| GradFix | 1 | 30.0 | 17 % | 0 % |" in page
     assert "| mean gradient | 1 | 50.0 | 50 % | 50 % |" in page
     assert "| adaptive (shots, no-harm) | 1 | 40.0 | 33 % | 25 % |" in page
+
+
+def test_votes_at_the_transported_point_are_taken_there_and_leave_b_unchanged() -> None:
+    from estimators import votes_at
+
+    env = LinearEnv()
+    shots = env.shots(2, seed=0)
+    big = TaskVector({n: t * 30 for n, t in env.tau_a.items()})
+    at_b, moved = env.votes(shots).sign(), votes_at(env, shots, big).sign()
+    assert any(not torch.equal(moved[n], s) for n, s in at_b.items())  # another point, other signs
+    assert all(torch.equal(p.detach(), env.theta[n]) for n, p in env.model.named_parameters())
+    env.set_weights(big, 1.0)
+    by_hand = estimate_at_current(env, shots)
+    env.set_weights(None)
+    assert all(torch.equal(moved[n], s) for n, s in by_hand.items())
+
+
+def estimate_at_current(env: LinearEnv, shots: list[int]) -> dict[str, Tensor]:
+    """The majority vote at the model's current weights (no reset to θ_B)."""
+    from gradfix.votes import estimate_signs
+
+    for _, param in env.model.named_parameters():
+        param.requires_grad_(True)
+    return estimate_signs(env.model, [env.collate(shots)], env.loss, "majority", progress=False).sign()
+
+
+def test_the_default_measured_in_the_run_is_preferred_and_extra_ks_are_listed(tmp_path: Path) -> None:
+    import json
+
+    from estimator_table import estimators_section
+
+    rows = [
+        {"task": "t", "method": "zero-shot B", "test": 0.2},
+        {"task": "t", "method": "fine-tuned B", "test": 0.8},
+        {"task": "t", "method": "naive", "test": 0.3},
+        {"task": "t", "method": "oracle mask", "test": 0.7},
+        {"task": "t", "method": "GradFix", "k": 1, "seed": 0, "test": 0.3},
+        {"task": "t", "method": "adaptive (shots, no-harm)", "k": 1, "seed": 0, "test": 0.5},
+        {
+            "task": "t",
+            "method": "estimator: majority vote, many labelled shots",
+            "k": 100,
+            "seed": 0,
+            "test": 0.2,
+        },
+    ]
+    result = {
+        "scenario": "s", "tasks": ["t"], "ks": [1], "extra_ks": [100], "seeds": [0], "drift": 0.1,
+        "rows": rows, "command": "python experiments/estimators.py --scenario s",
+    }  # fmt: skip
+    floors = {
+        "scenario": "s",
+        "tasks": ["t"],
+        "rows": [{"task": "t", "method": "adaptive (shots, no-harm)", "k": 1, "seed": 0, "test": 0.9}],
+    }
+    (tmp_path / "estimators-s.json").write_text(json.dumps(result), encoding="utf-8")
+    (tmp_path / "floors-s-t.json").write_text(json.dumps(floors), encoding="utf-8")
+    page = estimators_section(tmp_path)
+    assert "| adaptive (shots, no-harm) | 1 | 50.0 | 50 % | 50 % |" in page  # this run's, not the floors'
+    assert "| majority vote, many labelled shots | 100 | 20.0 | 0 % | -25 % |" in page
+    assert "would mix two grids" not in page
