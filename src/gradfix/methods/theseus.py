@@ -1,9 +1,10 @@
 """Theseus: transport a task vector across models of different widths by orthogonal Procrustes.
 
-Every group of a :class:`~gradfix.methods.transfusion.PermutationSpec` is a *space* (the hidden units between
-two layers of an MLP, a transformer's residual stream, one layer's FFN units, its query/key and
-value/output head spaces). Each space ``s`` gets one (semi-)orthogonal map ``T_s`` (``d_A × d_B``)
-from the cross-covariance of A's and B's activations in that space on the same inputs:
+Every group of a :class:`~gradfix.methods.permutation_spec.PermutationSpec` is a *space* (the hidden
+units between two layers of an MLP, a transformer's residual stream, one layer's FFN units, its
+query/key and value/output head spaces). Each space ``s`` gets one (semi-)orthogonal map ``T_s``
+(``d_A × d_B``) from the cross-covariance of A's and B's activations in that space on the same
+inputs:
 
 ```
 C_s  = Σ_sites X_Aᵀ X_B                       (float64, over tokens and every site of s)
@@ -49,7 +50,12 @@ from gradfix.methods.activations import (
     attention_mask_of,
     cross_statistics,
 )
-from gradfix.methods.transfusion import PermutationSpec, present_spec, spec_for_module, spec_for_state_dict
+from gradfix.methods.permutation_spec import (
+    PermutationSpec,
+    present_spec,
+    spec_for_module,
+    spec_for_state_dict,
+)
 from gradfix.task_vector import TaskVector
 
 
@@ -306,9 +312,9 @@ def theseus_from_models(
 ) -> TaskVector:
     """Theseus in one call: record ``C_s`` of A and B on ``batches``, then ``τ_B = T(τ_A)``.
 
-    ``spec`` defaults to :func:`~gradfix.methods.transfusion.spec_for_module` of A; B's head count is read
-    from ``model_b.config.num_attention_heads`` when it has one. ``center=True`` mean-centres the
-    statistics (:func:`space_statistics`).
+    ``spec`` defaults to :func:`~gradfix.methods.permutation_spec.spec_for_module` of A; B's head count
+    is read from ``model_b.config.num_attention_heads`` when it has one. ``center=True`` mean-centres
+    the statistics (:func:`space_statistics`).
     """
     spec = spec or spec_for_module(model_a)
     heads = getattr(getattr(model_b, "config", None), "num_attention_heads", None)
@@ -408,7 +414,7 @@ def theseus_data_free_task_vector(
 ) -> TaskVector:
     """Data-free Theseus: ``τ_B = T(τ_A)`` with ``T`` from :func:`data_free_transforms` of the two bases.
 
-    ``spec`` defaults to :func:`~gradfix.methods.transfusion.spec_for_state_dict` of the source base
+    ``spec`` defaults to :func:`~gradfix.methods.permutation_spec.spec_for_state_dict` of the source base
     (``num_heads`` for BERT-like models).
     """
     if spec is None:
