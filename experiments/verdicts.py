@@ -47,7 +47,14 @@ from envs import draw_per_class
 from gradfix.zoo import get_scenario, scenario_status
 from gradfix.zoo.cache import cache_root
 
-SCENARIOS = ("text-release-short", "text-release-long", "text-release-permuted", "vision-independent")
+SCENARIOS = (
+    "text-release-short",
+    "text-release-long",
+    "text-release-far",
+    "text-release-instruct",
+    "text-release-permuted",
+    "vision-independent",
+)
 """The scenarios with Table 1 results (their raw files ``table1-<scenario>.json``)."""
 PER_TENSOR = ("drift_tensors", "tensors")
 """Keys of the check's per-tensor maps, left out of the saved records (any depth)."""

@@ -7,7 +7,8 @@ its source models, the method, the verdict of the pre-flight check (when the tra
 one), the chosen threshold and α with every candidate's score, the kept
 share of ``τ_A``, the first-order descent certificate, the sha256 of every input and how to replay
 the job. It covers the records of ``transport`` (every method, the aligned ones included) and of
-``merge``.
+``merge``. The choice and result sections are written by :mod:`gradfix.jobs.card_result`, single
+values (numbers, shares, table cells) by :mod:`gradfix.jobs.card_format`.
 
 The card is plain text with the front matter dumped by PyYAML, not built with huggingface_hub's
 ``ModelCard``: gradfix's core does not depend on huggingface_hub (it comes with transformers, in the
@@ -18,18 +19,18 @@ check that huggingface_hub reads the card's metadata.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import PurePath
 from typing import Any
 
 import yaml
 
+from gradfix.jobs.card_format import cell, file_name, num, threshold_text
+from gradfix.jobs.card_result import choice_section, result_section
 from gradfix.jobs.check_votes import card_section
 from gradfix.jobs.replay import REPLAY_FILE
 from gradfix.merge import MERGE_METHODS, TRIM_SCOPES
 from gradfix.methods import METHODS
-from gradfix.methods.autotune import candidate_key
 from gradfix.ops.masks import MASKS
 
 CARD_FILE = "README.md"
@@ -45,8 +46,8 @@ def model_card(record: Mapping[str, Any]) -> str:
         _merge_sources(record) if merge else _transport_sources(record),
         _merge_method(record) if merge else _transport_method(record),
         card_section(record.get("check")),
-        _choice(record.get("choice")),
-        _result(record),
+        choice_section(record.get("choice")),
+        result_section(record),
         _inputs(record),
         _replay(record),
     ]
@@ -127,7 +128,7 @@ def _transport_sources(record: Mapping[str, Any]) -> str:
         ("B, target base", inputs.get("target_base", {})),
     ]
     lines = ["## Source models", "", "| role | model | path |", "|---|---|---|"]
-    lines += [f"| {role} | {_cell(model_name(e))} | `{_cell(e.get('path', ''))}` |" for role, e in rows]
+    lines += [f"| {role} | {cell(model_name(e))} | `{cell(e.get('path', ''))}` |" for role, e in rows]
     return "\n".join(lines)
 
 
@@ -137,8 +138,8 @@ def _merge_sources(record: Mapping[str, Any]) -> str:
         data = task.get("data")
         cells = [model_name(task.get(k, {})) for k in ("source_base", "source_finetuned")]
         cells.append(model_name(data) if data else "-")
-        lines.append(f"| {i} | " + " | ".join(_cell(c) for c in cells) + " |")
-    lines.append(f"\nTarget base B: `{_cell(_target(record).get('path', ''))}`.")
+        lines.append(f"| {i} | " + " | ".join(cell(c) for c in cells) + " |")
+    lines.append(f"\nTarget base B: `{cell(_target(record).get('path', ''))}`.")
     return "\n".join(lines)
 
 
@@ -148,7 +149,7 @@ def _transport_method(record: Mapping[str, Any]) -> str:
     lines.append(f"- method `{method}`{_described(METHODS, method)}")
     lines += _alignment_lines(record.get(method))
     lines.append(f"- mask `{mask}`{_described(MASKS, mask)}{_threshold(record)}")
-    lines.append(f"- α = {_num(record.get('alpha'))}")
+    lines.append(f"- α = {num(record.get('alpha'))}")
     lines += _votes_lines(record, record.get("data"))
     lines += _tensor_lines(record)
     return "\n".join(lines)
@@ -164,8 +165,8 @@ def _alignment_lines(alignment: Any) -> list[str]:
     centring = "on" if alignment.get("center") else "off"
     line = (
         f"- maps from the activations of A and B on {alignment.get('examples')} examples "
-        f"({alignment.get('tokens')} tokens) of `{_name(data)}`; centring {centring}, whitening "
-        f"p = {_num(alignment.get('whiten'))}"
+        f"({alignment.get('tokens')} tokens) of `{file_name(data)}`; centring {centring}, whitening "
+        f"p = {num(alignment.get('whiten'))}"
     )
     short = alignment.get("underdetermined") or {}
     if short:
@@ -179,11 +180,11 @@ def _merge_method(record: Mapping[str, Any]) -> str:
     if method == "ties":
         scope = str(record.get("trim_scope"))
         lines.append(
-            f"- density {_num(record.get('density'))}, sign election by `{record.get('elect')}`, "
+            f"- density {num(record.get('density'))}, sign election by `{record.get('elect')}`, "
             f"trimmed per `{scope}`: {TRIM_SCOPES.get(scope, '')}"
         )
     if record.get("weights") is not None:
-        lines.append(f"- task weights {', '.join(_num(w) for w in record['weights'])}")
+        lines.append(f"- task weights {', '.join(num(w) for w in record['weights'])}")
     if pipeline == "plain":
         lines.append("- pipeline `plain`: merged without a mask")
     else:
@@ -191,7 +192,7 @@ def _merge_method(record: Mapping[str, Any]) -> str:
         lines.append(f"- pipeline `{pipeline}`, mask `{mask}`{_described(MASKS, mask)}{_threshold(record)}")
         for i, task in enumerate(record.get("tasks", []), 1):
             lines += [f"- task {i}: {line[2:]}" for line in _votes_lines(record, task.get("data"))]
-    lines.append(f"- α = {_num(record.get('alpha'))}")
+    lines.append(f"- α = {num(record.get('alpha'))}")
     lines += _tensor_lines(record)
     return "\n".join(lines)
 
@@ -204,13 +205,13 @@ def _votes_lines(record: Mapping[str, Any], data: Mapping[str, Any] | None) -> l
         drawn = "every example" if shots == "all" else f"{shots} per class, seed {record.get('seed')}"
         labels = ", ".join(str(label) for label in data.get("labels", []))
         lines.append(
-            f"- votes of B on {data.get('num_samples')} examples ({drawn}) of `{_name(data)}` "
+            f"- votes of B on {data.get('num_samples')} examples ({drawn}) of `{file_name(data)}` "
             f"({data.get('num_examples')} examples; labels {labels}); recipe `{record.get('recipe')}`, "
             f"estimator `{record.get('estimator')}`{_placement(data)}"
         )
     votes_in = record.get("votes_in") or []
     if votes_in:
-        files = ", ".join(f"`{_name(v)}`" for v in votes_in)
+        files = ", ".join(f"`{file_name(v)}`" for v in votes_in)
         lines.append(f"- votes of B read from {len(votes_in)} votes file(s): {files}")
     if not lines and record.get("command") != "merge":
         lines.append("- no votes: the mask needs none")
@@ -235,111 +236,7 @@ def _tensor_lines(record: Mapping[str, Any]) -> list[str]:
 def _threshold(record: Mapping[str, Any]) -> str:
     if record.get("mask") != "gate" or record.get("threshold") is None:
         return ""
-    return f", threshold t = {_t(float(record['threshold']))}"
-
-
-def _choice(choice: Mapping[str, Any] | None) -> str:
-    """The chosen ``(t, α)`` and every candidate's score, as a table of t (rows) by α (columns)."""
-    if not choice:
-        return ""
-    t, alpha = _t(float(choice["threshold"])), _num(choice["alpha"])
-    chosen = candidate_key(float(choice["threshold"]), float(choice["alpha"]))
-    cells: dict[tuple[str, str], tuple[Any, bool]] = {}
-    for key, value in choice.get("scores", {}).items():
-        first, _, second = str(key).partition(",")
-        cells[(first.removeprefix("t="), second.removeprefix("a="))] = (value, key == chosen)
-    rows = list(dict.fromkeys(k[0] for k in cells))
-    columns = list(dict.fromkeys(k[1] for k in cells))
-    lines = [
-        "## Choice of t and α",
-        "",
-        f"Chosen on {choice.get('source')}: **t = {t}, α = {alpha}** (score {_num(choice.get('score'))}).",
-        "Scores are the accuracy on the validation file when there is one, otherwise minus the mean "
-        "loss on the held-out folds of the shots; higher is better. t = 0 is GradFix's agreement mask, "
-        "t = naive keeps every coordinate.",
-        "",
-        "| t \\ α | " + " | ".join(columns) + " |",
-        "|---" * (len(columns) + 1) + "|",
-    ]
-    for row in rows:
-        values = [_score(*cells.get((row, c), (None, False))) for c in columns]
-        lines.append(f"| {row} | " + " | ".join(values) + " |")
-    return "\n".join(lines)
-
-
-def _result(record: Mapping[str, Any]) -> str:
-    descent, alpha = record.get("descent"), record.get("alpha")
-    lines = ["## Result", ""]
-    if alpha == 0:
-        why = " (no candidate beat B on the evidence)" if record.get("choice") else ""
-        lines.append(f"- α = 0: the weights are B's, unchanged{why}")
-    lines += _merge_shares(record) if record.get("command") == "merge" else _kept_shares(record)
-    if descent:
-        lines.append(_certificate(descent))
-    else:
-        lines.append("- no votes were taken, so there is no first-order descent certificate")
-    table = _tensor_table(record)
-    if table:
-        lines += ["", table]
-    return "\n".join(lines)
-
-
-def _kept_shares(record: Mapping[str, Any]) -> list[str]:
-    """How much of ``τ_A`` the mask kept (with its sign) and flipped."""
-    descent = record.get("descent")
-    if not descent:
-        return ["- no mask: every coordinate of `τ_A` is added"] if record.get("mask") == "none" else []
-    added = " (none is added at α = 0)" if record.get("alpha") == 0 else ""
-    kept = _pct(descent.get("kept_fraction"))
-    lines = [f"- kept share: the mask keeps {kept} of `τ_A`'s non-zero coordinates{added}"]
-    if descent.get("flipped_fraction"):
-        lines.append(f"- flipped share: {_pct(descent['flipped_fraction'])} get the opposite sign")
-    return lines
-
-
-def _merge_shares(record: Mapping[str, Any]) -> list[str]:
-    """How much of the merged tensors the merged (and masked) update changes."""
-    tensors = (record.get("descent") or {}).get("tensors") or []
-    numel = sum(int(t.get("numel", 0)) for t in tensors)
-    if numel:
-        share = sum(max(int(t.get("nonzero", 0)), 0) for t in tensors) / numel
-        return [
-            f"- the merged update is non-zero on {_pct(share)} of its {len(tensors)} tensors' coordinates"
-        ]
-    shares = list((record.get("nonzero_fraction") or {}).values())
-    if not shares:
-        return []
-    return [f"- the merged update is non-zero on {_pct(min(shares))} to {_pct(max(shares))} of each tensor"]
-
-
-def _certificate(descent: Mapping[str, Any]) -> str:
-    inner = float(descent.get("total_inner", 0.0))
-    if descent.get("alpha") == 0:
-        return "- first-order descent certificate: none needed, nothing is added (`⟨ḡ, Δ⟩ = 0`)"
-    sign = "≤ 0: to first order the update lowers" if inner <= 0 else "> 0: to first order the update raises"
-    return (
-        f"- first-order descent certificate: `⟨ḡ, Δ⟩ = {inner:.4e}` {sign} B's loss on the voting "
-        "examples (`ḡ`: B's mean loss gradient on them; `Δ`: the update added to B, α included)"
-    )
-
-
-def _tensor_table(record: Mapping[str, Any]) -> str:
-    """Per tensor: the kept share and ``⟨ḡ, Δ⟩`` (or, without votes, the kept or non-zero share)."""
-    tensors = (record.get("descent") or {}).get("tensors", [])
-    if tensors:
-        header = ["tensor", "kept", "⟨ḡ, Δ⟩"]
-        rows = [
-            [f"`{t['name']}`", _pct(t.get("kept_fraction")), f"{t.get('inner', 0.0):.3e}"] for t in tensors
-        ]
-    else:
-        header = ["tensor", "kept" if "kept_fraction" in record else "non-zero"]
-        shares = record.get("kept_fraction") or record.get("nonzero_fraction") or {}
-        rows = [[f"`{name}`", _pct(share)] for name, share in shares.items()]
-    if not rows:
-        return ""
-    table = [header, ["---"] * len(header), *rows]
-    body = "\n".join("| " + " | ".join(row) + " |" for row in table)
-    return f"<details>\n<summary>Per tensor ({len(rows)})</summary>\n\n{body}\n\n</details>"
+    return f", threshold t = {threshold_text(float(record['threshold']))}"
 
 
 def _inputs(record: Mapping[str, Any]) -> str:
@@ -362,7 +259,7 @@ def _inputs(record: Mapping[str, Any]) -> str:
     lines = ["## Inputs", "", "| input | file | sha256 |", "|---|---|---|"]
     for role, entry in entries:
         for name, digest in entry.get("sha256", {}).items():
-            lines.append(f"| {role} | `{_cell(name)}` | `{digest}` |")
+            lines.append(f"| {role} | `{cell(name)}` | `{digest}` |")
     return "\n".join(lines)
 
 
@@ -393,30 +290,3 @@ def _described(registry: Mapping[str, Any], name: str) -> str:
     item = registry.get(name)
     summary = getattr(item, "summary", None)
     return f": {summary}" if summary else ""
-
-
-def _name(entry: Mapping[str, Any]) -> str:
-    return PurePath(str(entry.get("path", ""))).name
-
-
-def _cell(text: object) -> str:
-    return str(text).replace("|", "\\|")
-
-
-def _num(value: Any) -> str:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return f"{value:.4g}" if math.isfinite(value) else str(value)
-    return str(value)
-
-
-def _t(threshold: float) -> str:
-    return "naive" if threshold > 1 else f"{threshold:g}"
-
-
-def _pct(share: Any) -> str:
-    return f"{100 * float(share):.2f} %" if isinstance(share, (int, float)) else "-"
-
-
-def _score(value: Any, chosen: bool) -> str:
-    text = _num(value) if value is not None else "n/a"
-    return f"**{text}**" if chosen else text

@@ -36,7 +36,7 @@ from gradfix.jobs.check_verdict import Agreement, CheckStatistics, decide
 from gradfix.masking import TauRows, VoteReference
 from gradfix.methods import get_method
 from gradfix.methods.aligned import num_heads_of
-from gradfix.methods.transfusion import present_spec, spec_for_state_dict
+from gradfix.methods.permutation_spec import present_spec, spec_for_state_dict
 from gradfix.ops.reductions import ordered_dot
 from gradfix.task_vector import TaskVector
 from gradfix.votes import SignVotes

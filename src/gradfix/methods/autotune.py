@@ -24,7 +24,7 @@ import math
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +47,9 @@ from gradfix.methods.shot_rules import DEFAULT_MARGIN, DEFAULT_RULE, RULES
 from gradfix.settings import Engine
 from gradfix.task_vector import TaskVector, apply_tensor
 from gradfix.votes import SignVotes, estimate_signs
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 Score = Callable[[TaskVector, float], float]
 """``score(update, α)``: higher is better (e.g. accuracy of ``θ_B + α · update`` on validation)."""
@@ -250,6 +253,17 @@ def score_on_shots(
     return scores
 
 
+class ShotKeywords(TypedDict, total=False):
+    """The keyword arguments of :func:`score_on_shots` that :func:`choose_on_shots` passes on."""
+
+    folds: int
+    seed: int
+    unvoted: str
+    engine: Engine
+    correct: Callable[[nn.Module, Any], Tensor] | None
+    grown: Sequence[float] | None
+
+
 def choose_on_shots(
     model: nn.Module,
     tau: Mapping[str, Tensor],
@@ -259,16 +273,15 @@ def choose_on_shots(
     loss_fn: Callable[[nn.Module, Any], Tensor],
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
-    folds: int = 2,
-    seed: int = 0,
-    unvoted: str = "error",
-    engine: Engine = "auto",
+    *,
     rule: str = DEFAULT_RULE,
-    correct: Callable[[nn.Module, Any], Tensor] | None = None,
     margin: float = DEFAULT_MARGIN,
-    grown: Sequence[float] | None = None,
+    **scoring: Unpack[ShotKeywords],
 ) -> Choice:
     """Choose ``(t, α)`` from the shots alone: :func:`score_on_shots`, then ``rule``.
+
+    Every argument but ``rule`` and ``margin`` goes to :func:`score_on_shots` (with its defaults);
+    past ``alphas`` they are keywords (:class:`ShotKeywords`).
 
     With ``ℓ_i(c)`` the held-out loss of candidate ``c`` on shot ``i`` and ``L(c) = mean_i ℓ_i(c)``:
 
@@ -291,22 +304,7 @@ def choose_on_shots(
     """
     if rule not in RULES:
         raise ConfigError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
-    scores = score_on_shots(
-        model,
-        tau,
-        shots,
-        labels,
-        collate,
-        loss_fn,
-        thresholds,
-        alphas,
-        folds,
-        seed,
-        unvoted,
-        engine,
-        correct,
-        grown,
-    )
+    scores = score_on_shots(model, tau, shots, labels, collate, loss_fn, thresholds, alphas, **scoring)
     return scores.choose(rule, margin)
 
 
@@ -321,6 +319,7 @@ __all__ = [
     "NAIVE",
     "Choice",
     "FoldScores",
+    "ShotKeywords",
     "candidate_key",
     "choose_on_shots",
     "choose_on_validation",

@@ -1,9 +1,10 @@
 """Theseus: transport a task vector across models of different widths by orthogonal Procrustes.
 
-Every group of a :class:`~gradfix.methods.transfusion.PermutationSpec` is a *space* (the hidden units between
-two layers of an MLP, a transformer's residual stream, one layer's FFN units, its query/key and
-value/output head spaces). Each space ``s`` gets one (semi-)orthogonal map ``T_s`` (``d_A × d_B``)
-from the cross-covariance of A's and B's activations in that space on the same inputs:
+Every group of a :class:`~gradfix.methods.permutation_spec.PermutationSpec` is a *space* (the hidden
+units between two layers of an MLP, a transformer's residual stream, one layer's FFN units, its
+query/key and value/output head spaces). Each space ``s`` gets one (semi-)orthogonal map ``T_s``
+(``d_A × d_B``) from the cross-covariance of A's and B's activations in that space on the same
+inputs:
 
 ```
 C_s  = Σ_sites X_Aᵀ X_B                       (float64, over tokens and every site of s)
@@ -29,6 +30,10 @@ of a convolution (``[out, in, *kernel]``; activations ``[B, C, H, W]`` are ``B·
 (attention) get a block map: heads are matched by the Hungarian assignment maximising
 ``Σ ‖C'_{hA,hB}‖_*`` (each block's best Procrustes score, query/key and value/output spaces
 together) and each matched block gets its own Procrustes map.
+
+The maps themselves (whitening, Procrustes, head matching, applying them to tensors) are in
+:mod:`gradfix.methods.theseus_maps` and re-exported here; this module gathers the statistics they
+are solved from: activations on examples, or (data-free) the two models' weights.
 """
 
 from __future__ import annotations
@@ -36,8 +41,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from gradfix.errors import ConfigError, MismatchError
@@ -49,145 +52,23 @@ from gradfix.methods.activations import (
     attention_mask_of,
     cross_statistics,
 )
-from gradfix.methods.transfusion import PermutationSpec, present_spec, spec_for_module, spec_for_state_dict
+from gradfix.methods.permutation_spec import (
+    PermutationSpec,
+    present_spec,
+    spec_for_module,
+    spec_for_state_dict,
+)
+from gradfix.methods.theseus_maps import (
+    _contract,
+    _solve,
+    _units,
+    apply_transforms,
+    inverse_power,
+    procrustes,
+    theseus_transforms,
+    whitened_cross,
+)
 from gradfix.task_vector import TaskVector
-
-
-def procrustes(cross: Tensor) -> Tensor:
-    """``T = U Vᵀ`` for ``C = U Σ Vᵀ`` (thin SVD): ``argmax ⟨T, C⟩`` over (semi-)orthogonal ``T``.
-
-    With ``C = X_Aᵀ X_B`` this minimises ``‖X_A T − X_B‖_F``. ``T`` is ``d_A × d_B``; when the widths
-    differ its rows (``d_A < d_B``) or columns (``d_A > d_B``) are orthonormal. Directions that
-    ``C`` does not see (rank-deficient statistics: fewer tokens than the width) get an arbitrary
-    orthonormal completion, so record at least as many tokens as the widest space.
-    """
-    u, _, vh = torch.linalg.svd(cross.double(), full_matrices=False)
-    return u @ vh
-
-
-def inverse_power(gram: Tensor, power: float, eps: float = 1e-8) -> Tensor:
-    """``G^{−p}`` of a symmetric PSD matrix by eigendecomposition, eigenvalues floored at ``eps · λ_max``."""
-    if power == 0:
-        return torch.eye(gram.shape[0], dtype=torch.float64)
-    values, vectors = torch.linalg.eigh(gram.double())
-    floor = eps * max(float(values.max()), torch.finfo(torch.float64).tiny)
-    return (vectors * values.clamp(min=floor).pow(-power)) @ vectors.T
-
-
-def whitened_cross(stats: CrossStats, power: float = 0.0, eps: float = 1e-8) -> Tensor:
-    """Partial whitening ``C' = G_A^{−p} C G_B^{−p}`` (``p = 0``: ``C``; ``p = 0.5``: full whitening)."""
-    if not 0.0 <= power <= 0.5:
-        raise ConfigError(f"whitening power must be in [0, 0.5], got {power}")
-    if power == 0:
-        return stats.cross.double()
-    return (
-        inverse_power(stats.gram_a, power, eps)
-        @ stats.cross.double()
-        @ inverse_power(stats.gram_b, power, eps)
-    )
-
-
-def _units(spec: PermutationSpec, groups: Iterable[str]) -> list[tuple[str, ...]]:
-    """Groups to solve together, in spec order: a head set's groups as one unit, others alone."""
-    wanted, units, seen = set(groups), [], set()
-    for group in spec.groups:
-        if group in wanted and group not in seen:
-            head = spec.head_set_of(group)
-            unit = tuple(g for g in head.groups if g in wanted) if head else (group,)
-            units.append(unit)
-            seen |= set(unit)
-    return units
-
-
-def _solve(
-    unit: tuple[str, ...],
-    crosses: Mapping[str, Tensor],
-    spec: PermutationSpec,
-    target_num_heads: int | None,
-) -> dict[str, Tensor]:
-    """Procrustes map of each group of a unit; block-wise over matched heads for a head set."""
-    head = spec.head_set_of(unit[0])
-    present = [g for g in unit if g in crosses]
-    if head is None:
-        return {g: procrustes(crosses[g]) for g in present}
-    heads_a, heads_b = head.num_heads, target_num_heads or head.num_heads
-    score = torch.zeros(heads_a, heads_b, dtype=torch.float64)
-    blocks = {}
-    for g in present:
-        d_a, d_b = crosses[g].shape
-        if d_a % heads_a or d_b % heads_b:
-            raise ConfigError(
-                f"space {g!r}: widths {d_a}, {d_b} do not split into {heads_a}, {heads_b} heads"
-            )
-        blocks[g] = crosses[g].reshape(heads_a, d_a // heads_a, heads_b, d_b // heads_b).transpose(1, 2)
-        score += torch.linalg.matrix_norm(blocks[g], ord="nuc")
-    rows, cols = linear_sum_assignment(score.numpy(), maximize=True)
-    out = {}
-    for g in present:
-        t = torch.zeros_like(crosses[g])
-        ha, hb = blocks[g].shape[2:]
-        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
-            t[r * ha : (r + 1) * ha, c * hb : (c + 1) * hb] = procrustes(blocks[g][r, c])
-        out[g] = t
-    return out
-
-
-def theseus_transforms(
-    stats: Mapping[str, CrossStats],
-    spec: PermutationSpec,
-    *,
-    whiten: float = 0.0,
-    eps: float = 1e-8,
-    target_num_heads: int | None = None,
-) -> dict[str, Tensor]:
-    """``{space: T_s}`` with ``T_s = U Vᵀ`` from ``G_A^{−p} C_s G_B^{−p} = U Σ Vᵀ`` (``p = whiten``).
-
-    ``stats`` maps each space to its pooled statistics (:func:`space_statistics`). Head-split
-    spaces are solved per matched head (``target_num_heads`` when B has another head count).
-    """
-    unknown = [g for g in stats if g not in spec.groups]
-    if unknown:
-        raise ConfigError(f"statistics for spaces not in the spec: {unknown}")
-    crosses = {g: whitened_cross(s, whiten, eps) for g, s in stats.items()}
-    transforms: dict[str, Tensor] = {}
-    for unit in _units(spec, crosses):
-        transforms.update(_solve(unit, crosses, spec, target_num_heads))
-    return transforms
-
-
-def _contract(t: Tensor, axis: int, transform: Tensor) -> Tensor:
-    """``t'[…, j, …] = Σ_i t[…, i, …] T[i, j]`` along ``axis``."""
-    return torch.tensordot(t, transform, dims=([axis], [0])).movedim(-1, axis)
-
-
-def apply_transforms(
-    tensors: Mapping[str, Tensor], transforms: Mapping[str, Tensor], spec: PermutationSpec
-) -> dict[str, Tensor]:
-    """Every axis in space ``s`` contracted with ``T_s``: ``W_B = T_outᵀ W_A T_in``, ``b_B = T_sᵀ b_A``.
-
-    Embeddings become ``E_B = E_A T_s``. Computed in float64, cast back to each tensor's dtype;
-    tensors outside the spec pass through.
-    """
-    out = {}
-    for name, t in tensors.items():
-        axes = spec.axes_of(name)
-        if not axes:
-            out[name] = t
-            continue
-        work = t.double()
-        for axis, space in axes.items():
-            module = name.rpartition(".")[0] or name
-            if space not in transforms:
-                raise ConfigError(f"{name} (module {module}): no transform for space {space!r}")
-            transform = transforms[space].to(work.device)
-            if work.shape[axis] != transform.shape[0]:
-                raise MismatchError(
-                    f"{name} (module {module}): axis {axis} has width {work.shape[axis]}, but space "
-                    f"{space!r} maps width {transform.shape[0]} to {transform.shape[1]}"
-                )
-            work = _contract(work, axis, transform)
-        out[name] = work.to(t.dtype)
-    return out
 
 
 def spec_sites(model: nn.Module, spec: PermutationSpec) -> dict[str, list[Site]]:
@@ -306,9 +187,9 @@ def theseus_from_models(
 ) -> TaskVector:
     """Theseus in one call: record ``C_s`` of A and B on ``batches``, then ``τ_B = T(τ_A)``.
 
-    ``spec`` defaults to :func:`~gradfix.methods.transfusion.spec_for_module` of A; B's head count is read
-    from ``model_b.config.num_attention_heads`` when it has one. ``center=True`` mean-centres the
-    statistics (:func:`space_statistics`).
+    ``spec`` defaults to :func:`~gradfix.methods.permutation_spec.spec_for_module` of A; B's head count
+    is read from ``model_b.config.num_attention_heads`` when it has one. ``center=True`` mean-centres
+    the statistics (:func:`space_statistics`).
     """
     spec = spec or spec_for_module(model_a)
     heads = getattr(getattr(model_b, "config", None), "num_attention_heads", None)
@@ -408,7 +289,7 @@ def theseus_data_free_task_vector(
 ) -> TaskVector:
     """Data-free Theseus: ``τ_B = T(τ_A)`` with ``T`` from :func:`data_free_transforms` of the two bases.
 
-    ``spec`` defaults to :func:`~gradfix.methods.transfusion.spec_for_state_dict` of the source base
+    ``spec`` defaults to :func:`~gradfix.methods.permutation_spec.spec_for_state_dict` of the source base
     (``num_heads`` for BERT-like models).
     """
     if spec is None:
@@ -417,3 +298,19 @@ def theseus_data_free_task_vector(
         source_base, target_base, spec, rounds=rounds, whiten=whiten, target_num_heads=target_num_heads
     )
     return TaskVector(apply_transforms(tau_a, transforms, spec))
+
+
+__all__ = [
+    "apply_transforms",
+    "data_free_transforms",
+    "inverse_power",
+    "procrustes",
+    "space_statistics",
+    "spec_sites",
+    "theseus_data_free_task_vector",
+    "theseus_from_models",
+    "theseus_task_vector",
+    "theseus_transforms",
+    "weight_statistics",
+    "whitened_cross",
+]

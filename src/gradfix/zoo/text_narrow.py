@@ -45,8 +45,8 @@ from torch import Tensor, nn
 from gradfix.data import batched
 from gradfix.errors import ConfigError
 from gradfix.methods.activations import Site
+from gradfix.methods.permutation_spec import PermutationSpec, spec_for_module
 from gradfix.methods.theseus import apply_transforms, spec_sites
-from gradfix.methods.transfusion import PermutationSpec, spec_for_module
 from gradfix.recipes import mean_pool
 from gradfix.recipes._hf import tokenize
 from gradfix.zoo import docstrings
@@ -87,7 +87,7 @@ def unit_variances(
 ) -> dict[str, Tensor]:
     """``{space: variance of each unit}`` of a BERT-like encoder on ``texts`` (padding left out).
 
-    Spaces are those of :func:`~gradfix.methods.transfusion.spec_for_module`, observed at the sites
+    Spaces are those of :func:`~gradfix.methods.permutation_spec.spec_for_module`, observed at the sites
     Theseus records (:func:`~gradfix.methods.theseus.spec_sites`). A unit's variance is the mean
     of its per-site variances (each site centred by its own mean), weighted by tokens.
     """

@@ -8,7 +8,7 @@ permuted the same way, so they compute what those compute; data, A and A's fine-
 short release's own cache entries.
 
 Which axes move together is defined once, by TransFusion's spec
-(:func:`gradfix.methods.transfusion.spec_for_state_dict`); :func:`release_permutations` draws, per
+(:func:`gradfix.methods.permutation_spec.spec_for_state_dict`); :func:`release_permutations` draws, per
 layer, one head permutation ``σ`` shared by the query/key and value/output groups, a permutation
 inside each head for each of those groups, and one of the FFN units, all from one seed. The
 residual stream (embeddings, LayerNorms) is not permuted.
@@ -28,7 +28,8 @@ from torch import Tensor
 
 from gradfix.errors import ConfigError
 from gradfix.io import load_state_dict
-from gradfix.methods.transfusion import PermutationSpec, apply_permutations, spec_for_state_dict
+from gradfix.methods.permutation_spec import PermutationSpec, spec_for_state_dict
+from gradfix.methods.transfusion import apply_permutations
 from gradfix.recipes import HEAD_FILENAME
 from gradfix.recipes._hf import tokenize
 from gradfix.zoo.cache import Artifact, BuildFn
@@ -50,7 +51,7 @@ PROBE_TEXTS = (
 
 _GROUP = re.compile(r"^layer\.(?P<i>\d+)\.(?P<kind>qk|vo|ffn)$")
 PERMUTED_KINDS = ("qk", "vo", "ffn")
-"""The groups of :func:`~gradfix.methods.transfusion.bert_spec` that are permuted, per layer."""
+"""The groups of :func:`~gradfix.methods.permutation_spec.bert_spec` that are permuted, per layer."""
 
 
 def release_permutations(
