@@ -28,6 +28,7 @@ from aggregate import (
     stat,
     table1_rows,
 )
+from build_table import build_spread_section
 from claims import borrow_references, claims_section, default_section, floors_section
 from cli_floors import cli_floors_section
 from estimator_table import estimators_section
@@ -385,6 +386,9 @@ def main() -> None:
         plots.drift_section(table1 + drift0, figures),
         "",
     ]
+    spread = build_spread_section(raw, table1)
+    if spread:
+        parts += ["## The same release built again", "", spread]
     parts += ["## The target's general skill (support task)", "", skill_section(table1)]
     parts += [
         "## Mask strategies and sign estimators across α",
