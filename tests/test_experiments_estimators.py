@@ -116,17 +116,21 @@ def test_every_estimator_gives_an_update_of_tau_a_shape() -> None:
             assert bool((torch.sign(value[kept]) == torch.sign(env.tau_a[name][kept])).all())
 
 
-def test_the_page_reads_each_estimator_against_the_naive_to_oracle_margin(tmp_path: Path) -> None:
-    import json
+REFERENCES = [
+    {"task": "t", "method": "zero-shot B", "test": 0.2},
+    {"task": "t", "method": "fine-tuned B", "test": 0.8},
+    {"task": "t", "method": "naive", "test": 0.3},
+    {"task": "t", "method": "oracle mask", "test": 0.7},
+]
+"""Zero-shot B, fine-tuned B, naive and the oracle of the page tests (margin 0.3 → 0.7)."""
 
-    from estimator_table import estimators_section, margin_share
+
+def test_the_page_reads_each_estimator_against_the_naive_to_oracle_margin(tmp_path: Path) -> None:
+    from estimator_table import margin_share
 
     assert margin_share(0.5, 0.3, 0.7) == pytest.approx(0.5) and margin_share(0.5, 0.3, 0.3) is None
     rows = [
-        {"task": "t", "method": "zero-shot B", "test": 0.2},
-        {"task": "t", "method": "fine-tuned B", "test": 0.8},
-        {"task": "t", "method": "naive", "test": 0.3},
-        {"task": "t", "method": "oracle mask", "test": 0.7},
+        *REFERENCES,
         {"task": "t", "method": "GradFix", "k": 1, "seed": 0, "test": 0.25},
         {"task": "t", "method": "GradFix", "k": 1, "seed": 1, "test": 0.35},
         {"task": "t", "method": "estimator: mean gradient", "k": 1, "seed": 0, "test": 0.5},
@@ -140,14 +144,7 @@ def test_the_page_reads_each_estimator_against_the_naive_to_oracle_margin(tmp_pa
         "rows": rows,
         "command": "python experiments/estimators.py --scenario s",
     }
-    floors = {
-        "scenario": "s",
-        "tasks": ["t"],
-        "rows": [{"task": "t", "method": "adaptive (shots, no-harm)", "k": 1, "seed": 0, "test": 0.4}],
-    }
-    (tmp_path / "estimators-s.json").write_text(json.dumps(result), encoding="utf-8")
-    (tmp_path / "floors-s-t.json").write_text(json.dumps(floors), encoding="utf-8")
-    page = estimators_section(tmp_path)
+    page = _page(tmp_path, result, floors_test=0.4)
     # GradFix: mean 0.30 = naive → 0 % of the margin; mean gradient 0.5 → 50 %; default 0.4 → 25 %
     assert "| GradFix | 1 | 30.0 | 17 % | 0 % |" in page
     assert "| mean gradient | 1 | 50.0 | 50 % | 50 % |" in page
@@ -179,15 +176,8 @@ def estimate_at_current(env: LinearEnv, shots: list[int]) -> dict[str, Tensor]:
 
 
 def test_the_default_measured_in_the_run_is_preferred_and_extra_ks_are_listed(tmp_path: Path) -> None:
-    import json
-
-    from estimator_table import estimators_section
-
     rows = [
-        {"task": "t", "method": "zero-shot B", "test": 0.2},
-        {"task": "t", "method": "fine-tuned B", "test": 0.8},
-        {"task": "t", "method": "naive", "test": 0.3},
-        {"task": "t", "method": "oracle mask", "test": 0.7},
+        *REFERENCES,
         {"task": "t", "method": "GradFix", "k": 1, "seed": 0, "test": 0.3},
         {"task": "t", "method": "adaptive (shots, no-harm)", "k": 1, "seed": 0, "test": 0.5},
         {
@@ -202,14 +192,20 @@ def test_the_default_measured_in_the_run_is_preferred_and_extra_ks_are_listed(tm
         "scenario": "s", "tasks": ["t"], "ks": [1], "extra_ks": [100], "seeds": [0], "drift": 0.1,
         "rows": rows, "command": "python experiments/estimators.py --scenario s",
     }  # fmt: skip
-    floors = {
-        "scenario": "s",
-        "tasks": ["t"],
-        "rows": [{"task": "t", "method": "adaptive (shots, no-harm)", "k": 1, "seed": 0, "test": 0.9}],
-    }
-    (tmp_path / "estimators-s.json").write_text(json.dumps(result), encoding="utf-8")
-    (tmp_path / "floors-s-t.json").write_text(json.dumps(floors), encoding="utf-8")
-    page = estimators_section(tmp_path)
+    page = _page(tmp_path, result, floors_test=0.9)
     assert "| adaptive (shots, no-harm) | 1 | 50.0 | 50 % | 50 % |" in page  # this run's, not the floors'
     assert "| majority vote, many labelled shots | 100 | 20.0 | 0 % | -25 % |" in page
     assert "would mix two grids" not in page
+
+
+def _page(tmp_path: Path, result: dict[str, Any], floors_test: float) -> str:
+    """The estimators section of ``result`` beside a floors run whose default scored ``floors_test``."""
+    import json
+
+    from estimator_table import estimators_section
+
+    row = {"task": "t", "method": "adaptive (shots, no-harm)", "k": 1, "seed": 0, "test": floors_test}
+    floors = {"scenario": "s", "tasks": ["t"], "rows": [row]}
+    (tmp_path / "estimators-s.json").write_text(json.dumps(result), encoding="utf-8")
+    (tmp_path / "floors-s-t.json").write_text(json.dumps(floors), encoding="utf-8")
+    return estimators_section(tmp_path)
