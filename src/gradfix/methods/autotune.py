@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 
 Score = Callable[[TaskVector, float], float]
 """``score(update, α)``: higher is better (e.g. accuracy of ``θ_B + α · update`` on validation)."""
+FoldSigns = Callable[[nn.Module, Any], SignVotes]
+"""``(model, batch of one fold's voters) -> votes``: a sign estimate other than the per-sample vote."""
 
 
 def gate_mask(threshold: float) -> str:
@@ -206,6 +208,7 @@ def score_on_shots(
     engine: Engine = "auto",
     correct: Callable[[nn.Module, Any], Tensor] | None = None,
     grown: Sequence[float] | None = None,
+    fold_signs: FoldSigns | None = None,
 ) -> FoldScores:
     """The held-out evidence of every candidate ``(t, α)``, by ``folds``-fold cross-validation.
 
@@ -216,7 +219,9 @@ def score_on_shots(
     ``correct(model, batch)`` (optional, 1/0 per sample) adds the held-out hits for the accuracy
     guard. The model's weights are unchanged afterwards; only parameters with ``requires_grad`` vote.
     The larger steps ``grown`` (:func:`larger_steps`) are scored too; a rule considers them only
-    when the grid's largest α wins (:meth:`FoldScores.choose`).
+    when the grid's largest α wins (:meth:`FoldScores.choose`). ``fold_signs(model, batch)``
+    replaces the per-sample vote of each fold (e.g. :func:`gradfix.votes.finetune_signs`); it must
+    leave the model's weights as it found them.
     """
     check_grid(thresholds, alphas)
     scored = [*alphas, *larger_steps(alphas, grown)]
@@ -228,11 +233,14 @@ def score_on_shots(
     for index, held in enumerate(shot_folds(labels, folds, seed)):
         held_set = set(held)
         voters = [shots[i] for i in range(len(shots)) if i not in held_set]
-        votes = (
-            estimate_signs(model, [collate(voters)], loss_fn, engine=engine, progress=False)
-            if needs_votes and voters
-            else None
-        )
+        if needs_votes and voters:
+            votes = (
+                fold_signs(model, collate(voters))
+                if fold_signs is not None
+                else estimate_signs(model, [collate(voters)], loss_fn, engine=engine, progress=False)
+            )
+        else:
+            votes = None
         batch = collate([shots[i] for i in held])
         base = evaluate(model, theta, {}, 0.0, batch, loss_fn)
         scores.base.append(base)
@@ -262,6 +270,7 @@ class ShotKeywords(TypedDict, total=False):
     engine: Engine
     correct: Callable[[nn.Module, Any], Tensor] | None
     grown: Sequence[float] | None
+    fold_signs: FoldSigns | None
 
 
 def choose_on_shots(
