@@ -71,6 +71,7 @@ TABLE: dict[str, dict[str, tuple[Values, Values]]] = {
         "votes_out": STRINGS,
         "method": _choices(METHODS, ["bogus", "Adaptive", "ties"]),
         **VOTING,
+        "signs": _choices(["auto", "votes", "finetune"], ["vote", "FineTune"]),
         **MASKING,
         "mask": _choices(MASKS, ["bogus", "Agreement"]),
         "alpha": (["0", "0.5", "-1", "auto", "AUTO", "1e-3"], ["nan", "inf", "bogus", ""]),

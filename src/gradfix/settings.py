@@ -14,6 +14,9 @@ from typing import Literal
 
 Estimator = Literal["majority", "mean"]
 """How votes become a sign: the majority vote (Eq. 9) or the sign of the mean gradient."""
+Signs = Literal["auto", "votes", "finetune"]
+"""Where a transport's signs come from: B's per-sample votes, a short fine-tune of B on the shots,
+or ``auto``: the fine-tune where ``gradfix check``'s verdict is ``weak`` (:mod:`gradfix.jobs.signs`)."""
 Engine = Literal["auto", "hooks", "vmap", "loop"]
 """Per-sample gradient engines of :func:`gradfix.votes.estimate_signs`."""
 Unvoted = Literal["error", "drop", "keep"]
@@ -61,6 +64,7 @@ class VoteSettings:
     shots: Shots = 2  # or "all": every example of the file, in file order
     seed: int = 0
     estimator: Estimator = "majority"
+    signs: Signs = "auto"
     engine: Engine = "auto"
     template: str | None = None
     batch_size: int = 8

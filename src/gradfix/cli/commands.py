@@ -36,6 +36,7 @@ def _votes(args: argparse.Namespace, data: str | None) -> Any:
         shots=args.shots,
         seed=args.seed,
         estimator=args.estimator,
+        **({"signs": args.signs} if getattr(args, "signs", None) else {}),
         engine=args.engine,
         template=args.template,
         batch_size=args.batch_size,

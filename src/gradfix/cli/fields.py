@@ -144,7 +144,7 @@ def _merge(names: dict[str, tuple[str, ...]]) -> dict[str, Option]:
         "data": Option(STR_LIST, []),
         "tasks": Option(optional(TASKS)),
         **_from_settings(MergeSettings, {"method": choice(names["merge_methods"]), "density": DENSITY}),
-        **_voting(names, skip=("data",)),
+        **_voting(names, skip=("data", "signs")),
         "mask": Option(choice(masks), DEFAULT_MERGE_MASK),
         "alpha": Option(FLOAT, DEFAULT_ALPHA),
         "threshold": Option(NON_NEGATIVE, DEFAULT_THRESHOLD),

@@ -133,6 +133,14 @@ def add_voting(p: argparse.ArgumentParser, command: str) -> None:
     add_option(g, command, "seed", "seed of the draw and of the random mask", metavar="INT")
     add_option(g, command, "template", f'class prompt of the zero-shot head (default "{DEFAULT_TEMPLATE}")')
     add_option(g, command, "estimator", "sign estimator")
+    if command == "transport":
+        add_option(
+            g,
+            command,
+            "signs",
+            "where the mask's signs come from: B's votes, a short fine-tune of B on the shots, or auto "
+            "(the fine-tune where the check's verdict is weak: τ_A barely agrees with the votes)",
+        )
     add_option(g, command, "engine", "per-sample gradient engine")
     add_option(g, command, "batch_size", "samples per forward pass", metavar="INT")
     add_option(g, command, "max_length", MAX_LENGTH_HELP, metavar="INT")

@@ -36,7 +36,7 @@ from gradfix.errors import ConfigError, DataError, GradfixError
 from gradfix.jobs.common import Shots, rename_votes
 from gradfix.jobs.inputs import target_label_set
 from gradfix.methods.adaptive import ChoicePlan, choice_grid
-from gradfix.methods.autotune import Choice, choose_on_shots, choose_on_validation, swapped_weights
+from gradfix.methods.autotune import Choice, FoldSigns, choose_on_shots, choose_on_validation, swapped_weights
 from gradfix.methods.registry import Method
 from gradfix.recipes import get_recipe
 from gradfix.recipes.base import place_batch
@@ -135,13 +135,15 @@ def choose(
     shots: Sequence[Example] | None,
     settings: VoteSettings,
     unvoted: str = "error",
+    fold_signs: FoldSigns | None = None,
 ) -> Choice:
     """Choose ``(t, α)`` for ``τ_A`` (checkpoint names) on the target's loaded ``model``.
 
     ``mapping`` is ``{model parameter name: checkpoint name}``; ``votes`` (checkpoint names) are
     the final votes, used with a validation file; without one the shots are cross-validated
     (their votes are taken again per fold, on the model's current weights ``θ_B``). The model's
-    weights are unchanged afterwards. Raises when every candidate's score is non-finite.
+    weights are unchanged afterwards. ``fold_signs`` replaces each fold's vote (:mod:`gradfix.jobs.signs`).
+    Raises when every candidate's score is non-finite.
     """
     inverse = {c: m for m, c in mapping.items()}
     params = {n for n, _ in model.named_parameters()}
@@ -179,6 +181,7 @@ def choose(
             engine=settings.engine,
             correct=correct_predictions(recipe),
             grown=plan.grown,
+            fold_signs=fold_signs,
         )
     if not math.isfinite(choice.score):
         raise GradfixError(

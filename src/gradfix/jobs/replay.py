@@ -119,7 +119,7 @@ def merge_options(
         ],
         "target_base": input_path(target_base),
         **_settings(merging),
-        **_settings(votes, skip=("data",)),
+        **_settings(votes, skip=("data", "signs")),
         **{key: mask[key] for key in _MERGE_MASKING},
         "shard_size": shard_size(shard_bytes),
         **extra,

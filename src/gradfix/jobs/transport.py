@@ -41,6 +41,7 @@ from gradfix.jobs.inputs import (
 )
 from gradfix.jobs.output import MaskedUpdate, finish_output, write_model
 from gradfix.jobs.replay import pin_hub_inputs, transport_options
+from gradfix.jobs.signs import check_signs, fold_signs, signs_on_shots, signs_record, uses_finetune
 from gradfix.jobs.transport_aligned import transport_aligned
 from gradfix.jobs.transport_record import settings_record, start_record
 from gradfix.masking import TauRows, VoteReference, uncovered_tensors, unvoted_error
@@ -63,6 +64,7 @@ class _Votes:
     model: Any = None  # the target's loaded model, kept only to choose on
     combined: SignVotes | None = None  # every vote in memory, only to choose on a validation file
     pending: PendingDescent | None = None  # counts only: the descent report's backward, still to run
+    finetuned: bool = False  # the signs come from a fine-tune of B (no gradient: no descent report)
 
 
 def transport_checkpoints(
@@ -153,6 +155,7 @@ def transport_checkpoints(
     drawn = draw_shots(target_base, votes) if data else None
     if choosing is not None:
         check_evidence(choosing, drawn)
+    check_signs(votes, choosing is not None, drawn is not None)
     if needs_votes and not data and not files_in:
         raise ConfigError(f"the {masking.mask!r} mask needs votes: give --data (or --votes-in)")
     with ExitStack() as stack:
@@ -262,7 +265,14 @@ def _choose(
     tau = {n: rows.whole(n, shapes[n]) for n in names if n in nonzero and n not in dropped}
     combined = held.combined if held is not None else None
     shots = drawn.drawn if drawn is not None else None
-    choice = choose(choosing, tau, combined, model, recipe, mapping, shots, votes, masking.unvoted)
+    per_fold = None
+    if held is not None and shots is not None and uses_finetune(votes, record):
+        combined = signs_on_shots(model, recipe, shots, mapping, votes)
+        held.reference.close()
+        held.reference, held.pending, held.finetuned = VoteReference([combined], estimator="mean"), None, True
+        per_fold = fold_signs(recipe, votes.seed)
+        record["signs"] = signs_record(votes)
+    choice = choose(choosing, tau, combined, model, recipe, mapping, shots, votes, masking.unvoted, per_fold)
     if held is not None:
         held.model = held.combined = None  # the descent's backward keeps its own reference
     mask = gate_mask(choice.threshold)
@@ -311,5 +321,9 @@ def _write(
         else:
             record["files"] = write_model(tmp, rt, update, alpha, shard_bytes)
         report = with_inner(update.report(), inner)
-        record.update(kept_fraction=update.kept_fraction(), descent=report.to_dict() if report else None)
+        finetuned = held is not None and held.finetuned  # signs of a displacement, not of a gradient
+        record.update(
+            kept_fraction=update.kept_fraction(),
+            descent=report.to_dict() if report and not finetuned else None,
+        )
         finish_output(tmp, rt.path, record, held.recipe if held is not None else None, adapter is None)
