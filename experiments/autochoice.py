@@ -71,21 +71,30 @@ class Accuracies:
 
 
 def shot_rows(
-    env: TaskEnv, row: Callable[..., None], k: int, seed: int, rules: list[str], references: str
+    env: TaskEnv,
+    row: Callable[..., None],
+    k: int,
+    seed: int,
+    rules: list[str],
+    references: str,
+    signs: str = "votes",
 ) -> None:
     """The rows of one draw of shots: each rule's choice; with ``references`` ``lean`` GradFix (α on
-    validation) too, with ``all`` also adaptive on validation and the controls."""
+    validation) too, with ``all`` also adaptive on validation and the controls. ``signs="finetune"``:
+    the signs come from B's own few-shot fine-tune, per fold and on every shot (rows named so)."""
     start = time.perf_counter()
     shots = env.shots(k, seed)
-    votes = env.votes(shots)
+    finetune = signs == "finetune"
+    votes = env.finetune_votes(shots, seed) if finetune else env.votes(shots)
     acc = Accuracies(env, {t: gated(env.tau_a, votes, t) for t in GATE_GRID})
-    scores = env.score_on_shots(shots, seed, correct=env.correct)
+    options = {"fold_signs": env.fold_signs(seed)} if finetune else {}
+    scores = env.score_on_shots(shots, seed, correct=env.correct, **options)
     for rule in rules:
         base, _, margin = rule.partition(":")
         choice = scores.choose(base, float(margin)) if margin else scores.choose(base)
         t, alpha = choice.threshold, choice.alpha
         row(
-            method=rule_name(rule),
+            method=rule_name(rule) if not finetune else f"{rule_name(rule)[:-1]}, fine-tune signs)",
             k=k,
             seed=seed,
             threshold=t,
@@ -96,12 +105,13 @@ def shot_rows(
         )
     if references == "none":
         return
-    row(method="GradFix", k=k, seed=seed, **env.sweep(acc.updates[0.0]))
+    suffix = " (fine-tune signs)" if finetune else ""
+    row(method="fine-tune signs" if finetune else "GradFix", k=k, seed=seed, **env.sweep(acc.updates[0.0]))
     if references == "lean":
         return
     t, alpha = acc.best_on_validation()
     row(
-        method="adaptive (validation)",
+        method=f"adaptive (validation){suffix}",
         k=k,
         seed=seed,
         threshold=t,
@@ -109,6 +119,8 @@ def shot_rows(
         validation=acc(t, alpha, "validation"),
         test=acc(t, alpha, "test"),
     )
+    if finetune:  # the controls are the vote's
+        return
     for name, update in control_vectors(env.tau_a, votes, seed).items():
         row(method=f"control: {name}", k=k, seed=seed, **env.sweep(update))
 
@@ -150,6 +162,12 @@ def main() -> None:
         help="also the rows the floors compare with: lean (zero-shot, fine-tuned B, naive, GradFix) "
         "or all (also the oracle mask, adaptive on validation and the controls)",
     )
+    parser.add_argument(
+        "--signs",
+        choices=["votes", "finetune"],
+        default="votes",
+        help="the signs of the mask: B's per-sample votes, or B's own few-shot fine-tune (rows named so)",
+    )
     parser.add_argument("--name")
     args, rec, scenario = setup(parser)
     if args.references != "none" and not args.name:
@@ -180,7 +198,7 @@ def main() -> None:
             task_rows(env, row, args.references)
         for k in args.ks:
             for seed in args.seeds:
-                shot_rows(env, row, k, seed, args.rules, args.references)
+                shot_rows(env, row, k, seed, args.rules, args.references, args.signs)
                 rec.save()
             rec.log(f"{task} k={k} done")
     rec.save()

@@ -31,6 +31,7 @@ from gradfix.methods.autotune import (
     top_wins,
 )
 from gradfix.recipes import load_recipe
+from gradfix.votes import finetune_signs
 from gradfix.zoo import vision as zv
 
 ALPHAS = DEFAULT_ALPHAS
@@ -182,6 +183,18 @@ class TaskEnv:
         for name, param in self.model.named_parameters():
             param.requires_grad_(name in params)
         return estimate_signs(self.model, [self.collate(indices)], self.loss, estimator, progress=False)
+
+    def finetune_votes(self, indices: Sequence[int], seed: int = 0) -> SignVotes:
+        """Signs of B's own few-shot fine-tune on the examples (:func:`gradfix.votes.finetune_signs`)."""
+        self.set_weights(None)
+        params = self.trainable()
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(name in params)
+        return finetune_signs(self.model, [self.collate(indices)], self.loss, seed=seed)
+
+    def fold_signs(self, seed: int = 0) -> Callable[[nn.Module, Any], SignVotes]:
+        """Per fold of :meth:`score_on_shots`, fine-tune signs on that fold's voters."""
+        return lambda model, batch: finetune_signs(model, [batch], self.loss, seed=seed)
 
     def score_on_shots(self, shots: Sequence[int], seed: int, **options: Any) -> FoldScores:
         """:func:`gradfix.methods.autotune.score_on_shots` on ``θ_B`` with these shots (2 folds, the α

@@ -18,6 +18,8 @@ from aggregate import gap, grid_grown, grid_note, load, md_table
 
 DEFAULT_ROW = "adaptive (shots, no-harm)"
 """The CLI default's row name in the floors runs."""
+FINETUNE_DEFAULT_ROW = "adaptive (shots, no-harm, fine-tune signs)"
+"""The same choice on the signs of B's few-shot fine-tune (measured in the estimators run)."""
 
 
 def _mean(rows: Sequence[dict[str, Any]], method: str, k: int | None = None) -> float | None:
@@ -49,6 +51,8 @@ def estimator_rows(result: dict[str, Any], defaults: Sequence[dict[str, Any]]) -
         default_rows = [r for d in same_grid for r in d["rows"] if r.get("task") in result["tasks"]]
     if default_rows:
         methods.append(DEFAULT_ROW)
+    if any(r["method"] == FINETUNE_DEFAULT_ROW for r in rows):
+        methods.append(FINETUNE_DEFAULT_ROW)
     out = []
     for method in methods:
         source = default_rows if method == DEFAULT_ROW else rows

@@ -14,12 +14,15 @@ measured with α chosen on validation, next to naive addition, the oracle mask a
 - ``votes at the transported point``: the shots vote at ``θ_B + τ_A`` (naive addition, α = 1)
   instead of at ``θ_B``: where τ_A has already moved B, which of its coordinates still point
   downhill;
+- ``fine-tune signs``: the signs of B's own few-shot fine-tune on the shots
+  (:func:`gradfix.votes.finetune_signs`: 120 full-batch AdamW steps at 10⁻⁴), τ_A's magnitudes;
 - ``majority vote, many labelled shots`` (k = ``--many``, default 100 per class): GradFix's vote
   with far more labelled examples than a user holds, a ceiling on what more shots can give the vote.
 
 Each draw also measures the shots-only default (``adaptive (shots, no-harm)``, as
 :mod:`autochoice` does it) on the same build and grid, so its share of the naive → oracle margin
-is read from this run alone.
+is read from this run alone, and the same choice on fine-tune signs (``adaptive (shots, no-harm,
+fine-tune signs)``: per fold the signs of a fine-tune on the other fold's shots).
 
 The shots are drawn by the same rule as Table 1's (``k`` per class, ``random.Random(seed)``).
 
@@ -56,6 +59,7 @@ ESTIMATORS = (
     "confidence mask",
     "tensorwise certificate",
     "votes at the transported point",
+    "fine-tune signs",
 )
 MANY = "majority vote, many labelled shots"
 """Row name (after ``estimator: ``) of the vote with ``--many`` labelled shots per class."""
@@ -136,6 +140,7 @@ def estimator_updates(
         ESTIMATORS[3]: mask_task_vector(env.tau_a, votes, "confidence"),
         ESTIMATORS[4]: mask_task_vector(env.tau_a, mean_votes, "tensorwise"),
         ESTIMATORS[5]: mask_task_vector(env.tau_a, votes_at(env, shots, env.tau_a), "agreement"),
+        ESTIMATORS[6]: mask_task_vector(env.tau_a, env.finetune_votes(shots, seed), "agreement"),
     }
 
 
@@ -156,6 +161,7 @@ def run_task(env: TaskEnv, rec: Recorder, args: argparse.Namespace) -> None:
         for seed in args.seeds:
             start = time.perf_counter()
             shot_rows(env, row, k, seed, ["no-harm"], "lean")  # the default and GradFix
+            shot_rows(env, row, k, seed, ["no-harm"], "none", "finetune")  # the default on fine-tune signs
             shots = env.shots(k, seed)
             votes = env.votes(shots)
             for name, update in estimator_updates(env, shots, votes, seed, args.unlabelled).items():
