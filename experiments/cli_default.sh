@@ -2,7 +2,8 @@
 # The default `gradfix transport` (shots only, no --validation) on a text scenario's headlines
 # task, k = 2 and 5 shots per class (k = 1 cannot be cross-validated on the shots: the command
 # refuses it without --validation), seeds 0-2; each output scored on the test split with
-# `gradfix eval`. One line per run: accuracy, whether τ_A was aligned by re-basin, the verdict, t, α.
+# `gradfix eval`. One line per run: accuracy, whether τ_A was aligned by re-basin, the verdict, where
+# the signs came from (votes, or a fine-tune of B on the shots: --signs auto on a weak verdict), t, α.
 #   bash experiments/cli_default.sh text-release-permuted > docs/results/raw/cli-default-text-release-permuted.txt
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,8 +27,10 @@ for k in 2 5; do
 import json, sys
 record = json.load(open(sys.argv[1], encoding="utf-8"))
 choice, check = record.get("choice", {}), record.get("check", {})
+signs = (record.get("signs") or {}).get("from", "votes")
 print(f"k={sys.argv[2]} seed={sys.argv[3]} test_accuracy={sys.argv[4]} aligned_by={record.get('aligned_by')} "
-      f"verdict={check.get('verdict')} t={choice.get('threshold')} alpha={choice.get('alpha')}")
+      f"verdict={check.get('verdict')} signs={signs} t={choice.get('threshold')} alpha={choice.get('alpha')} "
+      f"drift={check.get('drift')}")
 PYEOF
   done
 done

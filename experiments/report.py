@@ -372,7 +372,12 @@ def main() -> None:
     if floors:
         parts += ["## A default that never harms: the floors", "", FLOORS_INTRO, ""]
         parts += [table1_section(r, f"{r['scenario']}: {r['experiment']}") + "\n" for r in floors]
-        parts += [floors_section(floors), "", cli_floors_section(raw, table1), ""]
+        parts += [
+            floors_section(floors),
+            "",
+            cli_floors_section(raw, [*table1, *load(raw, "estimators-")]),
+            "",
+        ]
     controls = load(raw, "controls-")
     if controls:
         parts += ["## What GradFix carries: the controls", "", CONTROLS_INTRO, ""]
