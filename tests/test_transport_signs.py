@@ -79,3 +79,14 @@ def test_finetune_signs_need_a_choice_and_shots(
 def test_auto_follows_the_weak_verdict(signs: str, verdict: str | None, expected: bool) -> None:
     record = {"check": {"verdict": verdict}} if verdict else {}
     assert uses_finetune(VoteSettings(signs=signs), record) is expected  # type: ignore[arg-type]
+
+
+def test_the_weak_warning_says_where_the_signs_came_from() -> None:
+    from gradfix.jobs.check_votes import warning_line
+
+    agreement = {"estimate": 0.503, "null": {"low": 0.499, "high": 0.501}}
+    check = {"verdict": "weak", "recommended_method": "adaptive", "sign_agreement": agreement}
+    plain = warning_line(check)
+    assert plain is not None and "fine-tune" not in plain
+    said = warning_line({**check, "signs_from": "finetune"})
+    assert said is not None and said.startswith(plain) and "short fine-tune of B on the shots" in said

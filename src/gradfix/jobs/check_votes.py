@@ -324,7 +324,10 @@ def warning_line(check: Mapping[str, Any] | None) -> str | None:
     if verdict == "nothing-transfers":
         return f"{said}: {check['note']}"
     method = check["recommended_method"]
-    return f"{said}: above chance but not clearly; little of A may transfer (recommended: {method})"
+    line = f"{said}: above chance but not clearly; little of A may transfer (recommended: {method})"
+    if check.get("signs_from") == "finetune":
+        line += "; the mask's signs come from a short fine-tune of B on the shots (--signs votes: B's votes)"
+    return line
 
 
 def card_section(check: Mapping[str, Any] | None) -> str:

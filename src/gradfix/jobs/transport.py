@@ -272,6 +272,7 @@ def _choose(
         held.reference, held.pending, held.finetuned = VoteReference([combined], estimator="mean"), None, True
         per_fold = fold_signs(recipe, votes.seed)
         record["signs"] = signs_record(votes)
+        record["check"]["signs_from"] = "finetune"
     choice = choose(choosing, tau, combined, model, recipe, mapping, shots, votes, masking.unvoted, per_fold)
     if held is not None:
         held.model = held.combined = None  # the descent's backward keeps its own reference
