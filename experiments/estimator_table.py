@@ -105,9 +105,24 @@ def estimators_section(raw: Path) -> str:
                 and not any(r["method"] == DEFAULT_ROW for r in rows)
                 else []
             ),
+            *_build_note(result, load(raw, f"table1-{result['scenario']}")),
             f"`{result['command']}`",
             "",
         ]
     if not parts:
         return "No estimators run yet (`python experiments/estimators.py --scenario ...`)."
     return "\n".join(parts)
+
+
+def _build_note(result: dict[str, Any], table1: Sequence[dict[str, Any]]) -> list[str]:
+    """A line when this run measured another build of the scenario than its Table 1 run (drifts differ)."""
+    others = [t for t in table1 if t.get("scenario") == result["scenario"] and t.get("drift") is not None]
+    if not others or abs(others[0]["drift"] - result["drift"]) < 1e-5:
+        return []
+    return [
+        "Measured on another build of the scenario than its Table 1 run (drift "
+        f"{100 * result['drift']:.2f} % here, {100 * others[0]['drift']:.2f} % there): compare rows "
+        "within this table; the section *The "
+        "same release built again* sets the builds side by side.",
+        "",
+    ]

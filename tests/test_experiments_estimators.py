@@ -209,3 +209,19 @@ def _page(tmp_path: Path, result: dict[str, Any], floors_test: float) -> str:
     (tmp_path / "estimators-s.json").write_text(json.dumps(result), encoding="utf-8")
     (tmp_path / "floors-s-t.json").write_text(json.dumps(floors), encoding="utf-8")
     return estimators_section(tmp_path)
+
+
+def test_a_run_on_another_build_than_table_1_says_so(tmp_path: Path) -> None:
+    import json
+
+    result = {
+        "scenario": "s", "tasks": ["t"], "ks": [1], "seeds": [0], "drift": 0.1219,
+        "rows": [*REFERENCES, {"task": "t", "method": "GradFix", "k": 1, "seed": 0, "test": 0.3}],
+        "command": "python experiments/estimators.py --scenario s",
+    }  # fmt: skip
+    table1 = {"scenario": "s", "tasks": ["t"], "drift": 0.1226, "rows": []}
+    (tmp_path / "table1-s.json").write_text(json.dumps(table1), encoding="utf-8")
+    page = _page(tmp_path, result, floors_test=0.4)
+    assert "another build of the scenario than its Table 1 run (drift 12.19 % here, 12.26 % there)" in page
+    (tmp_path / "table1-s.json").write_text(json.dumps({**table1, "drift": 0.1219}), encoding="utf-8")
+    assert "another build" not in _page(tmp_path, result, floors_test=0.4)
