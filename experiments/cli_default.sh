@@ -15,6 +15,8 @@ T='This news article is about {label}.'
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 echo "command: bash experiments/cli_default.sh $SCENARIO"
+# the build the runs use: B's drift from A over the transported tensors (builds of a recipe can differ)
+echo "drift: $(PYTHONPATH=experiments $PY -c "import sys; from pathlib import Path; from envs import relative_drift; print(relative_drift(Path(sys.argv[1]), 'encoder.*'))" "$S")"
 for k in 2 5; do
   for seed in 0 1 2; do
     out="$WORK/k$k-s$seed"
@@ -29,8 +31,7 @@ record = json.load(open(sys.argv[1], encoding="utf-8"))
 choice, check = record.get("choice", {}), record.get("check", {})
 signs = (record.get("signs") or {}).get("from", "votes")
 print(f"k={sys.argv[2]} seed={sys.argv[3]} test_accuracy={sys.argv[4]} aligned_by={record.get('aligned_by')} "
-      f"verdict={check.get('verdict')} signs={signs} t={choice.get('threshold')} alpha={choice.get('alpha')} "
-      f"drift={check.get('drift')}")
+      f"verdict={check.get('verdict')} signs={signs} t={choice.get('threshold')} alpha={choice.get('alpha')}")
 PYEOF
   done
 done

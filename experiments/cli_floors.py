@@ -22,14 +22,17 @@ NAIVE_THRESHOLD = 2.0
 
 
 def parse_runs(path: Path) -> tuple[str, list[dict[str, Any]]]:
-    """The command line and the runs of one ``cli-default-*.txt`` (``key=value`` fields per line)."""
-    command, runs = "", []
+    """The command line and the runs of one ``cli-default-*.txt`` (``key=value`` fields per line; the
+    ``drift:`` line, the build's, is given to every run)."""
+    command, drift, runs = "", "", []
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.startswith("command:"):
             command = line.partition(":")[2].strip()
+        elif line.startswith("drift:"):
+            drift = line.partition(":")[2].strip()
         elif line.startswith("k="):
             runs.append(dict(field.split("=", 1) for field in line.split()))
-    return command, runs
+    return command, [{"drift": drift, **r} for r in runs] if drift else runs
 
 
 def _mean(result: dict[str, Any], name: str) -> float | None:

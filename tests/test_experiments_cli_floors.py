@@ -10,8 +10,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 from cli_floors import cli_floors_section, parse_runs, same_build
 
 LINES = """command: bash experiments/cli_default.sh s
-k=2 seed=0 test_accuracy=0.50 aligned_by=None verdict=weak signs=finetune t=0.0 alpha=8.0 drift=0.1219
-k=2 seed=1 test_accuracy=0.30 aligned_by=None verdict=weak signs=finetune t=2.0 alpha=5.0 drift=0.1219
+drift: 0.1219
+k=2 seed=0 test_accuracy=0.50 aligned_by=None verdict=weak signs=finetune t=0.0 alpha=8.0
+k=2 seed=1 test_accuracy=0.30 aligned_by=None verdict=weak signs=finetune t=2.0 alpha=5.0
 """
 
 
@@ -30,7 +31,8 @@ def test_runs_are_read_and_set_against_the_references_of_their_own_build(tmp_pat
     assert command == "bash experiments/cli_default.sh s" and [r["seed"] for r in runs] == ["0", "1"]
     other, mine = _result(0.1226, 0.50), _result(0.1219, 0.30)
     assert same_build("s", runs, [other, mine]) is mine
-    assert same_build("s", runs[:0], [other, mine]) is other  # no drift recorded: the first
+    assert all(r["drift"] == "0.1219" for r in runs)
+    assert same_build("s", [{"k": "2"}], [other, mine]) is other  # no drift recorded: the first
     page = cli_floors_section(tmp_path, [other, mine])
     row = "| s | 12.19 % / 12.19 % | 2 | 50.0 / 30.0 | 40.0 | none | weak | finetune |"
     assert row + " gate t=0 α=8; naive α=5 | 20.0 | 30.0 | 25.0 | met | met |" in page
