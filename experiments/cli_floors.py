@@ -53,6 +53,20 @@ def same_build(
     return candidates[0] if candidates else None
 
 
+def _shares(value: float, reference: dict[str, Any]) -> str:
+    """``68 % / 61 %``: the share of the zero-shot → fine-tuned-B gap and of the naive → oracle
+    margin (``n/a`` where the reference lacks the rows)."""
+    zero, top = _mean(reference, "zero-shot B"), _mean(reference, "fine-tuned B")
+    naive, oracle = _mean(reference, "naive"), _mean(reference, "oracle mask")
+    shares = [
+        f"{100 * (value - low) / (high - low):.0f} %"
+        if low is not None and high is not None and high > low
+        else "n/a"
+        for low, high in ((zero, top), (naive, oracle))
+    ]
+    return " / ".join(shares)
+
+
 def _shown(value: str | None) -> str:
     """A record's value, ``none`` where it wrote nothing."""
     return "none" if value in (None, "None") else value
@@ -80,7 +94,8 @@ def cli_floors_section(raw: Path, table1: Sequence[dict[str, Any]]) -> str:
     from the result in ``table1`` (Table 1 or estimators runs) of the build the command ran on."""
     header = [
         "scenario", "drift", "k", "default (CLI), per seed", "mean", "τ_A aligned by", "verdict", "signs",
-        "choices", "zero-shot B", "naive", "GradFix", "≥ zero-shot − 0.5", "≥ better − 1",
+        "choices", "zero-shot B", "naive", "GradFix", "gap / naive → oracle margin", "≥ zero-shot − 0.5",
+        "≥ better − 1",
     ]  # fmt: skip
     table, commands = [], []
     for path in sorted(raw.glob("cli-default-*.txt")):
@@ -105,6 +120,7 @@ def cli_floors_section(raw: Path, table1: Sequence[dict[str, Any]]) -> str:
                     ", ".join(sorted({r.get("signs", "votes") for r in mine})),
                     "; ".join(_choice(r) for r in mine),
                     *(("n/a" if v is None else f"{100 * v:.1f}") for v in (zero, naive, gradfix)),
+                    _shares(mean, reference),
                     "n/a" if zero is None else ("met" if mean >= zero - 0.005 else "**not met**"),
                     "n/a" if better is None else ("met" if mean >= better - 0.01 else "**not met**"),
                 ]

@@ -69,7 +69,14 @@ point, and with `--validation` at least that better one. Each run below measures
 same grid and shots; *no-harm z=2* asks for two standard errors, *1-SE* and *min loss* are the
 earlier rules. The controls replace part of GradFix's update: the same votes on a random task
 vector with τ_A's per-tensor mean and spread, a sign step `ŝ · mean|τ_A|` on every voted
-coordinate, and τ_A's magnitudes shuffled within each tensor under GradFix's signs."""
+coordinate, and τ_A's magnitudes shuffled within each tensor under GradFix's signs.
+
+Where the verdict of `gradfix check` is *weak* (the far and the instruction-tuned releases), the
+default takes its signs from a short fine-tune of B on the shots instead of B's votes
+(`--signs auto`; per fold while choosing, then on every shot): the runs below on those releases
+measured the vote, the default through the installed command after them measures the fine-tune
+signs, and the estimators section sets both on one build. On every other scenario measured here
+the verdict is *transfers*, *permutation* or *nothing-transfers*, so its default is unchanged."""
 
 CONTROLS_INTRO = """GradFix's rows beside the three controls of the same votes, α on validation (grid read
 from the rows' `validation_by_alpha`), on the models the check reads; the claims section reads

@@ -35,6 +35,6 @@ def test_runs_are_read_and_set_against_the_references_of_their_own_build(tmp_pat
     assert same_build("s", [{"k": "2"}], [other, mine]) is other  # no drift recorded: the first
     page = cli_floors_section(tmp_path, [other, mine])
     row = "| s | 12.19 % / 12.19 % | 2 | 50.0 / 30.0 | 40.0 | none | weak | finetune |"
-    assert row + " gate t=0 α=8; naive α=5 | 20.0 | 30.0 | 25.0 | met | met |" in page
+    assert row + " gate t=0 α=8; naive α=5 | 20.0 | 30.0 | 25.0 | n/a / n/a | met | met |" in page
     page = cli_floors_section(tmp_path, [other])  # only another build: its naive, 50.0, is missed
-    assert "| 12.19 % / 12.26 % |" in page and "| 50.0 | 25.0 | met | **not met** |" in page
+    assert "| 12.19 % / 12.26 % |" in page and "| 50.0 | 25.0 | n/a / n/a | met | **not met** |" in page
