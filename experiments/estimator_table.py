@@ -105,7 +105,7 @@ def estimators_section(raw: Path) -> str:
                 and not any(r["method"] == DEFAULT_ROW for r in rows)
                 else []
             ),
-            *_build_note(result, load(raw, f"table1-{result['scenario']}")),
+            *_build_note(result, load(raw, f"table1-{result['scenario']}"), raw),
             f"`{result['command']}`",
             "",
         ]
@@ -114,7 +114,7 @@ def estimators_section(raw: Path) -> str:
     return "\n".join(parts)
 
 
-def _build_note(result: dict[str, Any], table1: Sequence[dict[str, Any]]) -> list[str]:
+def _build_note(result: dict[str, Any], table1: Sequence[dict[str, Any]], raw: Path) -> list[str]:
     """A line when this run measured another build of the scenario than its Table 1 run (drifts differ)."""
     others = [t for t in table1 if t.get("scenario") == result["scenario"] and t.get("drift") is not None]
     if not others or abs(others[0]["drift"] - result["drift"]) < 1e-5:
@@ -122,7 +122,11 @@ def _build_note(result: dict[str, Any], table1: Sequence[dict[str, Any]]) -> lis
     return [
         "Measured on another build of the scenario than its Table 1 run (drift "
         f"{100 * result['drift']:.2f} % here, {100 * others[0]['drift']:.2f} % there): compare rows "
-        "within this table; the section *The "
-        "same release built again* sets the builds side by side.",
+        "within this table"
+        + (
+            "; the section *The same release built again* sets the builds side by side."
+            if (raw / f"build-spread-{result['scenario']}.json").exists()
+            else "."
+        ),
         "",
     ]
