@@ -55,7 +55,25 @@ def build_spread_section(raw: Path, table1: Sequence[dict[str, Any]]) -> str:
             "",
             md_table(header, body),
             "",
+            *_repeats(body),
             f"`{result['command']}`",
             "",
         ]
     return "\n".join(parts)
+
+
+def _repeats(body: Sequence[list[str]]) -> list[str]:
+    """A line naming the builds with the same thread count whose rows are identical (a rebuild on
+    one machine and thread count reproduces B) or differ."""
+    groups: dict[str, list[list[str]]] = {}
+    for row in body:
+        if row[1] != "n/a":
+            groups.setdefault(row[1], []).append(row)
+    lines = []
+    for threads, rows in groups.items():
+        if len(rows) > 1:
+            same = all(r[2:] == rows[0][2:] for r in rows)
+            what = "gave identical rows" if same else "differ"
+            names = ", ".join(r[0] for r in rows)
+            lines.append(f"Builds with {threads} thread(s) on this machine ({names}) {what}.")
+    return [" ".join(lines), ""] if lines else []

@@ -33,6 +33,10 @@ def test_each_build_gets_its_drift_and_gap_shares_and_the_table1_build_is_set_be
     assert "| 2:/a | 2 | 12.19 % | 20.0 | 80.0 | 35.0 (25 %, α = 5) | 74.0 (90 %, α = 3) |" in page
     assert "| 1:/b | 2 | 12.36 % | 20.0 | 80.0 | 56.0 (60 %, α = 5) |" in page
     assert "| the Table 1 run's build (earlier) | n/a | 12.26 % | 20.0 | 80.0 | 44.0 (40 %, α = 5) |" in page
+    assert "Builds with 2 thread(s) on this machine (2:/a, 1:/b) differ." in page
+    result["rows"] = _rows("2:/a", 0.1219, 0.35) + _rows("2:/c", 0.1219, 0.35)
+    (tmp_path / "build-spread-s.json").write_text(json.dumps(result), encoding="utf-8")
+    assert "(2:/a, 2:/c) gave identical rows." in build_spread_section(tmp_path, [table1])
 
 
 def test_a_build_missing_a_reference_row_is_left_out(tmp_path: Path) -> None:
