@@ -16,6 +16,14 @@ from typing import Any
 
 from aggregate import gap, grid_grown, grid_note, load, md_table
 
+INTRO = """Each estimator's update is τ_A masked by its signs (or weighted, for the confidence mask), α
+on validation; the two *adaptive (shots, …)* rows choose t and α from the shots alone, on B's
+votes and on the signs of B's own fine-tune. *fine-tune signs*: the signs of θ_N − θ_B after 120
+full-batch AdamW steps (learning rate 10⁻⁴) of B on the shots (`gradfix.votes.finetune_signs`);
+*majority vote, many labelled shots*: GradFix's vote on 100 labelled examples per class; *votes at
+the transported point*: the vote taken at θ_B + τ_A. The aim is the default taking at least half
+of the naive → oracle margin."""
+
 DEFAULT_ROW = "adaptive (shots, no-harm)"
 """The CLI default's row name in the floors runs."""
 FINETUNE_DEFAULT_ROW = "adaptive (shots, no-harm, fine-tune signs)"
@@ -111,7 +119,7 @@ def estimators_section(raw: Path) -> str:
         ]
     if not parts:
         return "No estimators run yet (`python experiments/estimators.py --scenario ...`)."
-    return "\n".join(parts)
+    return "\n".join([INTRO, "", *parts])
 
 
 def _build_note(result: dict[str, Any], table1: Sequence[dict[str, Any]], raw: Path) -> list[str]:
