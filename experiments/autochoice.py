@@ -38,6 +38,7 @@ from records import scenario_view, setup
 
 from gradfix import mask_task_vector
 from gradfix.methods.autotune import NAIVE, gated
+from gradfix.votes.finetune import finetune_fold_signs
 
 RULE_NAMES = {
     "no-harm": "adaptive (shots, no-harm)",
@@ -87,7 +88,7 @@ def shot_rows(
     finetune = signs == "finetune"
     votes = env.finetune_votes(shots, seed) if finetune else env.votes(shots)
     acc = Accuracies(env, {t: gated(env.tau_a, votes, t) for t in GATE_GRID})
-    options = {"fold_signs": env.fold_signs(seed)} if finetune else {}
+    options = {"fold_signs": finetune_fold_signs(env.loss, seed=seed)} if finetune else {}
     scores = env.score_on_shots(shots, seed, correct=env.correct, **options)
     for rule in rules:
         base, _, margin = rule.partition(":")

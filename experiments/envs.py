@@ -176,25 +176,23 @@ class TaskEnv:
         """``k`` training examples per class drawn with ``seed``."""
         return draw_per_class(self.train_labels, k, seed)
 
-    def votes(self, indices: Sequence[int], estimator: str = "majority") -> SignVotes:
-        """The target's sign votes on the given training examples (one batch)."""
-        self.set_weights(None)
+    def voting(self) -> None:
+        """Only the parameters τ_A covers take gradients (they vote, or move in a fine-tune)."""
         params = self.trainable()
         for name, param in self.model.named_parameters():
             param.requires_grad_(name in params)
+
+    def votes(self, indices: Sequence[int], estimator: str = "majority") -> SignVotes:
+        """The target's sign votes on the given training examples (one batch)."""
+        self.set_weights(None)
+        self.voting()
         return estimate_signs(self.model, [self.collate(indices)], self.loss, estimator, progress=False)
 
     def finetune_votes(self, indices: Sequence[int], seed: int = 0) -> SignVotes:
         """Signs of B's own few-shot fine-tune on the examples (:func:`gradfix.votes.finetune_signs`)."""
         self.set_weights(None)
-        params = self.trainable()
-        for name, param in self.model.named_parameters():
-            param.requires_grad_(name in params)
+        self.voting()
         return finetune_signs(self.model, [self.collate(indices)], self.loss, seed=seed)
-
-    def fold_signs(self, seed: int = 0) -> Callable[[nn.Module, Any], SignVotes]:
-        """Per fold of :meth:`score_on_shots`, fine-tune signs on that fold's voters."""
-        return lambda model, batch: finetune_signs(model, [batch], self.loss, seed=seed)
 
     def score_on_shots(self, shots: Sequence[int], seed: int, **options: Any) -> FoldScores:
         """:func:`gradfix.methods.autotune.score_on_shots` on ``θ_B`` with these shots (2 folds, the α

@@ -69,9 +69,8 @@ MANY = "majority vote, many labelled shots"
 def weighted_signs(env: TaskEnv, indices: Sequence[int], weights: Sequence[float]) -> dict[str, Tensor]:
     """``sign(Σ_i w_i · sign(−g_i))`` per parameter: one backward per example (few examples)."""
     env.set_weights(None)
+    env.voting()
     params = env.trainable()
-    for name, param in env.model.named_parameters():
-        param.requires_grad_(name in params)
     total = {name: torch.zeros_like(p) for name, p in params.items()}
     for index, weight in zip(indices, weights, strict=True):
         loss = env.loss(env.model, env.collate([index])).sum()
@@ -147,9 +146,7 @@ def estimator_updates(
 def votes_at(env: TaskEnv, shots: Sequence[int], update: TaskVector, alpha: float = 1.0) -> SignVotes:
     """The shots' majority vote at ``θ_B + α · update`` (the model is back at ``θ_B`` afterwards)."""
     with env.weights(update, alpha):
-        params = env.trainable()
-        for name, param in env.model.named_parameters():
-            param.requires_grad_(name in params)
+        env.voting()
         return estimate_signs(env.model, [env.collate(shots)], env.loss, "majority", progress=False)
 
 

@@ -187,6 +187,11 @@ def load_target(
     return model, recipe, mapping
 
 
+def shot_batches(recipe: Any, model: nn.Module, examples: Sequence[Example], batch_size: int) -> list[Any]:
+    """The examples collated by the recipe in batches of ``batch_size``, placed where ``model`` is."""
+    return [place_batch(recipe.collate(chunk), model) for chunk in batched(list(examples), batch_size)]
+
+
 def vote_on_target(
     target: str | Path,
     settings: VoteSettings,
@@ -208,9 +213,7 @@ def vote_on_target(
     """
     shots = shots if shots is not None else draw_shots(target, settings)
     model, recipe, mapping = load_target(target, settings, shots.labels, checkpoint_names, voted)
-    batches = [
-        place_batch(recipe.collate(chunk), model) for chunk in batched(shots.drawn, settings.batch_size)
-    ]
+    batches = shot_batches(recipe, model, shots.drawn, settings.batch_size)
     # under torchrun each process votes on every world_size-th batch (the same batches as one
     # process would form, so each sample's gradient is computed identically) and the counts add up
     rank, size = world()

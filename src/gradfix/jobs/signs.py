@@ -17,11 +17,9 @@ from typing import Any
 
 from torch import nn
 
-from gradfix.data import Example, batched
+from gradfix.data import Example
 from gradfix.errors import ConfigError
-from gradfix.jobs.common import rename_votes
-from gradfix.methods.autotune import FoldSigns
-from gradfix.recipes.base import place_batch
+from gradfix.jobs.common import rename_votes, shot_batches
 from gradfix.settings import VoteSettings
 from gradfix.votes import SignVotes, finetune_signs
 from gradfix.votes.finetune import DEFAULT_LR, DEFAULT_STEPS
@@ -46,11 +44,6 @@ def uses_finetune(votes: VoteSettings, record: Mapping[str, Any]) -> bool:
     return votes.signs == "finetune" or (votes.signs == "auto" and verdict == "weak")
 
 
-def fold_signs(recipe: Any, seed: int) -> FoldSigns:
-    """Per fold of the choice: the signs of a fine-tune on that fold's voters."""
-    return lambda model, batch: finetune_signs(model, [batch], recipe.loss, seed=seed)
-
-
 def signs_on_shots(
     model: nn.Module,
     recipe: Any,
@@ -60,9 +53,7 @@ def signs_on_shots(
 ) -> SignVotes:
     """The signs of a fine-tune of the target's loaded ``model`` on every shot, keyed by checkpoint
     names (``mapping``: model parameter name → checkpoint name); the model is unchanged afterwards."""
-    batches = [
-        place_batch(recipe.collate(chunk), model) for chunk in batched(list(shots), settings.batch_size)
-    ]
+    batches = shot_batches(recipe, model, shots, settings.batch_size)
     return rename_votes(finetune_signs(model, batches, recipe.loss, seed=settings.seed), mapping)
 
 

@@ -41,7 +41,7 @@ from gradfix.jobs.inputs import (
 )
 from gradfix.jobs.output import MaskedUpdate, finish_output, write_model
 from gradfix.jobs.replay import pin_hub_inputs, transport_options
-from gradfix.jobs.signs import check_signs, fold_signs, signs_on_shots, signs_record, uses_finetune
+from gradfix.jobs.signs import check_signs, signs_on_shots, signs_record, uses_finetune
 from gradfix.jobs.transport_aligned import transport_aligned
 from gradfix.jobs.transport_record import settings_record, start_record
 from gradfix.masking import TauRows, VoteReference, uncovered_tensors, unvoted_error
@@ -53,6 +53,7 @@ from gradfix.settings import DEFAULT_SHARD_BYTES, MaskSettings, VoteSettings
 from gradfix.votes import SignVotes
 from gradfix.votes.distributed import world
 from gradfix.votes.estimate import Gradient
+from gradfix.votes.finetune import finetune_fold_signs
 
 
 @dataclass
@@ -64,7 +65,6 @@ class _Votes:
     model: Any = None  # the target's loaded model, kept only to choose on
     combined: SignVotes | None = None  # every vote in memory, only to choose on a validation file
     pending: PendingDescent | None = None  # counts only: the descent report's backward, still to run
-    finetuned: bool = False  # the signs come from a fine-tune of B (no gradient: no descent report)
 
 
 def transport_checkpoints(
@@ -267,10 +267,11 @@ def _choose(
     shots = drawn.drawn if drawn is not None else None
     per_fold = None
     if held is not None and shots is not None and uses_finetune(votes, record):
+        assert recipe is not None  # loaded with the model that voted
         combined = signs_on_shots(model, recipe, shots, mapping, votes)
         held.reference.close()
-        held.reference, held.pending, held.finetuned = VoteReference([combined], estimator="mean"), None, True
-        per_fold = fold_signs(recipe, votes.seed)
+        held.reference, held.pending = VoteReference([combined], estimator="mean"), None
+        per_fold = finetune_fold_signs(recipe.loss, seed=votes.seed)
         record["signs"] = signs_record(votes)
         record["check"]["signs_from"] = "finetune"
     choice = choose(choosing, tau, combined, model, recipe, mapping, shots, votes, masking.unvoted, per_fold)
@@ -322,7 +323,7 @@ def _write(
         else:
             record["files"] = write_model(tmp, rt, update, alpha, shard_bytes)
         report = with_inner(update.report(), inner)
-        finetuned = held is not None and held.finetuned  # signs of a displacement, not of a gradient
+        finetuned = "signs" in record  # signs of a displacement, not of a gradient: no descent report
         record.update(
             kept_fraction=update.kept_fraction(),
             descent=report.to_dict() if report and not finetuned else None,

@@ -230,17 +230,13 @@ def score_on_shots(
     theta = {n: p.detach().clone() for n, p in model.named_parameters() if n in tau}
     scores = FoldScores(grid=tuple(alphas))
     needs_votes = any(t <= 1 for t in thresholds)
+    signs_of = fold_signs or (
+        lambda model, batch: estimate_signs(model, [batch], loss_fn, engine=engine, progress=False)
+    )
     for index, held in enumerate(shot_folds(labels, folds, seed)):
         held_set = set(held)
         voters = [shots[i] for i in range(len(shots)) if i not in held_set]
-        if needs_votes and voters:
-            votes = (
-                fold_signs(model, collate(voters))
-                if fold_signs is not None
-                else estimate_signs(model, [collate(voters)], loss_fn, engine=engine, progress=False)
-            )
-        else:
-            votes = None
+        votes = signs_of(model, collate(voters)) if needs_votes and voters else None
         batch = collate([shots[i] for i in held])
         base = evaluate(model, theta, {}, 0.0, batch, loss_fn)
         scores.base.append(base)

@@ -77,6 +77,12 @@ def finetune_signs(
     return SignVotes({}, {n: -d for n, d in delta.items()}, samples, "mean", hits)
 
 
+def finetune_fold_signs(loss_fn: LossFn, *, seed: int = 0) -> Callable[[nn.Module, Any], SignVotes]:
+    """``(model, batch) -> finetune_signs(model, [batch], loss_fn, seed=seed)``: the per-fold sign
+    estimator of :func:`gradfix.methods.autotune.score_on_shots` (its ``fold_signs``)."""
+    return lambda model, batch: finetune_signs(model, [batch], loss_fn, seed=seed)
+
+
 def _step(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn, optimizer: torch.optim.Optimizer) -> int:
     """One optimizer step on the mean per-sample loss over every batch; returns the sample count."""
     optimizer.zero_grad(set_to_none=True)
