@@ -13,6 +13,7 @@ import ast
 import hashlib
 import os
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
 from gradfix.errors import DataError
@@ -37,6 +38,16 @@ def python_files(root: str | Path) -> list[Path]:
     return found
 
 
+def parsed_files(root: str | Path) -> Iterator[tuple[Path, ast.Module]]:
+    """Each file of :func:`python_files` with its syntax tree (parsed, never imported), in order;
+    files that cannot be read or parsed are skipped."""
+    for path in python_files(root):
+        try:
+            yield path, ast.parse(path.read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+
+
 def paragraphs(doc: str, min_words: int) -> list[str]:
     """The paragraphs of ``doc`` (whitespace collapsed) with ``min_words`` words or more and no code."""
     out = []
@@ -54,11 +65,7 @@ def docstring_paragraphs(root: str | Path | None = None, min_words: int = 6) -> 
     """
     folder = Path(root) if root is not None else stdlib_folder()
     seen: dict[str, None] = {}
-    for path in python_files(folder):
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
-            continue
+    for _, tree in parsed_files(folder):
         for node in ast.walk(tree):
             if isinstance(node, _NODES):
                 doc = ast.get_docstring(node)

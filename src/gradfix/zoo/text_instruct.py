@@ -35,7 +35,7 @@ import torch
 
 from gradfix.data import Example, label_set, load_examples
 from gradfix.errors import DataError
-from gradfix.zoo.docstrings import corpus_digest, paragraphs, python_files, stdlib_folder
+from gradfix.zoo.docstrings import corpus_digest, paragraphs, parsed_files, stdlib_folder
 from gradfix.zoo.text import (
     TextTask,
     accuracy,
@@ -180,11 +180,7 @@ def docstring_passages(root: str | Path | None = None, min_words: int = 6) -> li
     """
     folder = Path(root) if root is not None else stdlib_folder()
     seen: dict[str, Passage] = {}
-    for path in python_files(folder):
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
-            continue
+    for path, tree in parsed_files(folder):
         module = path.relative_to(folder).as_posix()
         for node in ast.walk(tree):
             if isinstance(node, _OWNERS):
