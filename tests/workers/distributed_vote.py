@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from gradfix import estimate_signs
-from gradfix.votes.distributed import all_reduce_votes, init_from_environment, shard, world
+from gradfix.votes.distributed import all_reduce_votes, end_process_group, init_from_environment, shard, world
 
 
 def build() -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
@@ -33,4 +33,4 @@ if __name__ == "__main__":
     if world()[0] == 0:
         votes.save(sys.argv[1])
         lean.save(sys.argv[1].replace(".safetensors", "-counts.safetensors"))
-    torch.distributed.destroy_process_group()
+    end_process_group()

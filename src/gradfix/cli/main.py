@@ -75,13 +75,6 @@ def _validated(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**meta, **options)
 
 
-def _end_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 class Terminated(KeyboardInterrupt):
     """SIGTERM or SIGHUP arrived: raised like Ctrl-C, so that partial outputs are removed."""
 
@@ -119,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    finished = False
     try:
         with _stop_signals_raise():
             args = _validated(args)
@@ -129,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 keep_freed_memory()  # freed tensors are reused, not page-faulted in again
                 init_from_environment()  # under torchrun: each process votes on its share
             result = args.handler(args)
+        finished = True
         if isinstance(result, dict) and result.get("written_by_another_process"):
             return 0
     except GradfixError as exc:
@@ -150,7 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("gradfix: interrupted; no output was written", file=sys.stderr)
         return 130
     finally:
-        _end_process_group()
+        if args.command in ("transport", "merge"):  # the only commands that join a process group
+            from gradfix.votes.distributed import end_process_group
+
+            end_process_group(synchronize=finished)
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0

@@ -54,6 +54,23 @@ def init_from_environment(backend: str | None = None) -> bool:
     return True
 
 
+def end_process_group(synchronize: bool = True) -> None:
+    """Leave the default process group, if one is active.
+
+    With ``synchronize`` every process waits at a barrier first: gloo aborts a process
+    ("terminate called without an active exception") when it tears its group down while a peer
+    is still working (rank 0 writing the output, the others already done). After an error the
+    barrier is skipped, since the other processes may never reach it.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if synchronize and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def shard(items: Sequence[T], rank: int | None = None, world_size: int | None = None) -> list[T]:
     """This rank's share of ``items``: every ``world_size``-th item starting at ``rank``."""
     if rank is None or world_size is None:
