@@ -82,7 +82,8 @@ def shot_rows(
 ) -> None:
     """The rows of one draw of shots: each rule's choice; with ``references`` ``lean`` GradFix (α on
     validation) too, with ``all`` also adaptive on validation and the controls. ``signs="finetune"``:
-    the signs come from B's own few-shot fine-tune, per fold and on every shot (rows named so)."""
+    the signs come from B's own few-shot fine-tune, per fold and on every shot (rows named so, the
+    fine-tune-sign mask on validation too); GradFix stays on B's votes and the controls are left out."""
     start = time.perf_counter()
     shots = env.shots(k, seed)
     finetune = signs == "finetune"
@@ -107,7 +108,11 @@ def shot_rows(
     if references == "none":
         return
     suffix = " (fine-tune signs)" if finetune else ""
-    row(method="fine-tune signs" if finetune else "GradFix", k=k, seed=seed, **env.sweep(acc.updates[0.0]))
+    gradfix = acc.updates[0.0]
+    if finetune:  # the floors compare with GradFix, which takes B's votes
+        row(method="fine-tune signs", k=k, seed=seed, **env.sweep(gradfix))
+        gradfix = gated(env.tau_a, env.votes(shots), 0.0)
+    row(method="GradFix", k=k, seed=seed, **env.sweep(gradfix))
     if references == "lean":
         return
     t, alpha = acc.best_on_validation()

@@ -12,13 +12,13 @@ from aggregate import average, by_task, gap, label, load, md_table, stat, table1
 DEFAULT_KS = (1, 2, 5)
 
 
-def _avg(result: dict[str, Any], name: str) -> float | None:
+def mean_of(result: dict[str, Any], name: str) -> float | None:
     rows = table1_rows(result)
     s = average(rows, name, list(result["tasks"]))
     return s.mean if s else None
 
 
-def _pct(value: float | None) -> str:
+def pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
 
@@ -64,14 +64,14 @@ def default_section(results: Sequence[dict[str, Any]]) -> str:
     within: dict[str, list[bool]] = {rule: [] for rule in SHOT_RULES}
     diffs: dict[str, list[float]] = {rule: [] for rule in SHOT_RULES}
     for result in results:
-        naive = _avg(result, "naive")
+        naive = mean_of(result, "naive")
         for k in DEFAULT_KS:
-            gradfix = _avg(result, f"GradFix k={k}")
+            gradfix = mean_of(result, f"GradFix k={k}")
             if gradfix is None or naive is None:
                 continue
             better = max(naive, gradfix)
             names = ("gate t=0.2", "gate t=0.4", "adaptive (validation)", *SHOT_RULES)
-            cells = [_avg(result, f"{m} k={k}") for m in names]
+            cells = [mean_of(result, f"{m} k={k}") for m in names]
             verdicts = [
                 "yes" if c is not None and c >= better - 1e-9 else ("**no**" if c is not None else "n/a")
                 for c in (cells[2], cells[4])
@@ -80,10 +80,10 @@ def default_section(results: Sequence[dict[str, Any]]) -> str:
                 [
                     result["scenario"],
                     str(k),
-                    _pct(naive),
-                    _pct(gradfix),
-                    _pct(better),
-                    *(_pct(c) for c in cells),
+                    pct(naive),
+                    pct(gradfix),
+                    pct(better),
+                    *(pct(c) for c in cells),
                     *verdicts,
                 ]
             )
@@ -132,130 +132,17 @@ def _verdict(ok: bool) -> str:
     return "holds" if ok else "**does not hold**"
 
 
-REFERENCE_ROWS = ("zero-shot B", "fine-tuned B", "naive", "oracle mask", "GradFix", "adaptive (validation)")
-"""The rows the floors compare with; a floors run without them borrows them from Table 1."""
-
-
-def borrow_references(result: dict[str, Any], table1: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """``result`` with the reference rows taken from its scenario's Table 1 (same tasks, k and
-    seeds) when it has none of its own (models rebuilt since would not compare); ``references`` in
-    the result names where they come from."""
-    have = {r["method"] for r in result["rows"]}
-    missing = [m for m in REFERENCE_ROWS if m not in have]
-    source = [t for t in table1 if t["scenario"] == result["scenario"]]
-    if len(missing) < len(REFERENCE_ROWS) or not source:  # a run with its own references keeps them
-        return {**result, "references": "this run"}
-
-    def keep(r: dict[str, Any]) -> bool:
-        return (
-            r["method"] in missing
-            and r["task"] in result["tasks"]
-            and r.get("k") in (None, *result.get("ks", DEFAULT_KS))
-            and r.get("seed") in (None, *result.get("seeds", ()))
-            and "study" not in r
-        )
-
-    rows = [r for r in source[0]["rows"] if keep(r)]
-    grid = grid_of([{"rows": rows}])
-    return {**result, "rows": result["rows"] + rows, "references": f"Table 1 run (α ∈ {{{grid}}})"}
-
-
-def _met(ok: bool) -> str:
-    return "met" if ok else "**not met**"
-
-
-def floors_section(results: Sequence[dict[str, Any]]) -> str:
-    """The floors of the shots-only default against zero-shot B and the better of naive and GradFix."""
-    header = [
-        "scenario",
-        "references",
-        "k",
-        "zero-shot B",
-        "naive",
-        "GradFix",
-        "better of both",
-        "adaptive (validation)",
-        "default (shots, no-harm)",
-        "worst task: default − zero-shot",
-        "default ≥ zero-shot − 0.5",
-        "default ≥ better − 1",
-        "validation ≥ better",
-    ]
-    table, misses = [], []
-    for result in results:
-        name = f"{result['scenario']} ({', '.join(result['tasks'])})"
-        zero, naive = _avg(result, "zero-shot B"), _avg(result, "naive")
-        for k in result.get("ks", DEFAULT_KS):
-            gradfix, default = _avg(result, f"GradFix k={k}"), _avg(result, f"{DEFAULT_ROW} k={k}")
-            valid = _avg(result, f"adaptive (validation) k={k}")
-            if zero is None or naive is None or gradfix is None or default is None:
-                continue
-            better = max(naive, gradfix)
-            rows = table1_rows(result)
-            per_task = by_task(rows, f"{DEFAULT_ROW} k={k}")
-            zeros = by_task(rows, "zero-shot B")
-            worst = min(per_task[t].mean - zeros[t].mean for t in per_task)
-            checks = (
-                default >= zero - 0.005 - 1e-9,
-                default >= better - 0.01 - 1e-9,
-                None if valid is None else valid >= better - 1e-9,
-            )
-            table.append(
-                [
-                    name,
-                    result.get("references", "this run"),
-                    str(k),
-                    *(_pct(v) for v in (zero, naive, gradfix, better, valid, default)),
-                    f"{100 * worst:+.1f}",
-                    *("n/a" if c is None else _met(c) for c in checks),
-                ]
-            )
-            for ok, what, gap_ in zip(
-                checks,
-                ("default − zero-shot B", "default − better", "adaptive (validation) − better"),
-                (default - zero, default - better, None if valid is None else valid - better),
-                strict=True,
-            ):
-                if ok is False and gap_ is not None:
-                    mine = [r for r in rows if r["method"] == DEFAULT_ROW and r.get("k") == k]
-                    kept = sum(1 for r in mine if r.get("alpha") == 0)
-                    chosen = ", ".join(f"{r['alpha']:g}" for r in mine if "alpha" in r)
-                    valid_alphas = ", ".join(
-                        f"{r['alpha']:g}" for r in rows if label(r) == f"GradFix k={k}" and "alpha" in r
-                    )
-                    why = (
-                        f" (α from the shots: {chosen}; GradFix's α on validation: {valid_alphas}); "
-                        "the rule moves B only as far as the held-out shots show a gain on both folds "
-                        "beyond one standard error"
-                        if what == "default − better"
-                        else ""
-                    )
-                    misses.append(
-                        f"- {name}, k = {k}: {what} = {100 * gap_:+.1f} points; the default kept B "
-                        f"(α = 0) in {kept} of {len(mine)} draws{why}."
-                    )
-    if not table:
-        return "(no floors results yet)"
-    text = [
-        "Test accuracy (%, mean over tasks and seeds); the default on the CLI's grid (α ∈ "
-        f"{{{', '.join(f'{a:g}' for a in results[0].get('alphas', ()))}}}, t ∈ {{0, 0.2, 0.4, naive}}), "
-        "from the shots alone; naive, GradFix and adaptive (validation) choose on the validation "
-        "split, on the grid of the run named under *references* (the same shots and seeds).",
-        "",
-        md_table(header, table),
-        "",
-    ]
-    return "\n".join(text + (["Floors not met:", *misses] if misses else ["Every floor is met."]))
-
-
 def _knowledge(results: Sequence[dict[str, Any]]) -> list[tuple[dict[str, Any], int, list[float], float]]:
     """Per result and k with the controls: the gap shares of GradFix and the three controls, and
     GradFix's lead over the better control without τ_A's values."""
     out = []
     for result in results:
-        zero, top = _avg(result, "zero-shot B"), _avg(result, "fine-tuned B")
+        zero, top = mean_of(result, "zero-shot B"), mean_of(result, "fine-tuned B")
         for k in DEFAULT_KS:
-            values = [_avg(result, f"GradFix k={k}"), *(_avg(result, f"{c} k={k}") for c in CONTROL_ROWS)]
+            values = [
+                mean_of(result, f"GradFix k={k}"),
+                *(mean_of(result, f"{c} k={k}") for c in CONTROL_ROWS),
+            ]
             if zero is None or top is None or None in values:
                 continue
             share = [gap(v, zero, top) for v in values if v is not None]
@@ -297,9 +184,9 @@ def claims_section(results: Sequence[dict[str, Any]], raw: Path) -> str:
     measured = [*results, *load(raw, "floors-"), *load(raw, "controls-")]
     out = knowledge_regimes(measured) + knowledge_claims(measured)
     for result in results:
-        zero, top = _avg(result, "zero-shot B"), _avg(result, "fine-tuned B")
-        naive, gf5 = _avg(result, "naive"), _avg(result, "GradFix k=5")
-        ft1, ftt = _avg(result, "few-shot FT, 1 step k=5"), _avg(result, "few-shot FT, tuned k=5")
+        zero, top = mean_of(result, "zero-shot B"), mean_of(result, "fine-tuned B")
+        naive, gf5 = mean_of(result, "naive"), mean_of(result, "GradFix k=5")
+        ft1, ftt = mean_of(result, "few-shot FT, 1 step k=5"), mean_of(result, "few-shot FT, tuned k=5")
         name = result["scenario"]
         if None in (zero, top, naive, gf5):
             continue
@@ -315,8 +202,8 @@ def claims_section(results: Sequence[dict[str, Any]], raw: Path) -> str:
             }
             out.append(
                 f"- *GradFix ≥ few-shot fine-tuning, with a smaller spread* ({name}, k=5): GradFix "
-                f"{_pct(gf5)} (spread {100 * spread['GradFix k=5']:.1f}) vs one step {_pct(ft1)} (spread "
-                f"{100 * spread['few-shot FT, 1 step k=5']:.1f}), tuned steps {_pct(ftt)}: "
+                f"{pct(gf5)} (spread {100 * spread['GradFix k=5']:.1f}) vs one step {pct(ft1)} (spread "
+                f"{100 * spread['few-shot FT, 1 step k=5']:.1f}), tuned steps {pct(ftt)}: "
                 f"{_verdict(gf5 >= ft1 and spread['GradFix k=5'] <= spread['few-shot FT, 1 step k=5'])}."
             )
     for masks in load(raw, "masks-"):
@@ -334,8 +221,8 @@ def claims_section(results: Sequence[dict[str, Any]], raw: Path) -> str:
         best = max(means, key=means.get)
         out.append(
             f"- *merge-then-mask is best for multi-task* ({multi['scenario']}): best is {best[1]} with "
-            f"{best[0]} ({_pct(means[best])}); merge-then-mask: "
-            + ", ".join(f"{m} {_pct(v)}" for (m, p), v in means.items() if p == "merge-then-mask")
+            f"{best[0]} ({pct(means[best])}); merge-then-mask: "
+            + ", ".join(f"{m} {pct(v)}" for (m, p), v in means.items() if p == "merge-then-mask")
             + f": {_verdict(best[1] == 'merge-then-mask')}."
         )
     for multi in load(raw, "multisource-"):
@@ -350,7 +237,7 @@ def claims_section(results: Sequence[dict[str, Any]], raw: Path) -> str:
             if naive and masked:
                 out.append(
                     f"- *mask-then-merge recovers multi-source merging* ({multi['scenario']}, {method}): "
-                    f"GradFix mask-then-merge {_pct(masked.mean)} vs the naive merge {_pct(naive.mean)}: "
+                    f"GradFix mask-then-merge {pct(masked.mean)} vs the naive merge {pct(naive.mean)}: "
                     f"{_verdict(masked.mean >= naive.mean)}."
                 )
     return "\n".join(out) if out else "(no results yet)"
@@ -383,15 +270,15 @@ def _mask_claims(result: dict[str, Any]) -> list[str]:
     lines = [
         f"- *majority vote > mean estimator over all α* ({name}): majority ahead at {wins} of {positive} "
         f"α > 0: {_verdict(wins == positive)}.",
-        f"- *agreement > forcing with estimated signs* ({name}; best over α > 0): {_pct(agree_est)} vs "
-        f"{_pct(force_est)}: {_verdict(agree_est > force_est)}; *forcing > agreement with the oracle*: "
-        f"{_pct(force_orc)} vs {_pct(agree_orc)}: {_verdict(force_orc > agree_orc)}.",
+        f"- *agreement > forcing with estimated signs* ({name}; best over α > 0): {pct(agree_est)} vs "
+        f"{pct(force_est)}: {_verdict(agree_est > force_est)}; *forcing > agreement with the oracle*: "
+        f"{pct(force_orc)} vs {pct(agree_orc)}: {_verdict(force_orc > agree_orc)}.",
     ]
     for method in ("magnitude", "random"):
         if any(r["method"] == method for r in rows):
             value = max(mean_curve(method, "majority")[1:])
             lines.append(
-                f"- *{method} mask ≈ zero-shot* ({name}): best over α > 0 {_pct(value)} vs zero-shot "
-                f"{_pct(zero)}: {_verdict(abs(value - zero) <= 0.02)}."
+                f"- *{method} mask ≈ zero-shot* ({name}): best over α > 0 {pct(value)} vs zero-shot "
+                f"{pct(zero)}: {_verdict(abs(value - zero) <= 0.02)}."
             )
     return lines

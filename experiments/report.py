@@ -29,9 +29,10 @@ from aggregate import (
     table1_rows,
 )
 from build_table import build_spread_section
-from claims import borrow_references, claims_section, default_section, floors_section
+from claims import claims_section, default_section
 from cli_floors import cli_floors_section
 from estimator_table import estimators_section
+from floors_table import borrow_references, floors_section
 from verdict_table import verdicts_section
 
 INTRO = """# Results
