@@ -26,9 +26,8 @@ from gradfix.methods.autotune import (
     DEFAULT_THRESHOLDS,
     Choice,
     FoldScores,
-    larger_steps,
+    best_candidate,
     score_on_shots,
-    top_wins,
 )
 from gradfix.recipes import load_recipe
 from gradfix.votes import finetune_signs
@@ -50,19 +49,11 @@ def best_on_validation(
     thresholds: Sequence[float],
     alphas: Sequence[float] = ALPHAS,
 ) -> tuple[float, float]:
-    """The candidate ``(t, α)`` of the best ``validation(t, α)``, the earlier in grid order on a
-    tie; when the grid's largest α wins, over the library's larger steps too
-    (:func:`gradfix.methods.autotune.larger_steps`, as its ``choose_on_validation`` does)."""
-
-    def best(grid: Sequence[float]) -> tuple[float, float]:
-        keys = [(t, a) for t in thresholds for a in grid]
-        return max(keys, key=lambda k: (validation(*k), -keys.index(k)))
-
-    chosen = best(alphas)
-    larger = larger_steps(alphas, None)
-    if larger and top_wins(chosen[1], alphas):
-        chosen = best([*alphas, *larger])
-    return chosen
+    """The candidate ``(t, α)`` of the best ``validation(t, α)`` as the library's
+    ``choose_on_validation`` picks it (:func:`gradfix.methods.candidates.best_candidate`: the earlier
+    on a tie; a threshold whose own best α, or the overall best, is the grid's largest also tries the
+    larger steps)."""
+    return best_candidate(validation, thresholds, alphas)
 
 
 def draw_per_class(labels: Sequence[Any], k: int, seed: int) -> list[int]:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
-from claims import CONTROL_ROWS, DEFAULT_ROW, floors_section, grid_of, knowledge_claims
+from claims import CONTROL_ROWS, DEFAULT_ROW, grid_of, knowledge_claims
+from floors_table import floors_section
 
 
 def _result(default: float, valid: float, controls: tuple[float, float, float]) -> dict:
@@ -68,7 +69,7 @@ def test_knowledge_claim_holds_only_when_gradfix_beats_the_controls_without_tau_
 
 
 def test_a_floors_run_without_references_borrows_them_from_its_table1() -> None:
-    from claims import borrow_references
+    from floors_table import borrow_references
 
     full = _result(default=0.595, valid=0.61, controls=(0.5, 0.5, 0.5))
     shots_only = {
@@ -111,9 +112,29 @@ def test_a_lean_run_without_a_validation_choice_checks_the_other_two_floors() ->
 
 
 def test_a_run_with_some_references_of_its_own_borrows_none() -> None:
-    from claims import borrow_references
+    from floors_table import borrow_references
 
     full = _result(default=0.5, valid=0.61, controls=(0.5, 0.5, 0.5))
     lean = {**full, "rows": [r for r in full["rows"] if r["method"] != "adaptive (validation)"]}
     kept = borrow_references(lean, [full])
     assert kept["references"] == "this run" and kept["rows"] == lean["rows"]
+
+
+def test_floors_read_the_fine_tune_sign_default_where_a_run_measured_it() -> None:
+    from floors_table import FINETUNE_DEFAULT_ROW, FINETUNE_VALIDATION_ROW
+
+    result = _result(default=0.40, valid=0.40, controls=(0.5, 0.5, 0.5))
+    votes_only = floors_section([result])
+    assert votes_only.count("**not met**") == 3 and "| votes |" in votes_only
+    extra = [
+        {
+            **r,
+            "method": {DEFAULT_ROW: FINETUNE_DEFAULT_ROW}.get(r["method"], FINETUNE_VALIDATION_ROW),
+            "test": 0.7,
+        }
+        for r in result["rows"]
+        if r["method"] in (DEFAULT_ROW, "adaptive (validation)")
+    ]
+    with_finetune = floors_section([{**result, "rows": result["rows"] + extra}])
+    assert "Every floor is met." in with_finetune and "| fine-tune |" in with_finetune
+    assert "| 70.0 | +20.0 |" in with_finetune  # the fine-tune default, 20 points over zero-shot B

@@ -53,7 +53,7 @@ class ChoicePlan:
     thresholds: list[float]
     alphas: list[float]
     grown: tuple[float, ...] = ()
-    """Larger α tried when the grid's largest wins (the default grid's :data:`GROWN_ALPHAS`; none
+    """Larger α tried where the grid's largest wins (the default grid's :data:`GROWN_ALPHAS`; none
     for a grid the user gave)."""
     validation: str | None = None
     examples: list[Any] | None = None

@@ -14,8 +14,9 @@ Two sources of evidence, as a user has them:
 A candidate's threshold ``t`` is the vote-margin gate's (:func:`gradfix.ops.masks.vote_margin_gate`):
 ``t = 0`` is GradFix's agreement mask and ``t > 1`` (:data:`NAIVE`) is naive addition.
 Ties go to the earlier candidate, so order candidates from the most to the least conservative.
-When the default α grid's largest value (2) wins, both choices also try the larger steps
-:data:`~gradfix.methods.candidates.GROWN_ALPHAS` (3 … 8): far from A the useful step can be larger.
+When the default α grid's largest value (2) wins for a threshold (or overall), both choices also
+try that threshold at the larger steps :data:`~gradfix.methods.candidates.GROWN_ALPHAS` (3 … 8):
+far from A the useful step can be larger.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from gradfix.methods.candidates import (
     GROWN_ALPHAS,
     NAIVE,
     Choice,
+    best_candidate,
     candidate_key,
     check_grid,
     larger_steps,
@@ -85,33 +87,24 @@ def choose_on_validation(
 ) -> Choice:
     """The candidate ``(t, α)`` with the highest ``score(m_t ⊙ τ_A, α)`` (earlier wins ties).
 
-    When the best α is the grid's largest, every threshold is also scored at the larger steps
-    ``grown`` (those above the grid; by default :data:`GROWN_ALPHAS` for the default grid and
-    none for another, see :func:`larger_steps`) and the best of all is kept.
+    A threshold is also scored at the larger steps ``grown`` (those above the grid; by default
+    :data:`GROWN_ALPHAS` for the default grid and none for another, see :func:`larger_steps`) when
+    its own best α is the grid's largest, or the best of every threshold is: naive addition may
+    peak past the grid while a mask peaks inside it. The best of all scored is kept.
     """
     check_grid(thresholds, alphas)
     scores: dict[str, float] = {}
+    alive: dict[float, TaskVector] = {}  # one masked update at a time (memory of a large model)
 
-    def best_of(grid: Sequence[float]) -> tuple[float, float, float]:
-        best: tuple[float, float, float] | None = None
-        for t in thresholds:  # one masked update alive at a time (memory of a large model)
-            missing = [a for a in grid if candidate_key(t, a) not in scores]
-            if missing:
-                update = gated(tau, votes, t, unvoted)
-                for alpha in missing:
-                    scores[candidate_key(t, alpha)] = float(score(update, alpha))
-            for alpha in grid:
-                key = candidate_key(t, alpha)
-                if best is None or scores[key] > best[0]:
-                    best = (scores[key], t, alpha)
-        assert best is not None
-        return best
+    def score_at(t: float, alpha: float) -> float:
+        if t not in alive:
+            alive.clear()
+            alive[t] = gated(tau, votes, t, unvoted)
+        scores[candidate_key(t, alpha)] = float(score(alive[t], alpha))
+        return scores[candidate_key(t, alpha)]
 
-    best = best_of(alphas)
-    larger = larger_steps(alphas, grown)
-    if larger and top_wins(best[2], alphas):
-        best = best_of([*alphas, *larger])
-    return Choice(best[1], best[2], best[0], scores, "validation")
+    t, alpha = best_candidate(score_at, thresholds, alphas, grown)
+    return Choice(t, alpha, scores[candidate_key(t, alpha)], scores, "validation")
 
 
 def shot_folds(labels: Sequence[Any], folds: int, seed: int = 0) -> list[list[int]]:
@@ -218,10 +211,10 @@ def score_on_shots(
     adds only a forward pass over the held-out shots, so a finer α grid stays cheap.
     ``correct(model, batch)`` (optional, 1/0 per sample) adds the held-out hits for the accuracy
     guard. The model's weights are unchanged afterwards; only parameters with ``requires_grad`` vote.
-    The larger steps ``grown`` (:func:`larger_steps`) are scored too; a rule considers them only
-    when the grid's largest α wins (:meth:`FoldScores.choose`). ``fold_signs(model, batch)``
-    replaces the per-sample vote of each fold (e.g. :func:`gradfix.votes.finetune_signs`); it must
-    leave the model's weights as it found them.
+    The larger steps ``grown`` (:func:`larger_steps`) are scored too; a rule considers a threshold's
+    only when its own pick, or the overall one, is the grid's largest α (:meth:`FoldScores.choose`).
+    ``fold_signs(model, batch)`` replaces the per-sample vote of each fold (e.g.
+    :func:`gradfix.votes.finetune_signs`); it must leave the model's weights as it found them.
     """
     check_grid(thresholds, alphas)
     scored = [*alphas, *larger_steps(alphas, grown)]
@@ -304,8 +297,8 @@ def choose_on_shots(
     below B's own is never chosen (B itself always qualifies).
 
     The model's weights are unchanged afterwards. ``score`` in the result is ``−L`` of the chosen
-    candidate (higher is better, as for validation). When the grid's largest α wins, the rule
-    chooses again among the grid and the larger steps ``grown``.
+    candidate (higher is better, as for validation). When a threshold's own pick (or the overall
+    one) is the grid's largest α, the rule chooses again with that threshold's larger steps ``grown``.
     """
     if rule not in RULES:
         raise ConfigError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
@@ -325,6 +318,7 @@ __all__ = [
     "Choice",
     "FoldScores",
     "ShotKeywords",
+    "best_candidate",
     "candidate_key",
     "choose_on_shots",
     "choose_on_validation",

@@ -2,13 +2,14 @@
 a choice.
 
 A candidate is a gate threshold ``t`` and a scale ``α``: ``θ_B + α · (m_t ⊙ τ_A)``. The α grid
-grows past its largest value only when that value wins (:func:`top_wins`, :func:`larger_steps`).
+grows past its largest value only for a threshold where that value wins (:func:`top_wins`,
+:func:`larger_steps`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ neighbours: where B and A share no coordinates the useful α is a small step alo
 descent signs), 0.5 … 2 the full-size transports (α = 1 is τ_A as fine-tuned, up to 2 as in the
 paper's sweep). Every candidate costs one forward pass over the held-out shots per fold."""
 GROWN_ALPHAS: tuple[float, ...] = (3.0, 4.0, 5.0, 6.0, 8.0)
-"""Larger steps, tried when the default grid's largest α wins: far from A the useful step can be
+"""Larger steps, tried where the default grid's largest α wins: far from A the useful step can be
 several times τ_A (the far MiniLM release's naive addition peaks at α = 5 on validation, 43 % test
 accuracy against 31 % at α = 2). Scored after the grid, so ties keep the smaller α."""
 DEFAULT_THRESHOLDS: tuple[float, ...] = (0.0, 0.2, 0.4, NAIVE)
@@ -61,6 +62,37 @@ def larger_steps(alphas: Sequence[float], grown: Sequence[float] | None) -> list
     if grown is None:
         grown = GROWN_ALPHAS if tuple(alphas) == DEFAULT_ALPHAS else ()
     return [a for a in grown if a > max(alphas)]
+
+
+def best_candidate(
+    score: Callable[[float, float], float],
+    thresholds: Sequence[float],
+    alphas: Sequence[float],
+    grown: Sequence[float] | None = None,
+) -> tuple[float, float]:
+    """The candidate ``(t, α)`` of the highest ``score(t, α)`` (the earlier on a tie).
+
+    Every threshold is scored on the grid first (threshold by threshold); a threshold is then
+    scored at the larger steps (:func:`larger_steps`) when its own best α is the grid's largest,
+    or the best of every threshold is: naive addition may peak past the grid while a mask peaks
+    inside it. ``score`` is called once per candidate, threshold by threshold in each pass.
+    """
+    seen: dict[tuple[float, float], float] = {}
+
+    def best_of(keys: list[tuple[float, float]]) -> tuple[float, float]:
+        for key in keys:
+            if key not in seen:
+                seen[key] = score(*key)
+        return max(keys, key=lambda k: (seen[k], -keys.index(k)))
+
+    own = {t: best_of([(t, a) for a in alphas]) for t in thresholds}
+    overall = best_of(list(own.values()))
+    larger = larger_steps(alphas, grown)
+    keys: list[tuple[float, float]] = []
+    for t in thresholds:
+        grows = top_wins(overall[1], alphas) or top_wins(own[t][1], alphas)
+        keys += [(t, a) for a in [*alphas, *(larger if grows else [])]]
+    return best_of(keys)
 
 
 def candidate_key(threshold: float, alpha: float) -> str:

@@ -34,7 +34,7 @@ class FoldScores:
     fold: list[Tensor] = field(default_factory=list)
     norms: dict[float, list[float]] = field(default_factory=dict)
     grid: tuple[float, ...] = ()
-    """The α grid; the other scored α are the larger steps, chosen only when its largest wins."""
+    """The α grid; the other scored α are the larger steps, chosen only where its largest wins."""
 
     def allowed(self) -> list[Candidate]:
         """The candidates at least as accurate as B on the held-out shots (all without hits)."""
@@ -48,19 +48,42 @@ class FoldScores:
 
     def choose(self, rule: str = DEFAULT_RULE, margin: float = DEFAULT_MARGIN) -> Choice:
         """The candidate of ``rule`` (see :func:`choose_on_shots`) as a :class:`Choice`: first
-        among the grid's candidates; when its largest α wins, again among every scored one."""
+        among the grid's candidates; then again with the larger steps of every threshold whose own
+        pick is the grid's largest α (of every threshold when the overall pick is)."""
         if rule not in RULES:
             raise ConfigError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
         per_sample = {key: torch.cat(parts) for key, parts in self.losses.items()}
         allowed = self.allowed()
         grid = self.grid or tuple(a for _, a in self.losses)
-        chosen = self._pick(rule, margin, per_sample, [key for key in allowed if key[1] in grid])
-        if top_wins(chosen[1], grid) and any(key[1] not in grid for key in allowed):
-            chosen = self._pick(rule, margin, per_sample, allowed)
+        in_grid = [key for key in allowed if key[1] in grid]
+        chosen = self._pick(rule, margin, per_sample, in_grid)
+        larger = self._larger(rule, margin, per_sample, in_grid, top_wins(chosen[1], grid))
+        if larger:
+            chosen = self._pick(
+                rule, margin, per_sample, [key for key in allowed if key in larger or key in in_grid]
+            )
         mean = {key: -_finite_mean(v) for key, v in per_sample.items()}
         scores = {candidate_key(t, a): v for (t, a), v in mean.items()}
         source = f"{len(self.base)}-fold shots, {rule} rule"
         return Choice(chosen[0], chosen[1], mean[chosen], scores, source)
+
+    def _larger(
+        self,
+        rule: str,
+        margin: float,
+        per_sample: dict[Candidate, Tensor],
+        in_grid: list[Candidate],
+        top: bool,
+    ) -> set[Candidate]:
+        """The scored larger steps of each threshold whose own pick in the grid is the grid's
+        largest α, or of every threshold when the overall pick is (``top``)."""
+        grid = self.grid or tuple(a for _, a in self.losses)
+        larger: set[Candidate] = set()
+        for t in dict.fromkeys(key[0] for key in in_grid):
+            own = [key for key in in_grid if key[0] == t]
+            if top or top_wins(self._pick(rule, margin, per_sample, own)[1], grid):
+                larger.update(key for key in self.losses if key[0] == t and key[1] not in grid)
+        return larger
 
     def _pick(
         self, rule: str, margin: float, per_sample: dict[Candidate, Tensor], allowed: list[Candidate]
