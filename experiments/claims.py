@@ -25,6 +25,8 @@ def pct(value: float | None) -> str:
 SHOT_RULES = ("adaptive (shots, min loss)", "adaptive (shots, 1-SE)")
 DEFAULT_ROW = "adaptive (shots, no-harm)"
 """The row of what `gradfix transport` does without `--validation` (the no-harm rule)."""
+FINETUNE_DEFAULT_ROW = "adaptive (shots, no-harm, fine-tune signs)"
+"""The same choice on the signs of B's few-shot fine-tune (``--signs auto`` on a weak verdict)."""
 CONTROL_ROWS = (
     "control: random task vector, same votes",
     "control: sign step",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregate import gap, grid_grown, grid_note, load, md_table
+from claims import DEFAULT_ROW, FINETUNE_DEFAULT_ROW
 
 INTRO = """Each estimator's update is τ_A masked by its signs (or weighted, for the confidence mask), α
 on validation; the two *adaptive (shots, …)* rows choose t and α from the shots alone, on B's
@@ -23,11 +24,6 @@ full-batch AdamW steps (learning rate 10⁻⁴) of B on the shots (`gradfix.vote
 *majority vote, many labelled shots*: GradFix's vote on 100 labelled examples per class; *votes at
 the transported point*: the vote taken at θ_B + τ_A. The aim is the default taking at least half
 of the naive → oracle margin."""
-
-DEFAULT_ROW = "adaptive (shots, no-harm)"
-"""The CLI default's row name in the floors runs."""
-FINETUNE_DEFAULT_ROW = "adaptive (shots, no-harm, fine-tune signs)"
-"""The same choice on the signs of B's few-shot fine-tune (measured in the estimators run)."""
 
 
 def _mean(rows: Sequence[dict[str, Any]], method: str, k: int | None = None) -> float | None:

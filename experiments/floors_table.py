@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from aggregate import by_task, label, md_table, table1_rows
-from claims import DEFAULT_KS, DEFAULT_ROW, grid_of, mean_of, pct
+from claims import DEFAULT_KS, DEFAULT_ROW, FINETUNE_DEFAULT_ROW, grid_of, mean_of, pct
 
 REFERENCE_ROWS = ("zero-shot B", "fine-tuned B", "naive", "oracle mask", "GradFix", "adaptive (validation)")
 """The rows the floors compare with; a floors run without them borrows them from Table 1."""
@@ -40,7 +40,6 @@ def _met(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
 
-FINETUNE_DEFAULT_ROW = "adaptive (shots, no-harm, fine-tune signs)"
 FINETUNE_VALIDATION_ROW = "adaptive (validation) (fine-tune signs)"
 
 

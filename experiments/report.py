@@ -75,9 +75,12 @@ coordinate, and τ_A's magnitudes shuffled within each tensor under GradFix's si
 Where the verdict of `gradfix check` is *weak* (the far and the instruction-tuned releases), the
 default takes its signs from a short fine-tune of B on the shots instead of B's votes
 (`--signs auto`; per fold while choosing, then on every shot): the runs below on those releases
-measured the vote, the default through the installed command after them measures the fine-tune
-signs, and the estimators section sets both on one build. On every other scenario measured here
-the verdict is *transfers*, *permutation* or *nothing-transfers*, so its default is unchanged."""
+measure that default (*signs*: fine-tune), and with `--validation` the same signs with t and α on
+validation, against GradFix on B's votes. Each threshold whose own best α is the grid's largest
+also tries the larger steps (3 … 8), whichever threshold wins overall (the short and vision runs
+below predate that rule: larger steps were tried only when the overall best was the grid's
+largest). On every other scenario measured here the verdict is *transfers*, *permutation* or
+*nothing-transfers*, so its default is unchanged."""
 
 CONTROLS_INTRO = """GradFix's rows beside the three controls of the same votes, α on validation (grid read
 from the rows' `validation_by_alpha`), on the models the check reads; the claims section reads

@@ -121,7 +121,8 @@ def test_a_run_with_some_references_of_its_own_borrows_none() -> None:
 
 
 def test_floors_read_the_fine_tune_sign_default_where_a_run_measured_it() -> None:
-    from floors_table import FINETUNE_DEFAULT_ROW, FINETUNE_VALIDATION_ROW
+    from claims import FINETUNE_DEFAULT_ROW
+    from floors_table import FINETUNE_VALIDATION_ROW
 
     result = _result(default=0.40, valid=0.40, controls=(0.5, 0.5, 0.5))
     votes_only = floors_section([result])
