@@ -31,6 +31,7 @@ It prints the device, every figure and the command, then machine-readable lines
 
 Run:  python benchmarks/llm_transport.py [--size base|small|tiny] [--samples 8] [--tokens 32]
       [--device auto|cpu|cuda] [--dtype float32|bfloat16|float16] [--rounds 3] [--threads N]
+      [--signs votes|finetune]
 """
 
 from __future__ import annotations
@@ -181,12 +182,14 @@ def run_measured(code: str, args: list[str]) -> tuple[float, float]:
 
 
 def transport_args(
-    paths: dict[str, Path], data: Path, samples: int, out: Path, all_tensors: bool
+    paths: dict[str, Path], data: Path, samples: int, out: Path, all_tensors: bool, signs: str = "votes"
 ) -> list[str]:
-    """The ``gradfix transport`` command line of the benchmark."""
+    """The ``gradfix transport`` command line of the benchmark (``signs="finetune"``: the adaptive
+    choice from the shots on the signs of a fine-tune of B, ``--signs finetune``)."""
     args = ["transport", "--source-base", str(paths["A"]), "--source-finetuned", str(paths["A-ft"])]
     args += ["--target-base", str(paths["B"]), "--recipe", "causal-lm", "--data", str(data)]
-    args += ["--shots", str(samples), "--method", "gradfix", "--alpha", "1", "--no-progress", "--json"]
+    method = ["gradfix", "--alpha", "1"] if signs == "votes" else ["adaptive", "--signs", "finetune"]
+    args += ["--shots", str(samples), "--method", *method, "--no-progress", "--json"]
     if not all_tensors:
         args += ["--include", "*_proj.weight"]
     return [*args, "--out", str(out)]
@@ -315,6 +318,13 @@ def main() -> None:
     parser.add_argument("--all-tensors", action="store_true", help="vote on every tensor, not projections")
     parser.add_argument("--force-tiles", action="store_true", help="GRADFIX_TILES=1 (tiles on the CPU)")
     parser.add_argument("--skip-transport", action="store_true", help="only part 2")
+    parser.add_argument(
+        "--signs",
+        choices=["votes", "finetune"],
+        default="votes",
+        help="part 1's signs: B's votes (GradFix, α = 1), or a fine-tune of B (the adaptive choice, "
+        "--signs finetune: one fine-tune per fold and one on every shot)",
+    )
     parser.add_argument("--keep", type=Path, default=None, help="write the models here and keep them")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -378,7 +388,7 @@ def transport_part(
     from gradfix.settings import VoteSettings
 
     out = root / "out"
-    cli = transport_args(paths, data, args.samples, out, args.all_tensors)
+    cli = transport_args(paths, data, args.samples, out, args.all_tensors, args.signs)
     base_rss, _ = run_measured(_BASELINE, [])
     measured = rss_phases.run(["command", *cli])
     record = json.loads((out / "gradfix.json").read_text())
@@ -390,7 +400,7 @@ def transport_part(
     less = (peak - base_rss - acts) / model_bytes
     print("\n1. gradfix transport (fresh process):")
     print("   gradfix " + " ".join(shlex.quote(a) for a in cli))
-    print(f"   wall {measured.wall:.1f} s, {record['data']['num_samples']} samples voted")
+    print(f"   wall {measured.wall:.1f} s, {record['data']['num_samples']} samples, signs: {args.signs}")
     print(f"   RSS by phase (over model bytes; imports alone {base_rss / model_bytes:.2f}):")
     for line in rss_phases.phase_lines(measured.phases, model_bytes):
         print("     " + line)

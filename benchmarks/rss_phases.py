@@ -35,6 +35,8 @@ PHASES = (  # (module, function, label): what a transport does, in order
     ("gradfix.jobs.transport", "open_task_vector", "scan τ_A"),
     ("gradfix.jobs.common", "load_target", "load B"),
     ("gradfix.jobs.common", "estimate_signs", "vote"),
+    ("gradfix.votes.finetune", "finetune_signs", "fine-tune (a fold)"),
+    ("gradfix.jobs.signs", "finetune_signs", "fine-tune (every shot)"),
     ("gradfix.jobs.transport", "state_verdict", "check"),
     ("gradfix.jobs.transport", "descent_inner", "descent backward"),
     ("gradfix.jobs.transport", "write_model", "write"),
