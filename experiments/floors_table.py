@@ -52,6 +52,18 @@ def default_rows(result: dict[str, Any], k: int) -> tuple[str, str, str]:
     return DEFAULT_ROW, "adaptive (validation)", "votes"
 
 
+def _one_shot_note(k: int, what: str, validation_met: bool | None) -> str:
+    """At one shot per class the command chooses only with ``--validation``: say so under a miss
+    of the shots-only rows, with whether the validation row meets its floor."""
+    if k != 1 or what == "adaptive (validation) − better" or validation_met is None:
+        return ""
+    state = "meets" if validation_met else "misses"
+    return (
+        " `gradfix transport` does not take this path: it refuses to cross-validate one shot per "
+        f"class and asks for `--validation`, whose row here {state} its floor (≥ better)."
+    )
+
+
 def floors_section(results: Sequence[dict[str, Any]]) -> str:
     """The floors of the shots-only default against zero-shot B and the better of naive and GradFix."""
     header = [
@@ -123,7 +135,7 @@ def floors_section(results: Sequence[dict[str, Any]]) -> str:
                     )
                     misses.append(
                         f"- {name}, k = {k}: {what} = {100 * gap_:+.1f} points; the default kept B "
-                        f"(α = 0) in {kept} of {len(mine)} draws{why}."
+                        f"(α = 0) in {kept} of {len(mine)} draws{why}.{_one_shot_note(k, what, checks[2])}"
                     )
     if not table:
         return "(no floors results yet)"

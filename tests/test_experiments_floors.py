@@ -51,6 +51,8 @@ def test_floors_are_met_when_the_default_keeps_up_and_named_with_numbers_when_no
     assert kept in bad
     assert "s (t1, t2), k = 1: default − better = -11.0 points;" in bad
     assert "adaptive (validation) − better = -2.0 points;" in bad
+    assert bad.count("refuses to cross-validate one shot per class") == 2  # k = 1: the CLI's path
+    assert "whose row here misses its floor" in bad
     assert "| -1.0 |" in bad  # the worst task's margin over zero-shot B
 
 
