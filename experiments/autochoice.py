@@ -79,17 +79,19 @@ def shot_rows(
     rules: list[str],
     references: str,
     signs: str = "votes",
+    runs: int = 1,
 ) -> None:
     """The rows of one draw of shots: each rule's choice; with ``references`` ``lean`` GradFix (α on
     validation) too, with ``all`` also adaptive on validation and the controls. ``signs="finetune"``:
-    the signs come from B's own few-shot fine-tune, per fold and on every shot (rows named so, the
+    the signs come from B's own few-shot fine-tune (``runs`` of them summed), per fold and on every
+    shot (rows named so, the
     fine-tune-sign mask on validation too); GradFix stays on B's votes and the controls are left out."""
     start = time.perf_counter()
     shots = env.shots(k, seed)
     finetune = signs == "finetune"
-    votes = env.finetune_votes(shots, seed) if finetune else env.votes(shots)
+    votes = env.finetune_votes(shots, seed, runs) if finetune else env.votes(shots)
     acc = Accuracies(env, {t: gated(env.tau_a, votes, t) for t in GATE_GRID})
-    options = {"fold_signs": finetune_fold_signs(env.loss, seed=seed)} if finetune else {}
+    options = {"fold_signs": finetune_fold_signs(env.loss, seed=seed, runs=runs)} if finetune else {}
     scores = env.score_on_shots(shots, seed, correct=env.correct, **options)
     for rule in rules:
         base, _, margin = rule.partition(":")
@@ -174,6 +176,12 @@ def main() -> None:
         default="votes",
         help="the signs of the mask: B's per-sample votes, or B's own few-shot fine-tune (rows named so)",
     )
+    parser.add_argument(
+        "--finetune-runs",
+        type=int,
+        default=1,
+        help="with --signs finetune: fine-tunes summed per estimate (dropout seeds seed, seed + 1000, …)",
+    )
     parser.add_argument("--name")
     args, rec, scenario = setup(parser)
     if args.references != "none" and not args.name:
@@ -190,6 +198,7 @@ def main() -> None:
         seeds=args.seeds,
         ks=args.ks,
         rules=args.rules,
+        finetune_runs=args.finetune_runs,
         alphas=list(ALPHAS),
         thresholds=["naive" if t == NAIVE else t for t in GATE_GRID],
         drift=0.0 if args.target == "A" else relative_drift(view, include),
@@ -204,7 +213,7 @@ def main() -> None:
             task_rows(env, row, args.references)
         for k in args.ks:
             for seed in args.seeds:
-                shot_rows(env, row, k, seed, args.rules, args.references, args.signs)
+                shot_rows(env, row, k, seed, args.rules, args.references, args.signs, args.finetune_runs)
                 rec.save()
             rec.log(f"{task} k={k} done")
     rec.save()

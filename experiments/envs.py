@@ -179,11 +179,12 @@ class TaskEnv:
         self.voting()
         return estimate_signs(self.model, [self.collate(indices)], self.loss, estimator, progress=False)
 
-    def finetune_votes(self, indices: Sequence[int], seed: int = 0) -> SignVotes:
-        """Signs of B's own few-shot fine-tune on the examples (:func:`gradfix.votes.finetune_signs`)."""
+    def finetune_votes(self, indices: Sequence[int], seed: int = 0, runs: int = 1) -> SignVotes:
+        """Signs of B's own few-shot fine-tune on the examples (:func:`gradfix.votes.finetune_signs`;
+        ``runs`` fine-tunes summed)."""
         self.set_weights(None)
         self.voting()
-        return finetune_signs(self.model, [self.collate(indices)], self.loss, seed=seed)
+        return finetune_signs(self.model, [self.collate(indices)], self.loss, seed=seed, runs=runs)
 
     def score_on_shots(self, shots: Sequence[int], seed: int, **options: Any) -> FoldScores:
         """:func:`gradfix.methods.autotune.score_on_shots` on ``θ_B`` with these shots (2 folds, the α

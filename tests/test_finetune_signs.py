@@ -95,3 +95,17 @@ def test_score_on_shots_takes_each_folds_signs_from_the_given_estimator() -> Non
     naive = score_on_shots(model, tau, shots, labels, collate, _loss, [2.0], [0.0, 1.0])
     for got, want in zip(scores.losses[(0.0, 1.0)], naive.losses[(2.0, 1.0)], strict=True):
         assert torch.allclose(got, want)
+
+
+def test_runs_sum_the_displacements_of_fine_tunes_with_their_own_dropout_seeds() -> None:
+    model, batch = _model(), _batch()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    first = finetune_signs(model, [batch], _loss, steps=4, lr=1e-2, seed=3)
+    second = finetune_signs(model, [batch], _loss, steps=4, lr=1e-2, seed=1003)
+    both = finetune_signs(model, [batch], _loss, steps=4, lr=1e-2, seed=3, runs=2)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert not torch.equal(first.grad_sum["0.weight"], second.grad_sum["0.weight"])  # dropout differs
+    for name in before:
+        torch.testing.assert_close(both.grad_sum[name], first.grad_sum[name] + second.grad_sum[name])
+    with pytest.raises(ConfigError, match="runs ≥ 1"):
+        finetune_signs(model, [batch], _loss, runs=0)

@@ -45,42 +45,71 @@ def finetune_signs(
     steps: int = DEFAULT_STEPS,
     lr: float = DEFAULT_LR,
     seed: int = 0,
+    runs: int = 1,
 ) -> SignVotes:
     """``ŝ = sign(θ_N − θ_B)`` after ``steps`` AdamW steps on the mean loss over ``batches``.
 
     Only parameters with ``requires_grad`` move and are estimated. The model trains in train mode
     (dropout as in fine-tuning, seeded by ``seed`` without touching the global random state) and
     gets its weights and mode back afterwards. ``loss_fn(model, batch)`` returns per-sample losses.
+    ``runs`` > 1 sums the displacements of that many fine-tunes from ``θ_B`` (dropout seeded
+    ``seed``, ``seed + 1000``, …): the signs of their mean, less tied to one run's dropout.
     """
-    if steps < 1 or lr <= 0:
-        raise ConfigError(f"a fine-tune needs steps ≥ 1 and lr > 0, got steps={steps}, lr={lr}")
+    if steps < 1 or lr <= 0 or runs < 1:
+        raise ConfigError(
+            f"a fine-tune needs steps ≥ 1, lr > 0 and runs ≥ 1, got steps={steps}, lr={lr}, runs={runs}"
+        )
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params or not batches:
         raise ConfigError("fine-tune signs need parameters with requires_grad and at least one batch")
     start = {n: p.detach().clone() for n, p in params.items()}
-    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
     was_training = model.training
-    devices = [p.device for p in params.values() if p.device.type == "cuda"]
+    total: dict[str, Tensor] = {}
     try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            model.train()
-            for _ in range(steps):
-                samples = _step(model, batches, loss_fn, optimizer)
-        delta = {n: (p.detach() - start[n]).float() for n, p in params.items()}
+        for run in range(runs):
+            samples = _finetune(model, params, batches, loss_fn, steps, lr, seed + 1000 * run)
+            with torch.no_grad():
+                for n, p in params.items():
+                    moved = (p.detach() - start[n]).float()
+                    total[n] = moved if n not in total else total[n] + moved
+                    p.copy_(start[n])
     finally:
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(start[n])
         model.train(was_training)
-    hits = {n: samples if bool(d.any()) else 0 for n, d in delta.items()}
-    return SignVotes({}, {n: -d for n, d in delta.items()}, samples, "mean", hits)
+    hits = {n: samples if bool(d.any()) else 0 for n, d in total.items()}
+    return SignVotes({}, {n: -d for n, d in total.items()}, samples, "mean", hits)
 
 
-def finetune_fold_signs(loss_fn: LossFn, *, seed: int = 0) -> Callable[[nn.Module, Any], SignVotes]:
-    """``(model, batch) -> finetune_signs(model, [batch], loss_fn, seed=seed)``: the per-fold sign
-    estimator of :func:`gradfix.methods.autotune.score_on_shots` (its ``fold_signs``)."""
-    return lambda model, batch: finetune_signs(model, [batch], loss_fn, seed=seed)
+def _finetune(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    batches: Sequence[Any],
+    loss_fn: LossFn,
+    steps: int,
+    lr: float,
+    seed: int,
+) -> int:
+    """``steps`` AdamW steps in train mode, dropout seeded by ``seed`` (the global random state is
+    kept); returns the number of samples per step."""
+    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
+    devices = [p.device for p in params.values() if p.device.type == "cuda"]
+    samples = 0
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model.train()
+        for _ in range(steps):
+            samples = _step(model, batches, loss_fn, optimizer)
+    return samples
+
+
+def finetune_fold_signs(
+    loss_fn: LossFn, *, seed: int = 0, runs: int = 1
+) -> Callable[[nn.Module, Any], SignVotes]:
+    """``(model, batch) -> finetune_signs(model, [batch], loss_fn, seed=seed, runs=runs)``: the
+    per-fold sign estimator of :func:`gradfix.methods.autotune.score_on_shots` (its ``fold_signs``)."""
+    return lambda model, batch: finetune_signs(model, [batch], loss_fn, seed=seed, runs=runs)
 
 
 def _step(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn, optimizer: torch.optim.Optimizer) -> int:
