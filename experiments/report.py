@@ -33,6 +33,7 @@ from claims import claims_section, default_section
 from cli_floors import cli_floors_section
 from estimator_table import estimators_section
 from floors_table import borrow_references, floors_section
+from runs_table import runs_section
 from verdict_table import verdicts_section
 
 INTRO = """# Results
@@ -396,6 +397,8 @@ def main() -> None:
             parts += [table1_section(r, f"{r['scenario']}: {r['experiment']}"), "", r.get("note", ""), ""]
     parts += ["## gradfix check: verdict vs experiments", "", verdicts_section(raw), ""]
     parts += ["## Sign estimators beyond the majority vote", "", estimators_section(raw), ""]
+    if several := runs_section(raw):
+        parts += [several]
     parts += [
         "## How transport degrades as B drifts from A",
         "",
