@@ -109,3 +109,13 @@ def test_runs_sum_the_displacements_of_fine_tunes_with_their_own_dropout_seeds()
         torch.testing.assert_close(both.grad_sum[name], first.grad_sum[name] + second.grad_sum[name])
     with pytest.raises(ConfigError, match="runs ≥ 1"):
         finetune_signs(model, [batch], _loss, runs=0)
+
+
+def test_the_last_step_leaves_no_gradient_behind() -> None:
+    model, batch = _model(), _batch()
+    finetune_signs(model, [batch], _loss, steps=2, lr=1e-2)
+    assert all(p.grad is None for p in model.parameters())
+    marker = torch.ones_like(model[0].weight)
+    model[0].weight.grad = marker  # a gradient the caller holds is given back as it was
+    finetune_signs(model, [batch], _loss, steps=2, lr=1e-2)
+    assert model[0].weight.grad is marker and model[3].weight.grad is None

@@ -51,7 +51,8 @@ def finetune_signs(
 
     Only parameters with ``requires_grad`` move and are estimated. The model trains in train mode
     (dropout as in fine-tuning, seeded by ``seed`` without touching the global random state) and
-    gets its weights and mode back afterwards. ``loss_fn(model, batch)`` returns per-sample losses.
+    gets its weights, gradients and mode back afterwards. ``loss_fn(model, batch)`` returns
+    per-sample losses.
     ``runs`` > 1 sums the displacements of that many fine-tunes from ``θ_B`` (dropout seeded
     ``seed``, ``seed + 1000``, …): the signs of their mean, less tied to one run's dropout.
     """
@@ -63,6 +64,7 @@ def finetune_signs(
     if not params or not batches:
         raise ConfigError("fine-tune signs need parameters with requires_grad and at least one batch")
     start = {n: p.detach().clone() for n, p in params.items()}
+    grads = {n: p.grad for n, p in params.items()}  # the caller's, given back (usually none)
     was_training = model.training
     total: dict[str, Tensor] = {}
     try:
@@ -77,9 +79,10 @@ def finetune_signs(
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(start[n])
+                p.grad = grads[n]  # the last step's gradients would outlive the call otherwise
         model.train(was_training)
     hits = {n: samples if bool(d.any()) else 0 for n, d in total.items()}
-    return SignVotes({}, {n: -d for n, d in total.items()}, samples, "mean", hits)
+    return SignVotes({}, {n: d.neg_() for n, d in total.items()}, samples, "mean", hits)
 
 
 def _finetune(
