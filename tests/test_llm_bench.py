@@ -103,7 +103,8 @@ def test_the_transport_phases_and_the_activations_are_measured(built, tmp_path: 
     measured = rss.parse(capfd.readouterr().err)
     assert (out / "gradfix.json").is_file()
     labels = [p.label for p in measured.phases]
-    assert labels == [label for _, _, label in rss.PHASES]  # each phase once, in the job's order
+    voting = [label for _, _, label in rss.PHASES if not label.startswith("fine-tune")]
+    assert labels == voting  # each phase once, in the job's order
     assert all(0 < p.start <= p.peak <= measured.peak and p.end <= p.peak for p in measured.phases)
     import gradfix.jobs.common
 
@@ -114,3 +115,17 @@ def test_the_transport_phases_and_the_activations_are_measured(built, tmp_path: 
     assert 0 < loaded.start < passed.peak  # one batched pass holds its activations above the model
     lines = rss.phase_lines(measured.phases, 2**20, "MiB")
     assert len(lines) == len(labels) and lines[0].startswith("scan τ_A") and lines[0].endswith("MiB")
+
+
+def test_the_fine_tune_phases_are_measured_with_fine_tune_signs(built, tmp_path: Path, capfd) -> None:
+    bench, paths, data, _ = built
+    rss = _rss_phases()
+    out = tmp_path / "out"
+    capfd.readouterr()
+    args = bench.transport_args(paths, data, 4, out, all_tensors=False, signs="finetune")
+    assert "--signs" in args and "--alpha" not in args
+    assert rss._command(args) == 0
+    labels = [p.label for p in rss.parse(capfd.readouterr().err).phases]
+    assert labels.count("fine-tune (every shot)") == 1 and labels.count("fine-tune (a fold)") == 2
+    record = json.loads((out / "gradfix.json").read_text())
+    assert record["signs"]["from"] == "finetune" and record["method"] == "adaptive"
