@@ -8,13 +8,15 @@ method chooses, and stream ``θ_B + α · mask(τ_A)`` through the one output lo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from gradfix.data import label_set
+from torch import nn
+
+from gradfix.data import Example, label_set
 from gradfix.errors import ConfigError
 from gradfix.io import CheckpointReader, atomic_output_dir, open_checkpoint
 from gradfix.io.hub import parse_hub_id, resolve_models
@@ -266,15 +268,20 @@ def _choose(
     combined = held.combined if held is not None else None
     shots = drawn.drawn if drawn is not None else None
     per_fold = None
-    if held is not None and shots is not None and uses_finetune(votes, record):
-        assert recipe is not None  # loaded with the model that voted
-        combined = signs_on_shots(model, recipe, shots, mapping, votes)
-        held.reference.close()
-        held.reference, held.pending = VoteReference([combined], estimator="mean"), None
+    finetune = held is not None and shots is not None and uses_finetune(votes, record)
+    if finetune:
+        assert held is not None and shots is not None and recipe is not None  # loaded with the model
+        held.reference.close()  # the votes' counts are not the signs any more
+        held.combined = combined = held.pending = None
         per_fold = finetune_fold_signs(recipe.loss, seed=votes.seed)
         record["signs"] = signs_record(votes)
         record["check"]["signs_from"] = "finetune"
+        if choosing.examples is not None:  # the validation choice scores masks of the final signs
+            combined = _finetuned_reference(held, model, recipe, shots, mapping, votes)
     choice = choose(choosing, tau, combined, model, recipe, mapping, shots, votes, masking.unvoted, per_fold)
+    if finetune and combined is None:  # after the folds' fine-tunes: one fine-tune's state at a time
+        assert held is not None and shots is not None
+        _finetuned_reference(held, model, recipe, shots, mapping, votes)
     if held is not None:
         held.model = held.combined = None  # the descent's backward keeps its own reference
     mask = gate_mask(choice.threshold)
@@ -285,6 +292,20 @@ def _choose(
             "num_examples": len(choosing.examples or []),
         }
     return replace(masking, mask=mask, alpha=choice.alpha, threshold=choice.threshold)
+
+
+def _finetuned_reference(
+    held: _Votes,
+    model: nn.Module,
+    recipe: Any,
+    shots: Sequence[Example],
+    mapping: Mapping[str, str],
+    votes: VoteSettings,
+) -> SignVotes:
+    """The signs of a fine-tune of B on every shot, made the reference the written mask reads."""
+    signs = signs_on_shots(model, recipe, shots, mapping, votes)
+    held.reference = VoteReference([signs], estimator="mean")
+    return signs
 
 
 def _write(

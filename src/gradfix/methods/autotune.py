@@ -247,6 +247,8 @@ def score_on_shots(
                     scores.hits.setdefault((t, alpha), []).append(
                         evaluate(model, theta, update, alpha, batch, correct)
                     )
+            del update  # one masked update alive at a time (memory of a large model)
+        del votes  # freed before the next fold's estimate, not after it
     return scores
 
 
