@@ -19,7 +19,7 @@ It is a displacement, not a gradient: the descent report's first-order terms do 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -87,7 +87,7 @@ def finetune_signs(
 
 def _finetune(
     model: nn.Module,
-    params: dict[str, Tensor],
+    params: Mapping[str, Tensor],
     batches: Sequence[Any],
     loss_fn: LossFn,
     steps: int,
