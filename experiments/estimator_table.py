@@ -26,7 +26,8 @@ the transported point*: the vote taken at θ_B + τ_A. The aim is the default ta
 of the naive → oracle margin."""
 
 
-def _mean(rows: Sequence[dict[str, Any]], method: str, k: int | None = None) -> float | None:
+def mean_test(rows: Sequence[dict[str, Any]], method: str, k: int | None = None) -> float | None:
+    """The mean test accuracy of ``method`` at ``k`` over the rows that have one (``None``: none)."""
     values = [r["test"] for r in rows if r["method"] == method and r.get("k") == k and "test" in r]
     return statistics.fmean(values) if values else None
 
@@ -43,8 +44,8 @@ def _pct(value: float | None) -> str:
 def estimator_rows(result: dict[str, Any], defaults: Sequence[dict[str, Any]]) -> list[list[str]]:
     """Table rows of one estimators run (one task): every method at every k, then the default."""
     rows = result["rows"]
-    zero, top = _mean(rows, "zero-shot B"), _mean(rows, "fine-tuned B")
-    naive, oracle = _mean(rows, "naive"), _mean(rows, "oracle mask")
+    zero, top = mean_test(rows, "zero-shot B"), mean_test(rows, "fine-tuned B")
+    naive, oracle = mean_test(rows, "naive"), mean_test(rows, "oracle mask")
     if zero is None or top is None or naive is None or oracle is None:
         return []
     methods = ["GradFix", *sorted({r["method"] for r in rows if r["method"].startswith("estimator: ")})]
@@ -61,7 +62,7 @@ def estimator_rows(result: dict[str, Any], defaults: Sequence[dict[str, Any]]) -
     for method in methods:
         source = default_rows if method == DEFAULT_ROW else rows
         for k in [*result["ks"], *result.get("extra_ks", [])]:
-            value = _mean(source, method, k)
+            value = mean_test(source, method, k)
             if value is None:
                 continue
             shown = method.removeprefix("estimator: ")
@@ -83,7 +84,7 @@ def estimators_section(raw: Path) -> str:
     for result in load(raw, "estimators-"):
         defaults = load(raw, f"floors-{result['scenario']}-")
         rows = result["rows"]
-        ref = {m: _mean(rows, m) for m in ("zero-shot B", "fine-tuned B", "naive", "oracle mask")}
+        ref = {m: mean_test(rows, m) for m in ("zero-shot B", "fine-tuned B", "naive", "oracle mask")}
         if None in ref.values():
             continue
         parts += [

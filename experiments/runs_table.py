@@ -8,21 +8,14 @@ the naive → oracle margin.
 
 from __future__ import annotations
 
-import statistics
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from aggregate import load, md_table
 from claims import FINETUNE_DEFAULT_ROW
-from estimator_table import margin_share
+from estimator_table import margin_share, mean_test
 
 SIGNS_ROW = "fine-tune signs"
-
-
-def _mean(rows: Sequence[dict[str, Any]], method: str, k: int | None = None) -> float | None:
-    values = [r["test"] for r in rows if r["method"] == method and r.get("k") == k and "test" in r]
-    return statistics.fmean(values) if values else None
 
 
 def _cell(value: float | None, naive: float, oracle: float) -> str:
@@ -35,13 +28,13 @@ def _cell(value: float | None, naive: float, oracle: float) -> str:
 def runs_rows(several: dict[str, Any], single: dict[str, Any]) -> list[list[str]]:
     """Per k: the mask on one fine-tune's signs and on ``N`` summed (α on validation), then the
     default on each; the margin shares read this run's naive and oracle rows."""
-    naive, oracle = _mean(several["rows"], "naive"), _mean(several["rows"], "oracle mask")
+    naive, oracle = mean_test(several["rows"], "naive"), mean_test(several["rows"], "oracle mask")
     if naive is None or oracle is None:
         return []
     table = []
     for k in several.get("ks", ()):
         cells = [
-            _mean(result["rows"], method, k)
+            mean_test(result["rows"], method, k)
             for method in (SIGNS_ROW, FINETUNE_DEFAULT_ROW)
             for result in (single, several)
         ]
