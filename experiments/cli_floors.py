@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from aggregate import average, md_table, table1_rows
+from aggregate import md_table
+from claims import mean_of
 
 NAIVE_THRESHOLD = 2.0
 """The gate threshold the records write for naive addition (no coordinate dropped)."""
@@ -35,11 +36,6 @@ def parse_runs(path: Path) -> tuple[str, list[dict[str, Any]]]:
     return command, [{"drift": drift, **r} for r in runs] if drift else runs
 
 
-def _mean(result: dict[str, Any], name: str) -> float | None:
-    s = average(table1_rows(result), name, list(result["tasks"]))
-    return s.mean if s else None
-
-
 def same_build(
     scenario: str, runs: Sequence[dict[str, str]], results: Sequence[dict[str, Any]]
 ) -> dict[str, Any] | None:
@@ -56,8 +52,8 @@ def same_build(
 def _shares(value: float, reference: dict[str, Any]) -> str:
     """``68 % / 61 %``: the share of the zero-shot → fine-tuned-B gap and of the naive → oracle
     margin (``n/a`` where the reference lacks the rows)."""
-    zero, top = _mean(reference, "zero-shot B"), _mean(reference, "fine-tuned B")
-    naive, oracle = _mean(reference, "naive"), _mean(reference, "oracle mask")
+    zero, top = mean_of(reference, "zero-shot B"), mean_of(reference, "fine-tuned B")
+    naive, oracle = mean_of(reference, "naive"), mean_of(reference, "oracle mask")
     shares = [
         f"{100 * (value - low) / (high - low):.0f} %"
         if low is not None and high is not None and high > low
@@ -105,11 +101,11 @@ def cli_floors_section(raw: Path, table1: Sequence[dict[str, Any]]) -> str:
         if not runs or reference is None:
             continue
         commands.append(f"`{command} > docs/results/raw/{path.name}`")
-        zero, naive = _mean(reference, "zero-shot B"), _mean(reference, "naive")
+        zero, naive = mean_of(reference, "zero-shot B"), mean_of(reference, "naive")
         for k in sorted({int(r["k"]) for r in runs}):
             mine = [r for r in runs if int(r["k"]) == k]
             accs = [float(r["test_accuracy"]) for r in mine]
-            mean, gradfix = statistics.fmean(accs), _mean(reference, f"GradFix k={k}")
+            mean, gradfix = statistics.fmean(accs), mean_of(reference, f"GradFix k={k}")
             better = max(v for v in (naive, gradfix) if v is not None) if naive is not None else None
             table.append(
                 [
