@@ -75,6 +75,10 @@ def _validated(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**meta, **options)
 
 
+_GROUP_COMMANDS = ("transport", "merge")
+"""The commands that join a process group under ``torchrun`` (and leave it at the end)."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM or SIGHUP arrived: raised like Ctrl-C, so that partial outputs are removed."""
 
@@ -116,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _stop_signals_raise():
             args = _validated(args)
-            if args.command in ("transport", "merge"):
+            if args.command in _GROUP_COMMANDS:
                 from gradfix.votes.distributed import init_from_environment
                 from gradfix.votes.native import keep_freed_memory
 
@@ -145,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("gradfix: interrupted; no output was written", file=sys.stderr)
         return 130
     finally:
-        if args.command in ("transport", "merge"):  # the only commands that join a process group
+        if args.command in _GROUP_COMMANDS:
             from gradfix.votes.distributed import end_process_group
 
             end_process_group(synchronize=finished)
