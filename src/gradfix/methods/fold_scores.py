@@ -4,6 +4,7 @@ from it (gathered by :func:`gradfix.methods.autotune.score_on_shots`)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -57,7 +58,7 @@ class FoldScores:
         grid = self.grid or tuple(a for _, a in self.losses)
         in_grid = [key for key in allowed if key[1] in grid]
         chosen = self._pick(rule, margin, per_sample, in_grid)
-        larger = self._larger(rule, margin, per_sample, in_grid, top_wins(chosen[1], grid))
+        larger = self._larger(rule, margin, per_sample, in_grid, grid, top_wins(chosen[1], grid))
         if larger:
             chosen = self._pick(
                 rule, margin, per_sample, [key for key in allowed if key in larger or key in in_grid]
@@ -73,11 +74,11 @@ class FoldScores:
         margin: float,
         per_sample: dict[Candidate, Tensor],
         in_grid: list[Candidate],
+        grid: Sequence[float],
         top: bool,
     ) -> set[Candidate]:
-        """The scored larger steps of each threshold whose own pick in the grid is the grid's
-        largest α, or of every threshold when the overall pick is (``top``)."""
-        grid = self.grid or tuple(a for _, a in self.losses)
+        """The scored larger steps of each threshold whose own pick in the ``grid`` is its largest
+        α, or of every threshold when the overall pick is (``top``)."""
         larger: set[Candidate] = set()
         for t in dict.fromkeys(key[0] for key in in_grid):
             own = [key for key in in_grid if key[0] == t]
