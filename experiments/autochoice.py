@@ -84,8 +84,8 @@ def shot_rows(
     """The rows of one draw of shots: each rule's choice; with ``references`` ``lean`` GradFix (α on
     validation) too, with ``all`` also adaptive on validation and the controls. ``signs="finetune"``:
     the signs come from B's own few-shot fine-tune (``runs`` of them summed), per fold and on every
-    shot (rows named so, the
-    fine-tune-sign mask on validation too); GradFix stays on B's votes and the controls are left out."""
+    shot (rows named so, the fine-tune-sign mask on validation too); GradFix stays on B's votes and
+    the controls are left out."""
     start = time.perf_counter()
     shots = env.shots(k, seed)
     finetune = signs == "finetune"
@@ -110,10 +110,9 @@ def shot_rows(
     if references == "none":
         return
     suffix = " (fine-tune signs)" if finetune else ""
-    gradfix = acc.updates[0.0]
-    if finetune:  # the floors compare with GradFix, which takes B's votes
-        row(method="fine-tune signs", k=k, seed=seed, **env.sweep(gradfix))
-        gradfix = gated(env.tau_a, env.votes(shots), 0.0)
+    if finetune:  # the mask on the fine-tune's signs; the floors compare with GradFix on B's votes
+        row(method="fine-tune signs", k=k, seed=seed, **env.sweep(acc.updates[0.0]))
+    gradfix = gated(env.tau_a, env.votes(shots), 0.0) if finetune else acc.updates[0.0]
     row(method="GradFix", k=k, seed=seed, **env.sweep(gradfix))
     if references == "lean":
         return
