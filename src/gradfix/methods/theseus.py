@@ -59,12 +59,12 @@ from gradfix.methods.permutation_spec import (
     spec_for_state_dict,
 )
 from gradfix.methods.theseus_maps import (
-    _contract,
-    _solve,
-    _units,
     apply_transforms,
+    contract_axis,
     inverse_power,
     procrustes,
+    solve_unit,
+    spec_units,
     theseus_transforms,
     whitened_cross,
 )
@@ -218,7 +218,7 @@ def weight_statistics(
         w_a: Tensor | None = source[tensor].double()
         for other, group in spec.axes_of(tensor).items():
             if other != axis and w_a is not None:
-                w_a = _contract(w_a, other, transforms[group]) if group in transforms else None
+                w_a = contract_axis(w_a, other, transforms[group]) if group in transforms else None
         if w_a is None:
             continue
         x_a = w_a.movedim(axis, -1).reshape(-1, w_a.shape[axis])
@@ -252,7 +252,7 @@ def data_free_transforms(
     """
     spec = present_spec(spec, source, target, same_shapes=False)
     transforms: dict[str, Tensor] = {}
-    units = _units(spec, spec.groups)
+    units = spec_units(spec, spec.groups)
     for sweep in range(rounds):
         change = 0.0
         for unit in units if sweep % 2 == 0 else units[::-1]:
@@ -262,7 +262,7 @@ def data_free_transforms(
                 if (s := weight_statistics(source, target, spec, g, transforms)) is not None
             }
             crosses = {g: whitened_cross(s, whiten, eps) for g, s in stats.items()}
-            for g, t in _solve(unit, crosses, spec, target_num_heads).items():
+            for g, t in solve_unit(unit, crosses, spec, target_num_heads).items():
                 old = transforms.get(g)
                 change = max(change, float("inf") if old is None else float((t - old).abs().max()))
                 transforms[g] = t

@@ -54,7 +54,7 @@ def whitened_cross(stats: CrossStats, power: float = 0.0, eps: float = 1e-8) -> 
     )
 
 
-def _units(spec: PermutationSpec, groups: Iterable[str]) -> list[tuple[str, ...]]:
+def spec_units(spec: PermutationSpec, groups: Iterable[str]) -> list[tuple[str, ...]]:
     """Groups to solve together, in spec order: a head set's groups as one unit, others alone."""
     wanted, units, seen = set(groups), [], set()
     for group in spec.groups:
@@ -66,7 +66,7 @@ def _units(spec: PermutationSpec, groups: Iterable[str]) -> list[tuple[str, ...]
     return units
 
 
-def _solve(
+def solve_unit(
     unit: tuple[str, ...],
     crosses: Mapping[str, Tensor],
     spec: PermutationSpec,
@@ -118,12 +118,12 @@ def theseus_transforms(
         raise ConfigError(f"statistics for spaces not in the spec: {unknown}")
     crosses = {g: whitened_cross(s, whiten, eps) for g, s in stats.items()}
     transforms: dict[str, Tensor] = {}
-    for unit in _units(spec, crosses):
-        transforms.update(_solve(unit, crosses, spec, target_num_heads))
+    for unit in spec_units(spec, crosses):
+        transforms.update(solve_unit(unit, crosses, spec, target_num_heads))
     return transforms
 
 
-def _contract(t: Tensor, axis: int, transform: Tensor) -> Tensor:
+def contract_axis(t: Tensor, axis: int, transform: Tensor) -> Tensor:
     """``t'[…, j, …] = Σ_i t[…, i, …] T[i, j]`` along ``axis``."""
     return torch.tensordot(t, transform, dims=([axis], [0])).movedim(-1, axis)
 
@@ -153,6 +153,6 @@ def apply_transforms(
                     f"{name} (module {module}): axis {axis} has width {work.shape[axis]}, but space "
                     f"{space!r} maps width {transform.shape[0]} to {transform.shape[1]}"
                 )
-            work = _contract(work, axis, transform)
+            work = contract_axis(work, axis, transform)
         out[name] = work.to(t.dtype)
     return out
